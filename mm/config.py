@@ -1,0 +1,209 @@
+"""Frozen model configs, built from HF `config.json` dicts or ConfigDicts, and written back.
+
+One dataclass per model family concept. `LLMConfig` covers the Llama family (Llama 2, 3, 3.1 with
+`llama3` RoPE scaling) and Qwen2 (q/k/v biases, optional tied embeddings): they differ only in fields.
+Numerics (`dtype`, `param_dtype`), layer scanning and rematerialisation are run-time options that live in
+the same config so a Flax module needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+SUPPORTED_LLM_TYPES = ("llama", "qwen2")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key (and file, when there is one)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 style (`rope_type="llama3"`) frequency scaling; `None` on the LLM config means plain RoPE."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """A decoder-only LLM of the Llama / Qwen2 kind."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2: True)
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    # Run-time options (not part of the HF config).
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention_impl: str | None = None  # None: the dispatcher picks per backend
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_LLM_TYPES:
+            raise ConfigError(f"model_type={self.model_type!r}: supported are {SUPPORTED_LLM_TYPES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
+        for key in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, key))
+            except TypeError as e:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not a dtype") from e
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "LLMConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------------------- HF
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json", **runtime: Any) -> "LLMConfig":
+        """Reads an HF `LlamaConfig` / `Qwen2Config` dict; unsupported features stop with a named error."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_LLM_TYPES:
+            raise ConfigError(f"{source}: model_type={model_type!r}; mm converts {SUPPORTED_LLM_TYPES}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={d.get('hidden_act')!r}; only 'silu' (SwiGLU) is supported")
+        if d.get("mlp_bias"):
+            raise ConfigError(f"{source}: mlp_bias=true is not supported")
+        rope_params = d.get("rope_parameters") or {}
+        rope_scaling_d = d.get("rope_scaling") or rope_params
+        rope_type = (rope_scaling_d or {}).get("rope_type", (rope_scaling_d or {}).get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=float(rope_scaling_d["factor"]),
+                low_freq_factor=float(rope_scaling_d["low_freq_factor"]),
+                high_freq_factor=float(rope_scaling_d["high_freq_factor"]),
+                original_max_position_embeddings=int(rope_scaling_d["original_max_position_embeddings"]),
+            )
+        elif rope_type not in (None, "default"):
+            raise ConfigError(f"{source}: rope_type={rope_type!r} is not supported (default, llama3)")
+        theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        n_heads = int(d["num_attention_heads"])
+        head_dim = d.get("head_dim") or int(d["hidden_size"]) // n_heads
+        if model_type == "qwen2":
+            if d.get("use_sliding_window"):
+                raise ConfigError(f"{source}: use_sliding_window=true is not supported")
+            attention_bias = True
+        else:
+            attention_bias = bool(d.get("attention_bias", False))
+        eos = d.get("eos_token_id")
+        eos_t = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=n_heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+            head_dim=int(head_dim),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos_t,
+            pad_token_id=d.get("pad_token_id"),
+            **runtime,
+        )
+
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """An HF config dict that `AutoConfig` reads back into an equivalent config."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling is not None:
+            rope.update(dataclasses.asdict(self.rope_scaling))
+        d: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
+            "pad_token_id": self.pad_token_id,
+            "dtype": torch_dtype,
+            "use_cache": True,
+        }
+        if self.model_type == "llama":
+            d["head_dim"] = self.head_dim
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = False
+        else:
+            d["use_sliding_window"] = False
+        return d
+
+    # ------------------------------------------------------------------------------------ mm files
+    def to_json_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_id"] = list(self.eos_token_id)
+        return d
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any], source: str = "mm config") -> "LLMConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_id"] = tuple(d.get("eos_token_id", ()))
+        return cls(**d)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Reads a JSON file, naming the file on failure."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: not found") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from e

@@ -1,0 +1,128 @@
+"""Device meshes from config, the one logical-axis rules table, and multi-host start-up.
+
+Every parameter and key activation in mm carries logical axis names (see `LOGICAL_AXES`); this module maps
+them onto mesh axes. Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and
+optimizer state sharded), `tensor` (Megatron-style model parallel over heads / MLP / vocab). A mesh shape
+of -1 on one axis takes the devices left over.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of axes, or None). The single source of truth for sharding.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
+
+def mesh_shape_from_config(shape: Mapping[str, int] | Sequence[int], n_devices: int) -> tuple[int, ...]:
+    """Resolves a `{data, fsdp, tensor}` shape (one entry may be -1) against the device count."""
+    if isinstance(shape, Mapping):
+        unknown = sorted(set(shape) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"mesh: unknown axes {unknown}; axes are {MESH_AXES}")
+        dims = [int(shape.get(a, 1)) for a in MESH_AXES]
+    else:
+        dims = [int(x) for x in shape]
+        if len(dims) != len(MESH_AXES):
+            raise ValueError(f"mesh: shape {dims} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if dims.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, dims))}")
+    if any(d == 0 or d < -1 for d in dims):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, dims))}")
+    known = math.prod(d for d in dims if d != -1)
+    if -1 in dims:
+        if n_devices % known:
+            raise ValueError(f"mesh: {n_devices} devices do not divide by {dict(zip(MESH_AXES, dims))}")
+        dims[dims.index(-1)] = n_devices // known
+    if math.prod(dims) != n_devices:
+        raise ValueError(
+            f"mesh: {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, have {n_devices}")
+    return tuple(dims)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all (or the given) devices; uses jax's topology-aware layout when possible."""
+    devices = list(jax.devices() if devices is None else devices)
+    dims = mesh_shape_from_config(shape, len(devices))
+    try:
+        arr = jax.make_mesh(dims, MESH_AXES, devices=devices).devices
+    except Exception:  # non-standard device sets: plain reshape
+        arr = np.asarray(devices).reshape(dims)
+    return Mesh(arr, MESH_AXES)
+
+
+def rules_from_overrides(overrides: Mapping[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
+    """The default table with some logical axes remapped (e.g. `{"embed": None}` for pure data parallel)."""
+    if not overrides:
+        return DEFAULT_RULES
+    unknown = sorted(set(overrides) - set(LOGICAL_AXES))
+    if unknown:
+        raise ValueError(f"sharding rules: unknown logical axes {unknown}")
+    return tuple((k, overrides.get(k, v)) for k, v in DEFAULT_RULES)
+
+
+def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """Maps a tree of logical PartitionSpecs (from `nn.get_partition_spec`) to NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, list(rules))
+
+
+def param_shardings(abstract_boxed_params: Any, mesh: Mesh,
+                    rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` params (e.g. from `jax.eval_shape(init)`)."""
+    specs = nn.get_partition_spec(abstract_boxed_params)
+    return logical_to_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a `[batch, ...]` input array: batch over the data-parallel axes, the rest replicated."""
+    spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), list(rules))
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, local_device_ids: Sequence[int] | None = None) -> None:
+    """`jax.distributed.initialize` for multi-host runs; a no-op for a single process with no arguments.
+
+    On TPU pods and SLURM/GPU clusters jax discovers everything itself; on CPU (tests) pass the coordinator,
+    process count and id explicitly. CPU collectives across processes use gloo.
+    """
+    if coordinator_address is None and num_processes in (None, 1):
+        return
+    if jax.default_backend() == "cpu" or coordinator_address is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
