@@ -385,3 +385,24 @@ def init_params(config: LLMConfig, rng: Array, batch: int = 1, seq: int = 8) -> 
     model = LLM(config)
     ids = jnp.zeros((batch, seq), jnp.int32)
     return nn.unbox(model.init(rng, ids))["params"]
+
+
+# ------------------------------------------------------------------------------------- decoding
+def decode_fns(config: LLMConfig) -> "DecodeFns":
+    """Prefill / step / cache functions that plug this LLM into `mm.generate.Generator`."""
+    from mm.generate import DecodeFns
+
+    model = LLM(config)
+
+    def prefill(params: Any, ids: Array, positions: Array, mask: Array, kv_mask: Array, cache: Any) -> tuple:
+        logits, cache = model.apply({"params": params}, ids, positions, segment_ids=mask,
+                                    kv_segment_ids=kv_mask, cache=cache, cache_index=0)
+        return logits[:, -1], cache
+
+    def step(params: Any, tok: Array, positions: Array, kv_mask: Array, cache: Any, index: Array) -> tuple:
+        ones = jnp.ones(tok.shape, jnp.int32)
+        logits, cache = model.apply({"params": params}, tok, positions, segment_ids=ones,
+                                    kv_segment_ids=kv_mask, cache=cache, cache_index=index)
+        return logits[:, -1], cache
+
+    return DecodeFns(prefill=prefill, step=step, init_cache=lambda b, n: init_cache(config, b, n))
