@@ -126,3 +126,43 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
+
+
+def logical_sharding(mesh: Mesh, axes: Sequence[str | None],
+                     rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding for one array from its logical axis names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), list(rules)))
+
+
+class ShardedFunction:
+    """`jax.jit` with explicit in/out shardings whose tracing always sees the mesh and the logical rules.
+
+    Flax's logical constraints are silently dropped when traced without a mesh in context; wrapping every
+    call and lowering here makes that impossible to forget.
+    """
+
+    def __init__(self, fn: Any, mesh: Mesh, rules: Iterable[tuple[str, Any]] = DEFAULT_RULES, *,
+                 in_shardings: Any = None, out_shardings: Any = None, donate_argnums: Sequence[int] = (),
+                 static_argnums: Sequence[int] = ()) -> None:
+        self.mesh = mesh
+        self.rules = list(rules)
+
+        def traced(*args: Any) -> Any:
+            with nn.logical_axis_rules(self.rules):
+                return fn(*args)
+
+        self._jitted = jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
+                               donate_argnums=tuple(donate_argnums), static_argnums=tuple(static_argnums))
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self._jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self._jitted.lower(*args)
+
+
+def sharded_jit(fn: Any, mesh: Mesh, rules: Iterable[tuple[str, Any]] = DEFAULT_RULES, **kw: Any) -> ShardedFunction:
+    """See `ShardedFunction`."""
+    return ShardedFunction(fn, mesh, rules, **kw)
