@@ -1,0 +1,1 @@
+"""Entry points (mm-train, mm-convert, quickstart) and cluster launchers."""
