@@ -207,3 +207,23 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not found") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from e
+
+
+def load_config_file(spec: str) -> Any:
+    """Loads `path/to/config.py[:arg]` the way `--config=` does: calls its `get_config(arg)`, locks the result.
+
+    A locked ConfigDict turns a misspelt key into an error at the place it is set, before any work starts.
+    """
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    module_spec = importlib.util.spec_from_file_location(f"_mm_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config(arg)")
+    cfg = module.get_config(arg) if arg else module.get_config()
+    cfg.lock()
+    return cfg

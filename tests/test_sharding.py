@@ -1,5 +1,7 @@
 """Meshes from config, the logical-axis rules, and sharded forwards on 8 simulated CPU devices."""
 
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -7,18 +9,24 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from mm import sharding as sh
-from mm.config import LLMConfig
+from mm.config import ConfigError, LLMConfig, load_config_file
 from mm.models import llm
 
 CFG = LLMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=16, model_type="qwen2", attention_bias=True)
 
-MESHES = {
-    "data_parallel": ((-1, 1, 1), {"embed": None}),
-    "fsdp": ((1, -1, 1), None),
-    "fsdp_tensor": ((1, 4, 2), None),
-    "all_three": ((2, 2, 2), None),
-}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _layout(name):
+    """(mesh shape, rule overrides) from configs/sharding.py, plus one extra all-axes layout."""
+    if name == "all_three":
+        return (2, 2, 2), None
+    cfg = load_config_file(f"{REPO}/configs/sharding.py:{name}")
+    return dict(cfg.mesh), dict(cfg.rules)
+
+
+MESHES = ["dp", "fsdp", "fsdp_tp", "all_three"]
 
 
 def test_mesh_shape_resolution():
@@ -69,11 +77,21 @@ def reference():
     return params, ids, np.asarray(logits)
 
 
-@pytest.mark.parametrize("name", sorted(MESHES))
+def test_layout_configs_are_checked():
+    with pytest.raises(ValueError, match="unknown layout"):
+        load_config_file(f"{REPO}/configs/sharding.py:zero3")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config_file(f"{REPO}/configs/nope.py")
+    cfg = load_config_file(f"{REPO}/configs/sharding.py:fsdp")
+    with pytest.raises(AttributeError):
+        cfg.mesh.dat = 2  # locked: a misspelt key is an error
+
+
+@pytest.mark.parametrize("name", MESHES)
 def test_sharded_forward_matches_single_device(name, reference):
     assert jax.device_count() == 8
     params, ids, ref = reference
-    shape, overrides = MESHES[name]
+    shape, overrides = _layout(name)
     rules = sh.rules_from_overrides(overrides)
     mesh = sh.make_mesh(shape)
     abstract = llm.abstract_params(CFG)
@@ -94,7 +112,7 @@ def test_sharded_forward_matches_single_device(name, reference):
         assert _strip(arr.sharding.spec) == _strip(_expected_spec(box.names, rules)), box.names
     # The activation constraints made it into the program (they silently vanish without a mesh in context).
     assert fwd.lower(placed, ids).as_text().count("sharding_constraint") > 0
-    if name == "fsdp_tensor":
+    if name == "fsdp_tp":
         q = placed["layers_0"]["self_attn"]["q_proj"]["kernel"]
         assert q.sharding.spec[:2] == ("fsdp", "tensor")
         assert q.addressable_shards[0].data.shape == (64 // 4, 4 // 2, 16)
