@@ -122,8 +122,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """
     if coordinator_address is None and num_processes in (None, 1):
         return
-    if jax.default_backend() == "cpu" or coordinator_address is not None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Only affects the CPU backend; asking for the backend here would initialise it too early.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
 
