@@ -18,6 +18,9 @@ import numpy as np
 
 Array = jax.Array
 
+# `extra` inputs aligned with prompt tokens (given per row, unpadded); they are left-padded with the prompts.
+TOKEN_ALIGNED_EXTRA = {"image_mask"}
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeFns:
@@ -155,10 +158,20 @@ class Generator:
             if (mask[:, -1] == 0).any():
                 raise ValueError("generate: batches must be left-padded (attention_mask[:, -1] must be 1)")
             prompts = [row[m.astype(bool)].tolist() for row, m in zip(arr, mask)]
+            for name in TOKEN_ALIGNED_EXTRA & set(extra or {}):
+                extra = {**extra, name: [np.asarray(r)[m.astype(bool)] for r, m in zip(extra[name], mask)]}
         t = bucket(max(len(p) for p in prompts))
         ids, mask = left_pad(prompts, t, self.pad_id)
         n = bucket(max_new_tokens, minimum=8)
-        extra = extra or {}
+        extra = dict(extra or {})
+        for name in TOKEN_ALIGNED_EXTRA & set(extra):  # per-token inputs get the prompts' left padding
+            rows = [np.asarray(r) for r in extra[name]]
+            if [len(r) for r in rows] != [len(p) for p in prompts]:
+                raise ValueError(f"generate: {name} rows must have the prompts' lengths")
+            padded = np.zeros((len(rows), t), rows[0].dtype)
+            for i, r in enumerate(rows):
+                padded[i, t - len(r):] = r
+            extra[name] = padded
         key = (len(prompts), t, n, tuple(sorted((k, np.shape(v)) for k, v in extra.items())))
         if key not in self._compiled:
             self._compiled[key] = jax.jit(lambda *a, **kw: _decode(self.fns, *a, buffer_len=n, **kw))
