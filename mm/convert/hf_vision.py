@@ -1,0 +1,203 @@
+"""Name map of the ViT towers: HF `CLIPVisionModel` / `SiglipVisionModel` (and the vision tower inside
+`CLIPModel` / `SiglipModel` or a LLaVA/IAA checkpoint) <-> `mm.models.vision.VisionTower` params.
+
+HF writes the tower under different prefixes: hub checkpoints (transformers 4.x, `CLIPModel`, `SiglipModel`,
+`SiglipVisionModel`) use `vision_model.`; transformers 5 saves a bare `CLIPVisionModel` with no prefix; the
+IAA release nests it under `model.vision_tower.vision_tower.vision_model.`. `detect_vision_prefix` finds it
+from the tensor names. Everything outside the tower (text model, projections, `logit_scale`/`logit_bias`) is
+ignorable, so a full `CLIPModel` / `SiglipModel` converts to its vision tower. Export writes the hub layout
+(`vision_model.` prefix, `CLIPVisionModel` / `SiglipVisionModel` config), which both transformers 4 and 5 load.
+
+Transforms: conv `patch_embedding.weight [D, C, p, p]` <-> kernel `[p, p, C, D]`; q/k/v/out projections
+split heads like the LLM map; SigLIP's pooling head keeps torch `MultiheadAttention`'s fused
+`in_proj_weight [3D, D]` as one param `[D, 3, H, hd]`, so every entry is one tensor <-> one param and
+round trips are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from mm.config import VisionConfig
+from mm.convert.errors import ConversionError
+from mm.convert.name_map import (IDENTITY, TRANSPOSE, Entry, MMPath, NameMap, SplitHeadsBias, SplitHeadsIn,
+                                 SplitHeadsOut, Transform)
+
+VISION_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.",
+                   "vision_model.", "")
+HF_EXPORT_PREFIX = "vision_model."
+
+
+class ConvToHWIO(Transform):
+    """torch `Conv2d.weight [out, in, kh, kw]` <-> Flax kernel `[kh, kw, in, out]`."""
+
+    def mm_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        o, i, kh, kw = hf_shape
+        return (kh, kw, i, o)
+
+    def to_mm(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class FusedInProj(Transform):
+    """torch `MultiheadAttention.in_proj_weight [3*H*hd, D]` <-> `[D, 3, H, hd]`; bias `[3*H*hd]` <-> `[3, H, hd]`."""
+
+    heads: int
+
+    def mm_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        hd = hf_shape[0] // (3 * self.heads)
+        return (3, self.heads, hd) if len(hf_shape) == 1 else (hf_shape[1], 3, self.heads, hd)
+
+    def to_mm(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 1:
+            return x.reshape(self.mm_shape(x.shape))
+        return np.ascontiguousarray(x.T).reshape(self.mm_shape(x.shape))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 3:
+            return x.reshape(-1)
+        return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
+
+
+CONV = ConvToHWIO()
+
+
+def vision_entries(c: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX, mm_prefix: MMPath = ()) -> list[Entry]:
+    """The tower's entries in canonical order (embeddings, pre-norm, layers 0..N-1, post-norm, head)."""
+    d, f, h, hd, p = c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim, c.patch_size
+    siglip = not c.has_class_token
+
+    def e(name: str, shape: tuple[int, ...], path: MMPath, t: Transform = IDENTITY) -> Entry:
+        return Entry(hf_prefix + name, shape, mm_prefix + path, t)
+
+    def norm(hf: str, path: MMPath) -> list[Entry]:
+        return [e(f"{hf}.weight", (d,), path + ("scale",)), e(f"{hf}.bias", (d,), path + ("bias",))]
+
+    def mlp(hf: str, path: MMPath) -> list[Entry]:
+        return [e(f"{hf}.fc1.weight", (f, d), path + ("fc1", "kernel"), TRANSPOSE),
+                e(f"{hf}.fc1.bias", (f,), path + ("fc1", "bias")),
+                e(f"{hf}.fc2.weight", (d, f), path + ("fc2", "kernel"), TRANSPOSE),
+                e(f"{hf}.fc2.bias", (d,), path + ("fc2", "bias"))]
+
+    emb = ("embeddings",)
+    out = []
+    if not siglip:
+        out.append(e("embeddings.class_embedding", (d,), emb + ("class_embedding",)))
+    out.append(e("embeddings.patch_embedding.weight", (d, c.num_channels, p, p), emb + ("patch_embedding", "kernel"),
+                 CONV))
+    if siglip:
+        out.append(e("embeddings.patch_embedding.bias", (d,), emb + ("patch_embedding", "bias")))
+    out.append(e("embeddings.position_embedding.weight", (c.num_positions, d), emb + ("position_embedding",
+                                                                                        "embedding")))
+    if not siglip:
+        out += norm("pre_layrnorm", ("pre_layrnorm",))
+    for i in range(c.num_layers):
+        L, P = f"encoder.layers.{i}.", ("encoder", f"layers_{i}")
+        att = P + ("self_attn",)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            out.append(e(f"{L}self_attn.{proj}.weight", (d, d), att + (proj, "kernel"), SplitHeadsIn(h)))
+            out.append(e(f"{L}self_attn.{proj}.bias", (d,), att + (proj, "bias"), SplitHeadsBias(h)))
+        out.append(e(f"{L}self_attn.out_proj.weight", (d, d), att + ("out_proj", "kernel"), SplitHeadsOut(h)))
+        out.append(e(f"{L}self_attn.out_proj.bias", (d,), att + ("out_proj", "bias")))
+        out += norm(f"{L}layer_norm1", P + ("layer_norm1",))
+        out += mlp(f"{L}mlp", P + ("mlp",))
+        out += norm(f"{L}layer_norm2", P + ("layer_norm2",))
+    out += norm("post_layernorm", ("post_layernorm",))
+    if c.use_head:
+        hp = ("head",)
+        out.append(e("head.probe", (1, 1, d), hp + ("probe",)))
+        out.append(e("head.attention.in_proj_weight", (3 * d, d), hp + ("attention", "in_proj", "kernel"),
+                     FusedInProj(h)))
+        out.append(e("head.attention.in_proj_bias", (3 * d,), hp + ("attention", "in_proj", "bias"), FusedInProj(h)))
+        out.append(e("head.attention.out_proj.weight", (d, d), hp + ("attention", "out_proj", "kernel"),
+                     SplitHeadsOut(h)))
+        out.append(e("head.attention.out_proj.bias", (d,), hp + ("attention", "out_proj", "bias")))
+        out += norm("head.layernorm", hp + ("layernorm",))
+        out += mlp("head.mlp", hp + ("mlp",))
+    return out
+
+
+def vision_ignorable(hf_prefix: str = HF_EXPORT_PREFIX) -> list[str]:
+    """HF names dropped on import: everything outside the tower (CLIPModel / SiglipModel text side,
+    projections, logit scale/bias), and the non-persistent `position_ids` buffer older exports contain."""
+    hp = re.escape(hf_prefix)
+    pats = [rf"{hp}embeddings\.position_ids"]
+    if hf_prefix:
+        pats.append(rf"(?!{hp}).*")  # anything not under the tower's prefix
+    else:
+        pats += [r"text_model\..*", r"(visual|text)_projection\.weight", r"logit_(scale|bias)"]
+    return pats
+
+
+def vision_name_map(config: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX) -> NameMap:
+    """The name map of a vision tower stored under `hf_prefix`."""
+    return NameMap(vision_entries(config, hf_prefix), vision_ignorable(hf_prefix))
+
+
+def detect_vision_prefix(names: Iterable[str], source: str = "checkpoint") -> str:
+    """The prefix under which a checkpoint stores the tower, found from its patch-embedding tensor."""
+    names = set(names)
+    for prefix in VISION_PREFIXES:
+        if f"{prefix}embeddings.patch_embedding.weight" in names:
+            return prefix
+    raise ConversionError(f"{source}: no vision tower found (no '*embeddings.patch_embedding.weight' under any "
+                          f"of the prefixes {[p or '<none>' for p in VISION_PREFIXES]})")
+
+
+def vision_config_from_hf(d: Mapping, source: str = "config.json", **runtime) -> VisionConfig:
+    """`VisionConfig` from a CLIP / SigLIP vision config, a full CLIP / SigLIP config, or a LLaVA-style config
+    whose `vision_config` is a CLIP / SigLIP vision config."""
+    if d.get("model_type") not in ("clip", "siglip", "clip_vision_model", "siglip_vision_model") and isinstance(
+            d.get("vision_config"), Mapping):
+        d = d["vision_config"]
+    return VisionConfig.from_hf_dict(d, source, **runtime)
+
+
+# ------------------------------------------------------------------------------ in-memory helpers
+def _set(tree: dict, path: MMPath, value: np.ndarray) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: MMPath) -> np.ndarray:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def hf_state_to_params(config: VisionConfig, tensors: Mapping[str, np.ndarray], source: str = "checkpoint",
+                       hf_prefix: str | None = None) -> dict:
+    """An in-memory HF state dict (numpy arrays) -> mm params, with names and shapes checked first."""
+    from mm.convert.name_map import check_names_and_shapes
+
+    prefix = detect_vision_prefix(tensors, source) if hf_prefix is None else hf_prefix
+    nm = vision_name_map(config, prefix)
+    check_names_and_shapes({k: tuple(v.shape) for k, v in tensors.items()}, nm, source)
+    params: dict = {}
+    for e in nm.entries:
+        _set(params, e.mm_path, e.transform.to_mm(np.asarray(tensors[e.hf_name])))
+    return params
+
+
+def params_to_hf_state(config: VisionConfig, params: Mapping, hf_prefix: str = HF_EXPORT_PREFIX) -> dict[str, np.ndarray]:
+    """mm params -> an HF state dict (numpy), under `hf_prefix`."""
+    out = {}
+    for e in vision_entries(config, hf_prefix):
+        try:
+            x = np.asarray(_get(params, e.mm_path))
+        except KeyError as err:
+            raise ConversionError(f"mm params: missing {'/'.join(e.mm_path)}") from err
+        if tuple(x.shape) != e.mm_shape:
+            raise ConversionError(f"mm params: {'/'.join(e.mm_path)} has shape {list(x.shape)}, "
+                                  f"expected {list(e.mm_shape)}")
+        out[e.hf_name] = e.transform.to_hf(x)
+    return out

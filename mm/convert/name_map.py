@@ -1,0 +1,198 @@
+"""The per-family name map: a table of `Entry(hf_name, hf_shape, mm_path, transform)` and lookups both ways.
+
+A family (Llama/Qwen2 LLMs here; vision towers, LLaVA, the IAA release later) only builds the table from its
+config; the streaming machinery (`mm.convert.pipeline`) does the rest. A `Transform` says how one HF tensor
+becomes one mm param and back (rename, transpose, split heads), and what shape it has on each side, so
+names and shapes can be checked against safetensors headers before any data is read.
+
+Entries are listed in canonical order (embeddings, layer 0..N-1, final norm, head): conversion streams in
+that order and HF output shards follow it. `save_unit(mm_path)` groups params into the units written to
+Orbax one at a time (one decoder layer, the embedding, ...), which bounds peak memory to about one unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mm.convert.errors import ConversionError
+
+MMPath = tuple[str, ...]
+_NUMBERED = re.compile(r".*_\d+$")
+
+
+# ------------------------------------------------------------------------------------- transforms
+class Transform:
+    """Identity: same array on both sides."""
+
+    def mm_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(hf_shape)
+
+    def to_mm(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class Transpose(Transform):
+    """torch `Linear.weight [out, in]` <-> Flax kernel `[in, out]`."""
+
+    def mm_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(reversed(hf_shape))
+
+    def to_mm(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.T)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.T)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SplitHeadsIn(Transform):
+    """Projection into heads: HF `[H*hd, D]` <-> mm `[D, H, hd]`."""
+
+    heads: int
+
+    def mm_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (hf_shape[1], self.heads, hf_shape[0] // self.heads)
+
+    def to_mm(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.T).reshape(self.mm_shape(x.shape))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        d, h, hd = x.shape
+        return np.ascontiguousarray(x.reshape(d, h * hd).T)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SplitHeadsOut(Transform):
+    """Projection out of heads: HF `[D, H*hd]` <-> mm `[H, hd, D]`."""
+
+    heads: int
+
+    def mm_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.heads, hf_shape[1] // self.heads, hf_shape[0])
+
+    def to_mm(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.T).reshape(self.mm_shape(x.shape))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        h, hd, d = x.shape
+        return np.ascontiguousarray(x.reshape(h * hd, d).T)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SplitHeadsBias(Transform):
+    """Per-head bias: HF `[H*hd]` <-> mm `[H, hd]`."""
+
+    heads: int
+
+    def mm_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.heads, hf_shape[0] // self.heads)
+
+    def to_mm(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(self.mm_shape(x.shape))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(-1)
+
+
+IDENTITY = Transform()
+TRANSPOSE = Transpose()
+
+
+# ------------------------------------------------------------------------------------------ table
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One HF tensor <-> one mm param."""
+
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    mm_path: MMPath
+    transform: Transform = IDENTITY
+
+    @property
+    def mm_shape(self) -> tuple[int, ...]:
+        return self.transform.mm_shape(self.hf_shape)
+
+
+def save_unit(mm_path: MMPath) -> MMPath:
+    """The prefix written as one Orbax partial save: up to the first numbered component (`layers_3`), else
+    the top-level key."""
+    for i, part in enumerate(mm_path[:-1]):
+        if _NUMBERED.match(part):
+            return mm_path[: i + 1]
+    return mm_path[:1]
+
+
+class NameMap:
+    """A family's entries plus HF names that are dropped on import (e.g. `rotary_emb.inv_freq` buffers)."""
+
+    def __init__(self, entries: Sequence[Entry], ignorable: Iterable[str] = ()):
+        self.entries = tuple(entries)
+        self._by_hf = {e.hf_name: e for e in self.entries}
+        self._by_mm = {e.mm_path: e for e in self.entries}
+        if len(self._by_hf) != len(self.entries) or len(self._by_mm) != len(self.entries):
+            raise ValueError("name map has duplicate HF names or mm paths")
+        self._ignorable = [re.compile(p) for p in ignorable]
+
+    def expected_hf_names(self) -> dict[str, tuple[int, ...]]:
+        return {e.hf_name: e.hf_shape for e in self.entries}
+
+    def expected_mm_paths(self) -> dict[MMPath, tuple[int, ...]]:
+        return {e.mm_path: e.mm_shape for e in self.entries}
+
+    def is_ignorable(self, hf_name: str) -> bool:
+        return any(p.fullmatch(hf_name) for p in self._ignorable)
+
+    def entry_for_hf(self, hf_name: str) -> Entry:
+        try:
+            return self._by_hf[hf_name]
+        except KeyError as e:
+            raise ConversionError(f"unexpected HF tensor {hf_name}") from e
+
+    def entry_for_mm(self, mm_path: MMPath) -> Entry:
+        try:
+            return self._by_mm[tuple(mm_path)]
+        except KeyError as e:
+            raise ConversionError(f"unexpected mm param {'/'.join(mm_path)}") from e
+
+    def hf_to_mm(self, hf_name: str, array: np.ndarray) -> tuple[MMPath, np.ndarray]:
+        e = self.entry_for_hf(hf_name)
+        return e.mm_path, e.transform.to_mm(array)
+
+    def mm_to_hf(self, mm_path: MMPath, array: np.ndarray) -> tuple[str, np.ndarray]:
+        e = self.entry_for_mm(mm_path)
+        return e.hf_name, e.transform.to_hf(array)
+
+    def units(self) -> list[tuple[MMPath, list[Entry]]]:
+        """Entries grouped by save unit, units in canonical order."""
+        groups: dict[MMPath, list[Entry]] = {}
+        for e in self.entries:
+            groups.setdefault(save_unit(e.mm_path), []).append(e)
+        return list(groups.items())
+
+
+def check_names_and_shapes(found: dict[str, tuple[int, ...]], name_map: NameMap, source: str) -> None:
+    """Raises one `ConversionError` listing every missing, unexpected and misshapen HF tensor."""
+    expected = name_map.expected_hf_names()
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(n for n in set(found) - set(expected) if not name_map.is_ignorable(n))
+    wrong = sorted(f"{n}: {list(found[n])} (expected {list(expected[n])})"
+                   for n in set(found) & set(expected) if tuple(found[n]) != tuple(expected[n]))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if wrong:
+        problems.append(f"wrongly shaped tensors {wrong}")
+    if problems:
+        raise ConversionError(f"{source}: " + "; ".join(problems))
