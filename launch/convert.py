@@ -1,0 +1,68 @@
+"""`mm-convert`: HuggingFace <-> mm checkpoint conversion of decoder LLMs (Llama family, Qwen2).
+
+  mm-convert hf-to-mm --src HF_DIR --dst MM_DIR [--dtype keep|float32|bfloat16|float16] [--overwrite]
+  mm-convert mm-to-hf --src MM_DIR --dst HF_DIR [--dtype ...] [--shard-size 5GB] [--overwrite]
+
+Streams tensor by tensor (peak memory about one decoder layer), checks every name and shape before
+writing anything, and never leaves a partial `--dst`. Bad input exits with status 2 and a message naming
+the file / tensor at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Sequence
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mm.convert.pipeline import DTYPES
+
+    p = argparse.ArgumentParser(prog="mm-convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("hf-to-mm", "HF safetensors directory -> mm checkpoint directory"),
+                        ("mm-to-hf", "mm checkpoint directory -> HF safetensors directory")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--src", required=True, help="input directory")
+        s.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
+        s.add_argument("--dtype", default="keep", choices=DTYPES,
+                       help="dtype of the written tensors; 'keep' keeps each tensor's stored dtype")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+        s.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "mm-to-hf":
+            s.add_argument("--shard-size", type=parse_size, default="5GB",
+                           help="largest safetensors shard (default 5GB)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mm.convert import ConversionError, hf_to_mm, mm_to_hf
+
+    try:
+        if args.command == "hf-to-mm":
+            out = hf_to_mm(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+        else:
+            out = mm_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                           progress=not args.no_progress, max_shard_bytes=args.shard_size)
+    except ConversionError as e:
+        print(f"mm-convert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
