@@ -227,3 +227,146 @@ def load_config_file(spec: str) -> Any:
     cfg = module.get_config(arg) if arg else module.get_config()
     cfg.lock()
     return cfg
+
+
+# ------------------------------------------------------------------------------------------ vision
+SUPPORTED_VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_new")
+_VISION_PARENT_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """A ViT image encoder of the CLIP kind (class token, pre-layernorm) or SigLIP kind (no class token,
+    post-layernorm, optional attention-pooling head). Any image size, patch size and depth."""
+
+    model_type: str = "clip_vision_model"
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    use_head: bool = False  # SigLIP attention-pooling head (pooler_output only; features never use it)
+    # Run-time options (not part of the HF config).
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_VISION_TYPES:
+            raise ConfigError(f"model_type={self.model_type!r}: supported are {SUPPORTED_VISION_TYPES}")
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            raise ConfigError(f"hidden_act={self.hidden_act!r}: supported are {VISION_ACTIVATIONS}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+        if self.patch_size <= 0 or self.image_size < self.patch_size:
+            raise ConfigError(f"image_size={self.image_size} / patch_size={self.patch_size}: need 0 < patch <= image")
+        if self.use_head and self.model_type != "siglip_vision_model":
+            raise ConfigError("use_head=True is only defined for siglip_vision_model")
+        for key in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, key))
+            except TypeError as e:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not a dtype") from e
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at the checkpoint's resolution."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid_size**2 + (1 if self.has_class_token else 0)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "VisionConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------------------- HF
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json", **runtime: Any) -> "VisionConfig":
+        """Reads a `CLIPVisionConfig` / `SiglipVisionConfig` dict, or the `vision_config` of a full
+        `CLIPConfig` / `SiglipConfig` (model_type clip / siglip)."""
+        model_type = d.get("model_type")
+        if model_type in _VISION_PARENT_TYPES:
+            if not isinstance(d.get("vision_config"), Mapping):
+                raise ConfigError(f"{source}: model_type={model_type!r} without a vision_config")
+            d = dict(d["vision_config"], model_type=_VISION_PARENT_TYPES[model_type])
+            model_type = d["model_type"]
+        if model_type not in SUPPORTED_VISION_TYPES:
+            raise ConfigError(f"{source}: model_type={model_type!r}; mm converts {SUPPORTED_VISION_TYPES} "
+                              f"and the vision towers of {tuple(_VISION_PARENT_TYPES)}")
+        siglip = model_type == "siglip_vision_model"
+        defaults = ({"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "image_size": 224, "patch_size": 16}
+                    if siglip else {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "image_size": 224,
+                                    "patch_size": 32})
+        try:
+            return cls(
+                model_type=model_type,
+                hidden_size=int(d.get("hidden_size", 768)),
+                intermediate_size=int(d.get("intermediate_size", 3072)),
+                num_layers=int(d.get("num_hidden_layers", 12)),
+                num_heads=int(d.get("num_attention_heads", 12)),
+                image_size=int(d.get("image_size", defaults["image_size"])),
+                patch_size=int(d.get("patch_size", defaults["patch_size"])),
+                num_channels=int(d.get("num_channels", 3)),
+                hidden_act=str(d.get("hidden_act", defaults["hidden_act"])),
+                layer_norm_eps=float(d.get("layer_norm_eps", defaults["layer_norm_eps"])),
+                use_head=bool(d.get("vision_use_head", True)) if siglip else False,
+                **runtime,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """A `CLIPVisionConfig` / `SiglipVisionConfig` dict that `AutoConfig` reads back."""
+        siglip = self.model_type == "siglip_vision_model"
+        d: dict[str, Any] = {
+            "architectures": ["SiglipVisionModel" if siglip else "CLIPVisionModel"],
+            "model_type": self.model_type,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            "attention_dropout": 0.0,
+            "dtype": torch_dtype,
+        }
+        if siglip:
+            d["vision_use_head"] = self.use_head
+        return d
+
+    # ------------------------------------------------------------------------------------ mm files
+    def to_json_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any], source: str = "mm config") -> "VisionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}")
+        return cls(**dict(d))
