@@ -1,0 +1,1 @@
+"""Data: image decoding and preprocessing, tiling (more to come: conversations, packing, pipelines)."""
