@@ -129,11 +129,15 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
                if v is not None}
     if (path / convert.MM_CONFIG_FILE).exists():
         config = convert.read_mm_config(path).replace(**runtime)
-        params = convert.load_mm_params(path, config)
+        shardings = None
+        if mesh is not None:  # restore straight onto the mesh: no host copy of the whole model
+            abstract = llm.abstract_params(config)
+            shardings = sh.param_shardings(abstract, mesh, tuple(rules or sh.DEFAULT_RULES))
+        params = convert.load_mm_params(path, config, shardings=shardings)
     elif (path / "config.json").exists():
         config, params = convert.load_hf_llm(path, **runtime)
     else:
         raise ConfigError(f"{path}: neither an mm checkpoint ({convert.MM_CONFIG_FILE}) nor an HF one (config.json)")
-    params = jax.tree.map(lambda x: jnp.asarray(x, config.params_dtype), params)
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x, config.params_dtype), params)
     return LLMHandle(config=config, params=params, tokenizer=_load_tokenizer(path), mesh=mesh,
                      rules=tuple(rules or sh.DEFAULT_RULES), source=str(path))
