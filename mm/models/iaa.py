@@ -1,0 +1,247 @@
+"""Inner-Adaptor Architecture: multimodal branches plugged into a frozen LLM (DESIGN.md section 2).
+
+Params: `{"base": <the LLM's params, untouched>, "<branch>": {...}, ...}`. A branch (`mm`, `g` for grounding)
+has its own projector, embedding table (MM-EL), insertion layers `layers_{k}`, final `norm` and `lm_head`
+(MM-LH); `init_branch_from_base` makes them copies of the base's parts (insertion layer k copies base layer
+`positions[k]`), as the paper initialises them.
+
+Workflows:
+- `text`: `LLM.__call__` on `params["base"]` - the very function and params the plain LLM uses, so its output is
+  bit-identical to the LLM's.
+- a branch name: tokens embedded by the branch's MM-EL, image features (projected by the branch's projector)
+  spliced at `image_mask`; after base layer i, if i is an insertion position, the branch's insertion layer
+  takes the hidden state and its output replaces it (order L0 C0 L1 C1 L2 ... for IAA-14); the branch's norm
+  and head give the logits.
+Each workflow has its own KV cache (`init_cache(config, workflow, ...)`): in a branch the frozen layers see
+modified states, so a text cache cannot be reused there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm.config import ConfigError, LLMConfig
+from mm.models import llm
+from mm.models.connectors import Projector, ProjectorConfig
+from mm.models.splice import image_span_ids, splice_image_features
+
+Array = jax.Array
+
+IAA_14 = (0, 1, 5, 6, 10, 11, 15, 16, 20, 21, 25, 26, 30, 31)
+# IAA-8 positions are not published (DESIGN.md: choice). Same pattern as IAA-14 - pairs of adjacent layers -
+# spread evenly over the 32 layers of Llama-3-8B.
+IAA_8 = (0, 1, 10, 11, 20, 21, 30, 31)
+TEXT = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchConfig:
+    """One plug-in branch: where its insertion layers go and how image features reach its width."""
+
+    name: str = "mm"
+    positions: tuple[int, ...] = IAA_14
+    projector: ProjectorConfig = ProjectorConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class IAAConfig:
+    llm: LLMConfig = LLMConfig()
+    branches: tuple[BranchConfig, ...] = (BranchConfig("mm"), BranchConfig("g"))
+    bidirectional_image_attention: bool = False  # off as in the original
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.branches]
+        if len(set(names)) != len(names) or TEXT in names:
+            raise ConfigError(f"iaa.branches: names must be unique and not {TEXT!r}, got {names}")
+        for b in self.branches:
+            bad = [p for p in b.positions if not 0 <= p < self.llm.num_layers]
+            if bad or list(b.positions) != sorted(set(b.positions)):
+                raise ConfigError(f"iaa.branches[{b.name}].positions={b.positions}: must be increasing and "
+                                  f"within [0, {self.llm.num_layers})")
+            if b.projector.out_dim != self.llm.hidden_size:
+                raise ConfigError(f"iaa.branches[{b.name}].projector.out_dim={b.projector.out_dim} != "
+                                  f"llm.hidden_size={self.llm.hidden_size}")
+        if self.llm.scan_layers:
+            raise ConfigError("iaa: llm.scan_layers must be False (insertion layers interleave the frozen ones)")
+
+    def branch(self, name: str) -> BranchConfig:
+        for b in self.branches:
+            if b.name == name:
+                return b
+        raise ConfigError(f"iaa: no branch {name!r}; have {[b.name for b in self.branches]}")
+
+    @property
+    def workflows(self) -> tuple[str, ...]:
+        return (TEXT,) + tuple(b.name for b in self.branches)
+
+
+class Branch(nn.Module):
+    """The trainable parts of one IAA branch."""
+
+    llm_config: LLMConfig
+    branch: BranchConfig
+
+    def setup(self) -> None:
+        c = self.llm_config
+        self.projector = Projector(self.branch.projector)
+        self.embed_tokens = llm._Embed(c.vocab_size, c.hidden_size, c.params_dtype)
+        cls = llm.layer_class(c)
+        self.layers_list = [cls(c, name=f"layers_{k}") for k in range(len(self.branch.positions))]
+        self.norm = llm.RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = llm._Dense(c.vocab_size, ("embed", "vocab"), dtype=c.compute_dtype,
+                                      param_dtype=c.params_dtype)
+
+    def project(self, image_features: Array) -> Array:
+        return self.projector(image_features)
+
+    def embed(self, ids: Array) -> Array:
+        return self.embed_tokens(jnp.maximum(ids, 0)).astype(self.llm_config.compute_dtype)
+
+    def layer(self, k: int, *args: Any) -> tuple[Array, Any]:
+        return self.layers_list[k](*args)
+
+    def head(self, x: Array) -> Array:
+        x = self.norm(x)
+        if self.llm_config.tie_word_embeddings:
+            w = self.embed_tokens.embedding.astype(self.llm_config.compute_dtype)
+            return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
+
+class IAA(nn.Module):
+    """Frozen base LLM + branches. `workflow` is static: "text" or a branch name."""
+
+    config: IAAConfig
+
+    def setup(self) -> None:
+        self.base = llm.LLM(self.config.llm)
+        self.branch_modules = {b.name: Branch(self.config.llm, b, name=b.name) for b in self.config.branches}
+
+    def __call__(self, input_ids: Array, positions: Array | None = None, *, workflow: str = TEXT,
+                 image_features: Array | None = None, image_mask: Array | None = None,
+                 segment_ids: Array | None = None, kv_segment_ids: Array | None = None,
+                 cache: Any = None, cache_index: Array | None = None) -> tuple[Array, Any]:
+        """Logits `[B, T, V]` (float32) and the workflow's updated cache."""
+        if workflow == TEXT:
+            return self.base(input_ids, positions, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                             cache=cache, cache_index=cache_index)
+        branch = self.branch_modules[workflow]
+        positions_list = self.config.branch(workflow).positions
+        x = branch.embed(input_ids)
+        if image_features is not None:
+            x = splice_image_features(x, branch.project(image_features), image_mask)
+        b, t = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = self.base.rope(positions)
+        bidir = None
+        if self.config.bidirectional_image_attention and image_mask is not None:
+            bidir = image_span_ids(image_mask)
+        mask_args = llm.make_mask_args(segment_ids, kv_segment_ids, bidir)
+        new_cache = None if cache is None else {"base": [], "branch": []}
+        k = 0
+        for i in range(self.config.llm.num_layers):
+            x, lc = self.base.layer(i, x, cos, sin, mask_args, None if cache is None else cache["base"][i],
+                                    cache_index)
+            if cache is not None:
+                new_cache["base"].append(lc)
+            if k < len(positions_list) and positions_list[k] == i:
+                x, lc = branch.layer(k, x, cos, sin, mask_args, None if cache is None else cache["branch"][k],
+                                     cache_index)
+                if cache is not None:
+                    new_cache["branch"].append(lc)
+                k += 1
+        return branch.head(x), new_cache
+
+    def init_all(self, input_ids: Array, image_features: Array) -> dict[str, Array]:
+        """Touches every workflow (for `init` / `eval_shape`); image features cover the first positions."""
+        mask = jnp.zeros(input_ids.shape, bool).at[:, : image_features.shape[1]].set(True)
+        return {w: self(input_ids, workflow=w, image_features=None if w == TEXT else image_features,
+                        image_mask=None if w == TEXT else mask)[0] for w in self.config.workflows}
+
+
+# ----------------------------------------------------------------------------------------- params
+def _dummy_inputs(config: IAAConfig) -> tuple[Array, Array]:
+    proj = config.branches[0].projector
+    return jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 2, proj.in_dim), jnp.float32)
+
+
+def abstract_params(config: IAAConfig) -> Any:
+    """Boxed shapes of the whole IAA tree (logical axis names included), nothing allocated."""
+    ids, feats = _dummy_inputs(config)
+    return jax.eval_shape(lambda: IAA(config).init(jax.random.PRNGKey(0), ids, feats, method=IAA.init_all))["params"]
+
+
+def init_branch_from_base(config: IAAConfig, branch_name: str, base_params: Mapping[str, Any],
+                          rng: Array) -> dict[str, Any]:
+    """A branch whose MM-EL, insertion layers, norm and head are copies of the base's; projector random."""
+    b = config.branch(branch_name)
+    proj = Projector(b.projector).init(rng, jnp.zeros((1, 1, b.projector.in_dim), jnp.float32))["params"]
+    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731 - own buffers
+    out = {"projector": nn.unbox(proj), "embed_tokens": copy(base_params["embed_tokens"]),
+           "norm": copy(base_params["norm"])}
+    if "lm_head" in base_params:
+        out["lm_head"] = copy(base_params["lm_head"])
+    for k, pos in enumerate(b.positions):
+        out[f"layers_{k}"] = copy(base_params[f"layers_{pos}"])
+    return out
+
+
+def init_params(config: IAAConfig, base_params: Mapping[str, Any], rng: Array) -> dict[str, Any]:
+    """Full IAA params around existing base params (kept as the same objects, never copied)."""
+    params: dict[str, Any] = {"base": base_params}
+    for b, key in zip(config.branches, jax.random.split(rng, len(config.branches))):
+        params[b.name] = init_branch_from_base(config, b.name, base_params, key)
+    return params
+
+
+# ------------------------------------------------------------------------------------------ cache
+def init_cache(config: IAAConfig, workflow: str, batch: int, max_len: int) -> Any:
+    """The KV cache of one workflow: the LLM's for text, base + insertion layers for a branch."""
+    base = llm.init_cache(config.llm, batch, max_len)
+    if workflow == TEXT:
+        return base
+    n = len(config.branch(workflow).positions)
+    return {"base": base, "branch": llm.init_cache(config.llm.replace(num_layers=n), batch, max_len)}
+
+
+def decode_fns(config: IAAConfig, workflow: str) -> Any:
+    """Prefill/step functions for `mm.generate.Generator`; image inputs go to prefill as `extra` kwargs."""
+    from mm.generate import DecodeFns
+
+    model = IAA(config)
+
+    def prefill(params: Any, ids: Array, positions: Array, mask: Array, kv_mask: Array, cache: Any,
+                image_features: Array | None = None, image_mask: Array | None = None) -> tuple:
+        logits, cache = model.apply({"params": params}, ids, positions, workflow=workflow,
+                                    image_features=image_features, image_mask=image_mask, segment_ids=mask,
+                                    kv_segment_ids=kv_mask, cache=cache, cache_index=0)
+        return logits[:, -1], cache
+
+    def step(params: Any, tok: Array, positions: Array, kv_mask: Array, cache: Any, index: Array) -> tuple:
+        logits, cache = model.apply({"params": params}, tok, positions, workflow=workflow,
+                                    segment_ids=jnp.ones(tok.shape, jnp.int32), kv_segment_ids=kv_mask,
+                                    cache=cache, cache_index=index)
+        return logits[:, -1], cache
+
+    return DecodeFns(prefill=prefill, step=step, init_cache=lambda b, n: init_cache(config, workflow, b, n))
+
+
+def trainable_counts(config: IAAConfig) -> dict[str, int]:
+    """Parameter counts per top-level group (`base` frozen; each branch trainable), from shapes only."""
+    abstract = nn.unbox(abstract_params(config))
+    return {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in abstract.items()}
+
+
+def preset(name: str, llm_config: LLMConfig, vision_width: int, branches: Sequence[str] = ("mm", "g"),
+           projector_type: str = "mlp2x_gelu") -> IAAConfig:
+    """`iaa14` / `iaa8` on a given LLM (positions must fit its depth)."""
+    positions = {"iaa14": IAA_14, "iaa8": IAA_8}[name]
+    proj = ProjectorConfig(kind=projector_type, in_dim=vision_width, out_dim=llm_config.hidden_size)
+    return IAAConfig(llm=llm_config, branches=tuple(BranchConfig(n, positions, proj) for n in branches))

@@ -1,0 +1,91 @@
+"""LLaVA-style bridge model (DESIGN.md section 3): the baseline IAA is measured against.
+
+Image features -> projector -> spliced at `image_mask` into the LLM's own token embeddings -> the LLM, whose
+weights may be frozen (stage 1) or trained (stage 2) - that is decided by the training config's parameter
+groups, not here. Params: `{"llm": <LLM params>, "projector": ...}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm.config import ConfigError, LLMConfig
+from mm.models import llm
+from mm.models.connectors import Projector, ProjectorConfig
+from mm.models.splice import image_span_ids, splice_image_features
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaVAConfig:
+    llm: LLMConfig = LLMConfig()
+    projector: ProjectorConfig = ProjectorConfig()
+    bidirectional_image_attention: bool = False
+
+    def __post_init__(self) -> None:
+        if self.projector.out_dim != self.llm.hidden_size:
+            raise ConfigError(f"llava.projector.out_dim={self.projector.out_dim} != "
+                              f"llm.hidden_size={self.llm.hidden_size}")
+
+
+class LLaVA(nn.Module):
+    config: LLaVAConfig
+
+    def setup(self) -> None:
+        self.llm = llm.LLM(self.config.llm)
+        self.projector = Projector(self.config.projector)
+
+    def __call__(self, input_ids: Array, positions: Array | None = None, *, image_features: Array | None = None,
+                 image_mask: Array | None = None, segment_ids: Array | None = None,
+                 kv_segment_ids: Array | None = None, cache: Any = None,
+                 cache_index: Array | None = None) -> tuple[Array, Any]:
+        """Logits `[B, T, V]` (float32) and the updated cache."""
+        x = self.llm.embed(jnp.maximum(input_ids, 0))
+        if image_features is not None:
+            x = splice_image_features(x, self.projector(image_features), image_mask)
+        bidir = None
+        if self.config.bidirectional_image_attention and image_mask is not None:
+            bidir = image_span_ids(image_mask)
+        return self.llm(None, positions, inputs_embeds=x, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                        bidirectional_ids=bidir, cache=cache, cache_index=cache_index)
+
+
+def init_params(config: LLaVAConfig, llm_params: Mapping[str, Any], rng: Array) -> dict[str, Any]:
+    """LLaVA params around existing LLM params and a freshly initialised projector."""
+    proj = Projector(config.projector).init(rng, jnp.zeros((1, 1, config.projector.in_dim), jnp.float32))
+    return {"llm": llm_params, "projector": nn.unbox(proj)["params"]}
+
+
+def abstract_params(config: LLaVAConfig) -> Any:
+    ids = jnp.zeros((1, 8), jnp.int32)
+    feats = jnp.zeros((1, 2, config.projector.in_dim), jnp.float32)
+    mask = jnp.zeros((1, 8), bool).at[:, :2].set(True)
+    return jax.eval_shape(lambda: LLaVA(config).init(jax.random.PRNGKey(0), ids, image_features=feats,
+                                                     image_mask=mask))["params"]
+
+
+def decode_fns(config: LLaVAConfig) -> Any:
+    """Prefill/step functions for `mm.generate.Generator`; image inputs go to prefill as `extra` kwargs."""
+    from mm.generate import DecodeFns
+
+    model = LLaVA(config)
+
+    def prefill(params: Any, ids: Array, positions: Array, mask: Array, kv_mask: Array, cache: Any,
+                image_features: Array | None = None, image_mask: Array | None = None) -> tuple:
+        logits, cache = model.apply({"params": params}, ids, positions, image_features=image_features,
+                                    image_mask=image_mask, segment_ids=mask, kv_segment_ids=kv_mask, cache=cache,
+                                    cache_index=0)
+        return logits[:, -1], cache
+
+    def step(params: Any, tok: Array, positions: Array, kv_mask: Array, cache: Any, index: Array) -> tuple:
+        logits, cache = model.apply({"params": params}, tok, positions, segment_ids=jnp.ones(tok.shape, jnp.int32),
+                                    kv_segment_ids=kv_mask, cache=cache, cache_index=index)
+        return logits[:, -1], cache
+
+    return DecodeFns(prefill=prefill, step=step, init_cache=lambda b, n: llm.init_cache(config.llm, b, n))
