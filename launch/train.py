@@ -1,22 +1,64 @@
-"""`mm-train`: the training entry point.
+"""`mm-train --config=configs/X.py:variant --config.a.b=value --workdir=DIR`: train one stage.
 
-Training (staged configs, parameter groups, sharded train step, Orbax checkpoints) is not built yet; it is
-the subject of the training issue. Until it lands this command says so and exits with status 2 rather than
-pretending to train.
+The config is resolved (file + overrides), validated before anything heavy (errors name the key, exit status
+2), printed and saved as `DIR/config.json`. Runs resume automatically from the newest finished checkpoint in
+DIR. Multi-process: set `--config.distributed.coordinator=host:port --config.distributed.num_processes=N
+--config.distributed.process_id=i` (or use `python -m launch.local_cluster`).
 """
 
 from __future__ import annotations
 
 import sys
 
+from absl import app, flags
+from ml_collections import config_flags
 
-def main(argv: list[str] | None = None) -> int:
-    sys.stderr.write(
-        "mm-train: training is not implemented yet in this version of mm (it lands with the training issue).\n"
-        "What works today: `mm-convert hf-to-mm|mm-to-hf`, `mm.from_pretrained(...).logits/generate`,\n"
-        "and the quickstart `python -m launch.quickstart` (see README.md).\n")
-    return 2
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: path/to/config.py[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, checkpoints, metrics, profiles.")
+
+
+def _run(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    from mm.config import ConfigError
+    from mm.train import config as tcfg
+
+    cfg = _CONFIG.value
+    if cfg is None or not _WORKDIR.value:
+        sys.stderr.write("mm-train: --config and --workdir are required\n")
+        return 2
+    try:
+        tcfg.validate(cfg)  # no jax yet: schema, types, paths
+    except ConfigError as e:
+        sys.stderr.write(f"mm-train: config error: {e}\n")
+        return 2
+    d = cfg.distributed
+    if d.coordinator or d.num_processes > 1:
+        from mm.sharding import initialize_distributed
+
+        initialize_distributed(d.coordinator, int(d.num_processes), int(d.process_id))
+    from mm.train.loop import NonFiniteError, train
+
+    try:
+        result = train(cfg, _WORKDIR.value)
+    except ConfigError as e:
+        sys.stderr.write(f"mm-train: config error: {e}\n")
+        return 2
+    except NonFiniteError as e:
+        sys.stderr.write(f"mm-train: stopped: {e}\n")
+        return 3
+    sys.stdout.write(f"mm-train: {'preempted' if result.preempted else 'finished'} at step {result.last_step} "
+                     f"(skipped updates: {result.skipped})\n")
+    return 0
+
+
+def main() -> None:
+    app.run(_run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

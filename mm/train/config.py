@@ -1,0 +1,208 @@
+"""The training config schema: every key a run may set, with its type, and the checks run before anything heavy.
+
+Stage configs (`configs/*.py`) start from `base_config()` and change values; `validate` rejects keys that are
+not in the schema, values of the wrong type, mesh shapes the devices cannot form and checkpoint paths that do
+not exist - each error names the key (`optim.lr`, `init.checkpoint`, ...), so a typo costs seconds, not a
+compiled step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import ml_collections
+
+from mm.config import ConfigError, LLMConfig
+
+MODEL_KINDS = ("llm", "llava", "iaa")
+DATA_KINDS = ("synthetic_text", "synthetic_mm")
+
+
+def _llm_defaults() -> dict[str, Any]:
+    """A tiny Llama: the default so tests and smoke runs need no checkpoint."""
+    d = dataclasses.asdict(LLMConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
+                                     bos_token_id=1, eos_token_id=(2,), pad_token_id=0))
+    d["eos_token_id"] = list(d["eos_token_id"])
+    d["rope_scaling"] = None
+    return d
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with defaults. `None`-valued keys are typed by `_NULLABLE` below."""
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.model = ml_collections.ConfigDict(dict(
+        kind="llm",
+        llm=_llm_defaults(),
+        # multimodal models: width of the (precomputed, frozen) vision features and the projector kind
+        vision_width=32,
+        projector="mlp2x_gelu",
+        iaa_positions=[0, 1],
+        iaa_branches=["mm"],
+        iaa_workflow="mm",  # the branch this stage trains
+    ))
+    c.init = ml_collections.ConfigDict(dict(
+        seed=0,
+        llm_checkpoint="",  # HF dir (config.json + safetensors) or mm dir for the base LLM; "" = random init
+        checkpoint="",  # a previous stage's workdir or mm checkpoint dir to start from; "" = none
+    ))
+    # Ordered (regex over '/'-joined param paths, lr multiplier | "frozen"); first match wins.
+    c.param_groups = [(".*", 1.0)]
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, warmup_frac=0.03, min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        clip_norm=1.0, grad_accum=1,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=100, batch_size=8, seq_len=64, log_every=10, eval_every=0, eval_batches=2,
+        max_consecutive_nonfinite=5, loss_chunk=0,
+    ))
+    c.data = ml_collections.ConfigDict(dict(kind="synthetic_text", seed=1234, eval_seed=4321, num_image_tokens=4,
+                                            nan_at_steps=[]))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, use_async=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.rules = ml_collections.ConfigDict(dict())  # logical axis overrides, e.g. {"embed": None}
+    c.profile = ml_collections.ConfigDict(dict(steps=[]))
+    c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True))
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+    return c
+
+
+# ----------------------------------------------------------------------------------------- validation
+_TYPES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", tuple: "list"}
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _check_tree(schema: Mapping[str, Any], value: Mapping[str, Any], prefix: str, open_keys: tuple[str, ...]) -> None:
+    for key in value:
+        full = f"{prefix}{key}"
+        if key not in schema and prefix.rstrip(".") not in open_keys:
+            raise ConfigError(f"config key {full!r} is unknown; known keys here: {sorted(schema)}")
+        default, got = schema.get(key), value[key]
+        if isinstance(default, Mapping) and not isinstance(got, Mapping):
+            raise ConfigError(f"config key {full!r} must be a section, got {got!r}")
+        if isinstance(default, Mapping):
+            _check_tree(default, got, full + ".", open_keys)
+        elif key in schema and not _type_ok(default, got):
+            raise ConfigError(f"config key {full!r} = {got!r}: expected {type(default).__name__}")
+
+
+def _as_dict(cfg: Any) -> Any:
+    return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg
+
+
+def llm_config_from(cfg: Any) -> LLMConfig:
+    """LLMConfig from the `model.llm` section (unknown fields name the key)."""
+    d = dict(_as_dict(cfg.model.llm))
+    fields = {f.name for f in dataclasses.fields(LLMConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"config keys model.llm.{unknown[0]} unknown; LLMConfig fields are {sorted(fields)}")
+    if d.get("eos_token_id") is not None:
+        d["eos_token_id"] = tuple(d["eos_token_id"])
+    if d.get("rope_scaling"):
+        from mm.config import RopeScaling
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    try:
+        return LLMConfig(**d)
+    except ConfigError as e:
+        raise ConfigError(f"model.llm: {e}") from e
+
+
+def _check_groups(groups: Any) -> None:
+    import re
+
+    if not isinstance(groups, (list, tuple)) or not groups:
+        raise ConfigError("config key 'param_groups' must be a non-empty list of (regex, lr_mult | 'frozen')")
+    for i, g in enumerate(groups):
+        if not isinstance(g, (list, tuple)) or len(g) != 2:
+            raise ConfigError(f"config key param_groups[{i}] = {g!r}: expected (regex, lr_mult | 'frozen')")
+        pattern, value = g
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"config key param_groups[{i}]: bad regex {pattern!r} ({e})") from e
+        if value != "frozen" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"config key param_groups[{i}] value {value!r}: a multiplier >= 0 or 'frozen'")
+
+
+def validate(cfg: Any, n_devices: int | None = None) -> None:
+    """Raises ConfigError naming the key for anything wrong; cheap (no model is built)."""
+    schema = base_config().to_dict()
+    d = _as_dict(cfg)
+    _check_tree(schema, d, "", open_keys=("model.llm", "rules"))
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    if m.kind not in MODEL_KINDS:
+        raise ConfigError(f"config key model.kind = {m.kind!r}: choose one of {MODEL_KINDS}")
+    if cfg.data.kind not in DATA_KINDS:
+        raise ConfigError(f"config key data.kind = {cfg.data.kind!r}: choose one of {DATA_KINDS}")
+    llm_config_from(cfg)
+    for key in ("steps", "batch_size", "seq_len", "log_every"):
+        if t[key] <= 0:
+            raise ConfigError(f"config key train.{key} = {t[key]} must be positive")
+    if o.grad_accum <= 0 or t.batch_size % o.grad_accum:
+        raise ConfigError(f"config key optim.grad_accum = {o.grad_accum} must divide train.batch_size = {t.batch_size}")
+    if not 0 <= o.warmup_frac < 1:
+        raise ConfigError(f"config key optim.warmup_frac = {o.warmup_frac} must be in [0, 1)")
+    if o.lr <= 0:
+        raise ConfigError(f"config key optim.lr = {o.lr} must be positive")
+    _check_groups(cfg.param_groups)
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep <= 0:
+        raise ConfigError("config keys checkpoint.every must be >= 0 and checkpoint.keep > 0")
+    steps = list(cfg.profile.steps)
+    if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+        raise ConfigError(f"config key profile.steps = {steps}: expected [first, last) with first < last")
+    for key in ("llm_checkpoint", "checkpoint"):
+        path = cfg.init[key]
+        if path and not Path(path).exists():
+            raise ConfigError(f"config key init.{key} = {path!r}: no such file or directory")
+    if m.kind == "iaa":
+        n = cfg.model.llm.num_layers
+        bad = [p for p in m.iaa_positions if not 0 <= p < n]
+        if bad:
+            raise ConfigError(f"config key model.iaa_positions = {list(m.iaa_positions)}: {bad} not in [0, {n})")
+        if m.iaa_workflow not in m.iaa_branches:
+            raise ConfigError(f"config key model.iaa_workflow = {m.iaa_workflow!r} not in model.iaa_branches")
+    if n_devices is not None:
+        from mm.sharding import mesh_shape_from_config
+
+        try:
+            dims = mesh_shape_from_config(dict(cfg.mesh), n_devices)
+        except ValueError as e:
+            raise ConfigError(f"config key mesh: {e}") from e
+        data_par = dims[0] * dims[1]
+        micro = t.batch_size // o.grad_accum
+        if micro % data_par:
+            raise ConfigError(f"config key train.batch_size = {t.batch_size} (/ optim.grad_accum = {o.grad_accum}) "
+                              f"does not split over {data_par} data-parallel devices (mesh {dict(cfg.mesh)})")
+        tensor = dims[2]
+        llm = cfg.model.llm
+        for key in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
+            if llm[key] % tensor:
+                raise ConfigError(f"config key model.llm.{key} = {llm[key]} is not divisible by mesh.tensor = {tensor}")
+        if llm["hidden_size"] % dims[1]:
+            raise ConfigError(f"config key model.llm.hidden_size = {llm['hidden_size']} is not divisible by "
+                              f"mesh.fsdp = {dims[1]}")
+    if math.isnan(o.lr):
+        raise ConfigError("config key optim.lr is NaN")
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(_as_dict(cfg), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,347 @@
+"""The training loop: build, (re)start, step, log, evaluate, checkpoint, stop cleanly.
+
+`train(cfg, workdir)` is what `mm-train` runs. Order of work: validate the config (cheap, before anything
+heavy), write it to the workdir, build mesh and model, assign parameter groups (unmatched parameters stop the
+run), initialise or load weights, resume from the newest finished checkpoint in the workdir if there is one,
+then step. SIGTERM (a preemption notice) makes the loop save after the step in flight and return.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mm import sharding as shd
+from mm.config import ConfigError
+from mm.train import config as tcfg
+from mm.train import flops as flops_lib
+from mm.train import models, param_groups as pg
+from mm.train.checkpoint import Checkpointer, find_trained_params
+from mm.train.data import SyntheticSource
+from mm.train.metrics import MetricsWriter, Timer
+from mm.train.optimizer import make_optimizer, schedule
+from mm.train.step import init_state, make_eval_step, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclasses.dataclass
+class Result:
+    last_step: int
+    losses: dict[int, float]
+    preempted: bool
+    skipped: int
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
+
+
+@dataclasses.dataclass
+class Built:
+    """Everything the loop needs, built from a config (also used by tests and the benchmark)."""
+
+    cfg: Any
+    mesh: Any
+    rules: Any
+    model: models.TrainModel
+    assignment: pg.Assignment
+    optimizer: Any
+    state: dict[str, Any]
+    frozen: Any
+    batch_sharding: NamedSharding
+    step_fn: Any
+    flops: dict[str, float]
+
+
+def _batch_sharding(mesh: Any, rules: Any) -> NamedSharding:
+    axis = nn.logical_to_mesh_axes(("act_batch",), list(rules))[0]
+    return NamedSharding(mesh, PartitionSpec(None, axis))
+
+
+def _load_base_llm(cfg: Any, model: models.TrainModel, flat_sh: dict[str, Any]) -> dict[str, Any]:
+    """Flat base-LLM params from `init.llm_checkpoint` (HF dir or mm dir), placed on their shardings."""
+    path = Path(cfg.init.llm_checkpoint)
+    prefix = f"{model.base_prefix}/" if model.base_prefix else ""
+    if (path / "mm_config.json").exists():
+        from mm.convert.mm_dir import load_mm_params
+
+        tree = load_mm_params(path, model.llm_config)
+    else:
+        from mm.convert.pipeline import load_hf_llm
+
+        got_cfg, tree = load_hf_llm(path, dtype=model.llm_config.dtype, param_dtype=model.llm_config.param_dtype)
+        for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(got_cfg, f) != getattr(model.llm_config, f):
+                raise ConfigError(f"init.llm_checkpoint={path}: {f}={getattr(got_cfg, f)} but model.llm.{f}="
+                                  f"{getattr(model.llm_config, f)}")
+    out = {}
+    for p, v in pg.flatten(tree).items():
+        key = prefix + p
+        if key not in flat_sh:
+            raise ConfigError(f"init.llm_checkpoint={path}: param {p} has no place in model {model.kind}")
+        out[key] = jax.device_put(np.asarray(v), flat_sh[key])
+    return out
+
+
+def _restore_partial(state_dir: Path, target_flat: dict[str, Any]) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    target = {"params": pg.unflatten(target_flat)}
+    with ocp.PyTreeCheckpointer() as ck:
+        out = ck.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding) if isinstance(x, jax.ShapeDtypeStruct)
+                else ocp.RestoreArgs(), target), partial_restore=True))
+    return {p: v for p, v in pg.flatten(out["params"]).items() if p in target_flat
+            and isinstance(target_flat[p], jax.ShapeDtypeStruct)}
+
+
+def build(cfg: Any, *, log: bool = True) -> Built:
+    tcfg.validate(cfg, jax.device_count())
+    mesh = shd.make_mesh(dict(cfg.mesh))
+    rules = shd.rules_from_overrides(dict(cfg.rules) or None)
+    model = models.build(cfg)
+    shardings = shd.param_shardings(model.abstract, mesh, rules)
+    flat_sh = pg.flatten(shardings)
+    flat_abstract = pg.flatten(nn.unbox(model.abstract))
+    assignment = pg.assign(list(flat_abstract), cfg.param_groups)
+    if log:
+        _log(pg.format_report(pg.group_report(flat_abstract, assignment)))
+
+    with jax.set_mesh(mesh):
+        params = jax.jit(model.init, out_shardings=shardings)(jax.random.PRNGKey(int(cfg.init.seed)))
+    flat = pg.flatten(params)
+    if cfg.init.llm_checkpoint:
+        flat.update(_load_base_llm(cfg, model, flat_sh))
+    if cfg.init.checkpoint:
+        flat.update(_restore_partial_from_stage(cfg, flat_sh, flat_abstract))
+    trainable, frozen = pg.split(pg.unflatten(flat), assignment)
+    if not jax.tree.leaves(trainable):
+        raise ConfigError("param_groups: every parameter is frozen; nothing to train")
+
+    optimizer = make_optimizer(cfg, trainable, assignment)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda p: init_state(p, optimizer, int(cfg.init.seed)))(trainable)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    bsh = _batch_sharding(mesh, rules)
+    step = make_train_step(model.loss, optimizer, schedule(cfg))
+    step_fn = shd.sharded_jit(step, mesh, rules, in_shardings=(state_sh, frozen_sh, bsh),
+                              out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
+    tokens = int(cfg.train.batch_size) * int(cfg.train.seq_len)
+    fl = flops_lib.step_flops(model.stages(int(cfg.train.seq_len)), flops_lib.shapes_sizes(flat_abstract),
+                              assignment, tokens)
+    return Built(cfg, mesh, rules, model, assignment, optimizer, state, frozen, bsh, step_fn, fl)
+
+
+def _restore_partial_from_stage(cfg: Any, flat_sh: dict[str, Any], flat_abstract: dict[str, Any]) -> dict[str, Any]:
+    found = find_trained_params(cfg.init.checkpoint)
+    if found is None:
+        raise ConfigError(f"init.checkpoint={cfg.init.checkpoint}: no finished training checkpoint found there")
+    ckdir, step = found
+    import orbax.checkpoint as ocp
+
+    meta_mgr = Checkpointer(ckdir.parent, keep=1000, use_async=False)
+    try:
+        meta = meta_mgr.read_meta(step)
+    finally:
+        meta_mgr.manager.close()
+    target = {}
+    for p in meta["trainable_paths"]:
+        if p in flat_sh:
+            a = flat_abstract[p]
+            target[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_sh[p])
+    if not target:
+        raise ConfigError(f"init.checkpoint={cfg.init.checkpoint}: none of its trained params exist in this model")
+    out = _restore_partial(ckdir / str(step) / "state", {
+        p: target.get(p, ocp.PLACEHOLDER) for p in meta["trainable_paths"]})
+    _log(f"init: {len(out)} params from previous stage {ckdir}/{step}")
+    return out
+
+
+def _to_global(local: dict[str, np.ndarray], sharding: NamedSharding, process_count: int) -> dict[str, jax.Array]:
+    out = {}
+    for k, v in local.items():
+        shape = (v.shape[0], v.shape[1] * process_count, *v.shape[2:])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
+
+
+class _Preemption:
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "_Preemption":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train(cfg: Any, workdir: str | Path) -> Result:
+    tcfg.validate(cfg, jax.device_count())
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / "config.json").write_text(tcfg.to_json(cfg))
+        _log(f"config ({workdir / 'config.json'}):\n{tcfg.to_json(cfg)}")
+    b = build(cfg)
+    t = cfg.train
+    n_dev = jax.device_count()
+    kind = jax.devices()[0].device_kind
+    _log(f"mesh {dict(zip(b.mesh.axis_names, b.mesh.devices.shape))} on {n_dev} x {kind}; model FLOPs/step "
+         f"{b.flops['total']:.3e} (fwd {b.flops['forward']:.3e}, bwd {b.flops['backward']:.3e})")
+    _log("peak FLOP/s table (MFU is n/a on devices not listed):\n" + flops_lib.format_peak_table())
+
+    data = SyntheticSource(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    ckpt = Checkpointer(workdir, keep=int(cfg.checkpoint.keep), use_async=bool(cfg.checkpoint.use_async))
+    meta = {"trainable_paths": b.assignment.trainable_paths, "frozen_source": {
+        "llm_checkpoint": cfg.init.llm_checkpoint, "checkpoint": cfg.init.checkpoint, "seed": int(cfg.init.seed)},
+        "model_kind": cfg.model.kind}
+    state = b.state
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state, saved_meta = ckpt.restore(latest, state)
+        if saved_meta.get("trainable_paths") != meta["trainable_paths"]:
+            raise ConfigError(f"{ckpt.directory}/{latest}: trained a different parameter set than param_groups "
+                              f"selects now; use a fresh workdir or init.checkpoint")
+        data.restore(data_state)
+        _log(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})")
+    start = int(jax.device_get(state["step"]))
+
+    writer = MetricsWriter(workdir, enabled=is_main, tensorboard=bool(cfg.metrics.tensorboard),
+                           jsonl=bool(cfg.metrics.jsonl))
+    evaluator = _Evaluator(cfg, b) if t.eval_every else None
+    prof = list(cfg.profile.steps)
+    timer = Timer()
+    losses: dict[int, float] = {}
+    recent_ids: collections.deque = collections.deque(maxlen=max(int(t.max_consecutive_nonfinite), 1))
+    pending: tuple[int, Any, np.ndarray] | None = None
+    consecutive = 0
+    tokens_per_step = int(t.batch_size) * int(t.seq_len)
+    preempted = False
+    tracing = False
+    every = int(cfg.checkpoint.every)
+
+    def finish(pend: tuple[int, Any, np.ndarray] | None) -> None:
+        nonlocal consecutive
+        if pend is None:
+            return
+        s, metrics, ids = pend
+        m = jax.device_get(metrics)
+        losses[s] = float(m["loss"])
+        recent_ids.append((s, ids))
+        consecutive = 0 if bool(m["finite"]) else consecutive + 1
+        skipped_count[0] += 0 if bool(m["finite"]) else 1
+        if consecutive >= int(t.max_consecutive_nonfinite):
+            raise NonFiniteError(f"{consecutive} consecutive non-finite steps, last at step {s}; example ids: "
+                                 + "; ".join(f"step {st}: {list(map(int, i.ravel()))}" for st, i in recent_ids))
+        if s % int(t.log_every) == 0 or s == int(t.steps):
+            dt = timer.mean()
+            tps = tokens_per_step / dt if dt > 0 else 0.0
+            row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                   "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_dev,
+                   "tflops_per_device": b.flops["total"] / max(dt, 1e-9) / n_dev / 1e12,
+                   "mfu": flops_lib.mfu(b.flops["total"], dt, n_dev, kind), "skipped": skipped_count[0],
+                   "step_time_s": dt, "finite": bool(m["finite"])}
+            writer.write(s, row)
+            writer.progress(s, int(t.steps), row, dt * (int(t.steps) - s))
+
+    skipped_count = [int(jax.device_get(state["skipped"]))]
+    with _Preemption() as pre:
+        for s in range(start, int(t.steps)):
+            if prof and s == prof[0] and not tracing:
+                jax.profiler.start_trace(str(workdir / "profile" / f"process_{jax.process_index()}"))
+                tracing = True
+            local = next(data)
+            ids = local.pop("example_id")
+            batch = _to_global(local, b.batch_sharding, jax.process_count())
+            state, metrics = b.step_fn(state, b.frozen, batch)
+            finish(pending)
+            pending = (s + 1, metrics, ids)
+            if tracing and s + 1 >= prof[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+            timer.tick()
+            done = s + 1
+            if evaluator is not None and done % int(t.eval_every) == 0:
+                finish(pending)
+                pending = None
+                for name, value in evaluator.run(state).items():
+                    writer.write(done, {"loss": value}, kind=f"eval_{name}")
+                    _log(f"eval step {done}: {name} loss {value:.6f}")
+            if pre.requested:
+                finish(pending)
+                pending = None
+                ckpt.save(done, state, data.state(), meta, force=True)
+                preempted = True
+                _log(f"SIGTERM: saved step {done}, exiting")
+                break
+            if every and done % every == 0 and done != int(t.steps):
+                ckpt.save(done, state, data.state(), meta)
+        finish(pending)
+        if tracing:
+            jax.profiler.stop_trace()
+        last = int(jax.device_get(state["step"]))
+        if not preempted and (ckpt.latest_step() or 0) < last:
+            ckpt.save(last, state, data.state(), meta, force=True)
+    ckpt.close()
+    writer.close()
+    skipped = int(jax.device_get(state["skipped"]))
+    return Result(last, losses, preempted, skipped)
+
+
+class _Evaluator:
+    """Held-out loss per workflow on fixed batches (text-only batches for the text workflow)."""
+
+    def __init__(self, cfg: Any, b: Built):
+        self.b = b
+        self.batches = {}
+        self.fns = {}
+        for name, loss in b.model.eval_losses.items():
+            src = SyntheticSource(cfg, seed=int(cfg.data.eval_seed), process_index=jax.process_index(),
+                                  process_count=jax.process_count(), multimodal=name != "text")
+            src.nan_at_steps = set()
+            batches = [src.batch_at(i) for i in range(int(cfg.train.eval_batches))]
+            for x in batches:
+                x.pop("example_id")
+            self.batches[name] = [_to_global(x, b.batch_sharding, jax.process_count()) for x in batches]
+            self.fns[name] = shd.sharded_jit(make_eval_step(loss), b.mesh, b.rules)
+
+    def run(self, state: dict[str, Any]) -> dict[str, float]:
+        out = {}
+        for name, fn in self.fns.items():
+            s = n = 0.0
+            for batch in self.batches[name]:
+                bs, bn = fn(state["params"], self.b.frozen, batch)
+                s, n = s + float(bs), n + float(bn)
+            out[name] = s / max(n, 1.0)
+        return out

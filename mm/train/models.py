@@ -1,0 +1,180 @@
+"""What the trainer needs from a model: abstract params (for shardings), initial params, a loss, FLOPs stages.
+
+One adapter per model kind (`llm` as a text LM, `llava`, `iaa`); the loop, the step and the checkpoints are
+generic over them. Multimodal models take precomputed vision features (the vision tower is frozen in every
+stage trained here, so its forward runs once per image outside the step).
+
+FLOPs stages list, in forward order, the matmul weights used once per token (parallel weights share a stage)
+and the attention-core FLOPs per token; `mm.train.flops` turns them into per-step model FLOPs given which
+parameters are trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm.config import LLMConfig
+from mm.models import llm as llm_lib
+from mm.train.config import llm_config_from
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    weights: tuple[str, ...] = ()  # '/'-joined param paths used as matmul weights (once per token)
+    attn_flops: float = 0.0  # attention-core forward FLOPs per token (causal: half counted)
+    touches: tuple[str, ...] = ()  # other params read here (embeddings, norms) - trainability only
+
+
+@dataclasses.dataclass
+class TrainModel:
+    kind: str
+    llm_config: LLMConfig
+    abstract: Any  # boxed abstract params (logical axes)
+    init: Callable[[Array], Any]  # rng -> full params (unboxed)
+    loss: Callable[[Any, dict[str, Array]], tuple[Array, Array]]  # (params, micro batch) -> (sum, tokens)
+    eval_losses: dict[str, Callable[[Any, dict[str, Array]], tuple[Array, Array]]]
+    stages: Callable[[int], list[Stage]]  # seq_len -> forward-ordered stages
+    base_prefix: str = ""  # where the base LLM lives in the tree ("" for llm, "llm" llava, "base" iaa)
+
+
+def cross_entropy(logits: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
+    """Sum of token NLL over `mask` (float32) and the mask's sum."""
+    try:  # the memory-lean kernel, once it exists
+        from mm.losses import cross_entropy_sum  # type: ignore[attr-defined]
+    except ImportError:
+        cross_entropy_sum = None
+    if cross_entropy_sum is not None:
+        return cross_entropy_sum(logits, labels, mask), jnp.sum(mask)
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - picked) * mask), jnp.sum(mask)
+
+
+def _mask(batch: dict[str, Array]) -> Array:
+    return batch["loss_mask"] * batch["loss_weight"][:, None]
+
+
+def _layer_stages(prefix: str, c: LLMConfig, seq_len: int) -> list[Stage]:
+    p = f"{prefix}/" if prefix else ""
+    attn = 0.5 * 4.0 * seq_len * c.num_heads * c.head_dim
+    norms = (f"{p}input_layernorm/scale",)
+    qkv = tuple(f"{p}self_attn/{n}_proj/kernel" for n in "qkv")
+    bias = tuple(f"{p}self_attn/{n}_proj/bias" for n in "qkv") if c.attention_bias else ()
+    return [Stage(qkv, 0.0, norms + bias), Stage((), attn), Stage((f"{p}self_attn/o_proj/kernel",)),
+            Stage((f"{p}mlp/gate_proj/kernel", f"{p}mlp/up_proj/kernel"), 0.0, (f"{p}post_attention_layernorm/scale",)),
+            Stage((f"{p}mlp/down_proj/kernel",))]
+
+
+def _head_stage(prefix: str, c: LLMConfig) -> Stage:
+    p = f"{prefix}/" if prefix else ""
+    w = f"{p}embed_tokens/embedding" if c.tie_word_embeddings else f"{p}lm_head/kernel"
+    return Stage((w,), 0.0, (f"{p}norm/scale",))
+
+
+def _projector_stages(prefix: str, kind: str) -> list[Stage]:
+    depth = 1 if kind == "linear" else (0 if kind == "identity" else int(kind[3:].split("x")[0]))
+    return [Stage((f"{prefix}/linear_{k}/kernel",), 0.0, (f"{prefix}/linear_{k}/bias",)) for k in range(depth)]
+
+
+def _llm_model(cfg: Any) -> TrainModel:
+    c = llm_config_from(cfg)
+    model = llm_lib.LLM(c)
+
+    def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
+        logits, _ = model.apply({"params": params}, b["input_ids"], b["positions"], segment_ids=b["segment_ids"])
+        return cross_entropy(logits, b["labels"], _mask(b))
+
+    def stages(seq_len: int) -> list[Stage]:
+        out = [Stage((), 0.0, ("embed_tokens/embedding",))]
+        for i in range(c.num_layers):
+            out += _layer_stages(f"layers_{i}", c, seq_len)
+        return out + [_head_stage("", c)]
+
+    return TrainModel("llm", c, llm_lib.abstract_params(c), lambda rng: llm_lib.init_params(c, rng), loss,
+                      {"text": loss}, stages)
+
+
+def _projector_config(cfg: Any, c: LLMConfig) -> Any:
+    from mm.models.connectors import ProjectorConfig
+
+    return ProjectorConfig(kind=cfg.model.projector, in_dim=int(cfg.model.vision_width), out_dim=c.hidden_size,
+                           dtype=c.dtype, param_dtype=c.param_dtype)
+
+
+def _llava_model(cfg: Any) -> TrainModel:
+    from mm.models import llava
+
+    c = llm_config_from(cfg)
+    lc = llava.LLaVAConfig(llm=c, projector=_projector_config(cfg, c))
+    model = llava.LLaVA(lc)
+
+    def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
+        logits, _ = model.apply({"params": params}, b["input_ids"], b["positions"],
+                                image_features=b.get("image_features"), image_mask=b.get("image_mask"),
+                                segment_ids=b["segment_ids"])
+        return cross_entropy(logits, b["labels"], _mask(b))
+
+    def init(rng: Array) -> Any:
+        k1, k2 = jax.random.split(rng)
+        return llava.init_params(lc, llm_lib.init_params(c, k1), k2)
+
+    def stages(seq_len: int) -> list[Stage]:
+        out = _projector_stages("projector", cfg.model.projector) + [Stage((), 0.0, ("llm/embed_tokens/embedding",))]
+        for i in range(c.num_layers):
+            out += _layer_stages(f"llm/layers_{i}", c, seq_len)
+        return out + [_head_stage("llm", c)]
+
+    return TrainModel("llava", c, llava.abstract_params(lc), init, loss, {"mm": loss}, stages, "llm")
+
+
+def _iaa_model(cfg: Any) -> TrainModel:
+    from mm.models import iaa
+
+    c = llm_config_from(cfg)
+    proj = _projector_config(cfg, c)
+    branches = tuple(iaa.BranchConfig(n, tuple(cfg.model.iaa_positions), proj) for n in cfg.model.iaa_branches)
+    ic = iaa.IAAConfig(llm=c, branches=branches)
+    model = iaa.IAA(ic)
+    wf = cfg.model.iaa_workflow
+
+    def make_loss(workflow: str) -> Callable[[Any, dict[str, Array]], tuple[Array, Array]]:
+        def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
+            mm_in = workflow != iaa.TEXT
+            ids = b["input_ids"] if mm_in else jnp.maximum(b["input_ids"], 0)
+            logits, _ = model.apply({"params": params}, ids, b["positions"], workflow=workflow,
+                                    image_features=b.get("image_features") if mm_in else None,
+                                    image_mask=b.get("image_mask") if mm_in else None, segment_ids=b["segment_ids"])
+            return cross_entropy(logits, b["labels"], _mask(b))
+        return loss
+
+    def init(rng: Array) -> Any:
+        k1, k2 = jax.random.split(rng)
+        return iaa.init_params(ic, llm_lib.init_params(c, k1), k2)
+
+    def stages(seq_len: int) -> list[Stage]:
+        positions = list(cfg.model.iaa_positions)
+        out = _projector_stages(f"{wf}/projector", cfg.model.projector) + [Stage((), 0.0, (f"{wf}/embed_tokens/embedding",))]
+        for i in range(c.num_layers):
+            out += _layer_stages(f"base/layers_{i}", c, seq_len)
+            if i in positions:
+                out += _layer_stages(f"{wf}/layers_{positions.index(i)}", c, seq_len)
+        return out + [_head_stage(wf, c)]
+
+    evals = {wf: make_loss(wf), "text": make_loss(iaa.TEXT)}
+    return TrainModel("iaa", c, iaa.abstract_params(ic), init, make_loss(wf), evals, stages, "base")
+
+
+def build(cfg: Any) -> TrainModel:
+    return {"llm": _llm_model, "llava": _llava_model, "iaa": _iaa_model}[cfg.model.kind](cfg)
+
+
+def unboxed_shapes(abstract: Any) -> Any:
+    return nn.unbox(abstract)
