@@ -14,7 +14,8 @@ is always the family's unscanned layout, so it restores into any mesh (`load_mm_
 
 Params are written with Orbax's incremental partial save, one save unit (a decoder layer, the embedding...)
 per call (`ParamWriter`), then finalized: peak memory stays near one or two units, not the model. Arrays are
-stored uncompressed (*choice*: zstd costs CPU time and gains little on float weights).
+stored uncompressed (*choice*: zstd costs CPU time and gains little on float weights), in chunks of at most
+`CHUNK_BYTES`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MM_CONFIG_FILE = "mm_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
+CHUNK_BYTES = 128 * 1024**2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 EXTRA_HF_FILES = ("generation_config.json",)
@@ -115,6 +117,9 @@ def flatten(tree: Mapping[str, Any], prefix: MMPath = ()) -> dict[MMPath, Any]:
 def _save_context() -> ocp.Context:
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False
+    # Orbax's default chunking wrote at ~0.3 GB/s here; 128 MiB chunks reach disk speed (~1.5 GB/s) while
+    # staying small enough for sharded restores to read little beyond what each host needs.
+    ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
     ctx.memory.deepcopy_host_arrays = False  # we never touch an array after handing it over
     return ctx
 

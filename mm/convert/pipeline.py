@@ -138,15 +138,19 @@ def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
             mmd.copy_files(src, stage, mmd.EXTRA_HF_FILES)
             writer = mmd.ParamWriter(stage)
             with _progress(total, "hf-to-mm", progress) as bar:
-                for _, entries in name_map.units():
+                units = name_map.units()
+                stream = ckpt.iter_tensors([e.hf_name for _, es in units for e in es])
+                for _, entries in units:
                     unit: dict[str, Any] = {}
                     for e in entries:
-                        bar.set_postfix_str(e.hf_name, refresh=False)
-                        arr = cast_and_map(ckpt.read(e.hf_name), out_of[e.hf_name], e.transform.to_mm)
-                        mmd.set_path(unit, e.mm_path, arr)
-                        bar.update(ckpt.tensors[e.hf_name].nbytes)
+                        name, arr = next(stream)
+                        bar.set_postfix_str(name, refresh=False)
+                        mmd.set_path(unit, e.mm_path, cast_and_map(arr, out_of[name], e.transform.to_mm))
+                        bar.update(arr.nbytes)
+                        del arr
                     writer.add(unit)
-                    del unit, arr
+                    del unit
+                stream.close()
                 writer.finalize()
     return dst
 

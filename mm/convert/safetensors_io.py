@@ -5,6 +5,7 @@ Reading: `SafetensorsCheckpoint(dir)` opens `model.safetensors.index.json` (shar
 checks each file's layout), so a whole checkpoint can be validated before any tensor data is read. Data is
 read with one `readinto` per tensor at the header's byte offsets straight into a numpy array: safetensors'
 numpy backend cannot return bfloat16 and the torch/jax backends cost a framework import and a second copy.
+`iter_tensors` reads ahead on a thread (bounded bytes) so disk time overlaps the caller's transforms.
 
 Writing: `ShardedSafetensorsWriter` takes the full list of (name, shape, dtype) up front, plans shards of at
 most `max_shard_bytes`, writes each shard's header first and then streams tensors in plan order, so only the
@@ -14,11 +15,13 @@ a single shard is written as `model.safetensors` with no index (what `save_pretr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -161,6 +164,28 @@ class SafetensorsCheckpoint:
                 raise ConversionError(f"{info.file}: truncated while reading {name}")
             got += n
         return out
+
+    def iter_tensors(self, names: Sequence[str], read_ahead_bytes: int = 512 * 1024**2
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+        """`(name, array)` in order, read by a background thread up to `read_ahead_bytes` ahead (at least one
+        tensor), so disk reads overlap the caller's work while memory stays bounded."""
+        pending: collections.deque = collections.deque()
+        inflight = 0
+        nxt = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="safetensors-read") as pool:
+            try:
+                while nxt < len(names) or pending:
+                    while nxt < len(names) and (not pending or
+                                                inflight + self.tensors[names[nxt]].nbytes <= read_ahead_bytes):
+                        inflight += self.tensors[names[nxt]].nbytes
+                        pending.append((names[nxt], pool.submit(self.read, names[nxt])))
+                        nxt += 1
+                    name, fut = pending.popleft()
+                    inflight -= self.tensors[name].nbytes
+                    yield name, fut.result()
+            finally:
+                for _, fut in pending:
+                    fut.cancel()
 
     def close(self) -> None:
         for f in self._handles.values():

@@ -1,0 +1,175 @@
+"""Converter benchmark: peak RSS and throughput of `mm-convert` against a plain sequential read of the same files.
+
+    python bench/convert.py --preset 1b            # tiny | 1b | 8b
+    python bench/convert.py --preset 8b --cache-dir /big/disk/mm-bench
+
+Once per preset it writes (into `--cache-dir`, default ~/.cache/mm-bench, never the repo) a random bf16
+HF checkpoint with the exact tensor shapes of the preset (8b = Llama-3-8B: 32 layers, d 4096, FFN 14336,
+32/8 heads, vocab 128256, untied; 1b = Llama-3.2-1B: 16 layers, d 2048, FFN 8192, 32/8 heads, tied),
+streaming random bytes into 5 GB shards. Then, each step in its own subprocess so its peak RSS is its own
+(`os.wait4` rusage of that child):
+  read      read every byte of the safetensors files sequentially (the baseline),
+  hf-to-mm  `mm-convert hf-to-mm --dtype keep`,
+  mm-to-hf  `mm-convert mm-to-hf --dtype keep` (optional, `--skip-export`).
+The orchestrating process stays small (it only spawns children): a child's `ru_maxrss` would otherwise
+start from the parent's high-water mark, which the kernel carries across exec.
+Before each step our own files are dropped from the page cache (`posix_fadvise(DONTNEED)`, no root needed) so
+every step reads from disk. Prints seconds, GB/s, peak RSS, and throughput ratios convert/read. Targets for
+8b: hf-to-mm peak RSS < 3 GiB and ratio >= 0.5. Outputs are deleted afterwards; the cache is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Presets as LLMConfig keyword arguments (mm is imported lazily so the read baseline child stays bare).
+PRESETS = {
+    "tiny": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
+                 num_kv_heads=2, head_dim=64, rope_theta=500000.0),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+               num_kv_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
+               bos_token_id=128000, eos_token_id=(128001,)),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+               num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
+               bos_token_id=128000, eos_token_id=(128001,)),
+}
+GIB = 1024**3
+_DONE = ".complete"
+
+
+def random_bf16(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random bits with the top exponent bit cleared: finite bf16 values of magnitude < 2, generated fast."""
+    import ml_dtypes
+
+    n = int(np.prod(shape))
+    bits = rng.integers(0, 2**16, size=n, dtype=np.uint16) & np.uint16(0xBFFF)
+    return bits.view(ml_dtypes.bfloat16).reshape(shape)
+
+
+def make_checkpoint(preset: str, cache_dir: Path) -> Path:
+    """The cached random checkpoint of `preset` (generated on first use)."""
+    path = cache_dir / f"hf-{preset}-bf16"
+    if (path / _DONE).exists():
+        return path
+    import ml_dtypes
+
+    from mm.config import LLMConfig
+    from mm.convert.llm_map import llm_entries
+    from mm.convert.safetensors_io import PlannedTensor, ShardedSafetensorsWriter
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    config = LLMConfig(**PRESETS[preset])
+    entries = llm_entries(config)
+    plan = [PlannedTensor(e.hf_name, e.hf_shape, np.dtype(ml_dtypes.bfloat16)) for e in entries]
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    writer = ShardedSafetensorsWriter(path, plan, max_shard_bytes=5 * 10**9)
+    for p in plan:
+        writer.write(p.name, random_bf16(p.shape, rng))
+    writer.close()
+    (path / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype="bfloat16"), indent=2))
+    (path / _DONE).write_text("")
+    total = sum(p.nbytes for p in plan)
+    print(f"generated {path} ({total / GIB:.2f} GiB) in {time.perf_counter() - t0:.1f} s", flush=True)
+    return path
+
+
+def drop_cache(root: Path) -> None:
+    """Evicts our own files from the page cache so the next step reads from disk."""
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run_child(args: list[str]) -> tuple[float, int]:
+    """Runs a subprocess; returns (seconds, peak RSS in bytes of that child alone)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=REPO, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{args[:4]}... failed with status {proc.returncode}")
+    return seconds, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def read_all(paths: list[str]) -> None:
+    """The baseline: read every byte, sequentially, in 16 MiB chunks."""
+    buf = bytearray(16 * 1024**2)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    ap.add_argument("--cache-dir", type=Path, default=Path("~/.cache/mm-bench").expanduser())
+    ap.add_argument("--work-dir", type=Path, default=None, help="where outputs go (default: inside --cache-dir)")
+    ap.add_argument("--skip-export", action="store_true", help="do not time mm-to-hf")
+    ap.add_argument("--_read", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--_generate", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._read:
+        read_all(args._read)
+        return
+    if args._generate:
+        make_checkpoint(args.preset, args.cache_dir)
+        return
+
+    # Generation runs in a child too: this process must stay small, since a child's ru_maxrss starts from
+    # its parent's high-water mark at exec time.
+    run_child([sys.executable, __file__, "--_generate", "--preset", args.preset, "--cache-dir", str(args.cache_dir)])
+    src = args.cache_dir / f"hf-{args.preset}-bf16"
+    files = sorted(str(f) for f in src.glob("*.safetensors"))
+    nbytes = sum(os.path.getsize(f) for f in files)
+    work = Path(tempfile.mkdtemp(prefix="convert-", dir=args.work_dir or args.cache_dir))
+    results = {}
+    try:
+        drop_cache(src)
+        results["read"] = run_child([sys.executable, __file__, "--_read", *files])
+        drop_cache(src)
+        mm = work / "mm"
+        results["hf-to-mm"] = run_child([sys.executable, "-m", "launch.convert", "hf-to-mm", "--src", str(src),
+                                         "--dst", str(mm), "--dtype", "keep", "--no-progress"])
+        if not args.skip_export:
+            drop_cache(mm)
+            results["mm-to-hf"] = run_child([sys.executable, "-m", "launch.convert", "mm-to-hf", "--src", str(mm),
+                                             "--dst", str(work / "hf"), "--dtype", "keep", "--no-progress"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\npreset {args.preset}: {nbytes / GIB:.2f} GiB of bf16 safetensors in {len(files)} file(s)")
+    print(f"{'step':<10} {'seconds':>8} {'GiB/s':>7} {'peak RSS GiB':>13} {'throughput vs read':>19}")
+    read_s = results["read"][0]
+    for step, (sec, rss) in results.items():
+        print(f"{step:<10} {sec:8.1f} {nbytes / GIB / sec:7.2f} {rss / GIB:13.2f} {read_s / sec:18.2f}x")
+    if args.preset == "8b":
+        sec, rss = results["hf-to-mm"]
+        print(f"targets (8b hf-to-mm): peak RSS {rss / GIB:.2f} < 3 GiB: {rss < 3 * GIB}; "
+              f"throughput {read_s / sec:.2f} >= 0.5x read: {read_s / sec >= 0.5}")
+
+
+if __name__ == "__main__":
+    main()
