@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Mapping, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mm.data.tiling import TilePlan, apply_plan, catty_plan, internvl_plan
+from mm.data.tiling import TilePlan, catty_plan, internvl_plan
 
 ImageSource = Union[str, Path, bytes, BinaryIO, Image.Image]
 
@@ -210,13 +210,16 @@ class Normalizer:
         std = np.asarray(config.image_std, np.float32)
         self.lut = np.stack([(scaled - mean[c]) / std[c] for c in range(3)]).astype(np.float32)  # [3, 256]
 
-    def __call__(self, arr: np.ndarray) -> np.ndarray:
+    def __call__(self, arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if arr.dtype != np.uint8 or arr.shape[-1] != 3:
             raise ValueError(f"Normalizer wants uint8 [..., H, W, 3], got {arr.dtype} {arr.shape}")
-        chw = np.moveaxis(arr, -1, -3)
-        out = np.empty(chw.shape, np.float32)
-        for c in range(3):
-            np.take(self.lut[c], chw[..., c, :, :], out=out[..., c, :, :])
+        shape = arr.shape[:-3] + (3,) + arr.shape[-3:-1]
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"Normalizer: out must be float32 {shape}, got {out.dtype} {out.shape}")
+        for c in range(3):  # a gather per channel (faster than np.take(out=) into strided views)
+            out[..., c, :, :] = self.lut[c][arr[..., c]]
         return out
 
 
@@ -245,14 +248,30 @@ class Tiles:
         return self.plan.grid
 
 
+def cut_tiles(image: Image.Image, plan: TilePlan) -> np.ndarray:
+    """The plan's tiles (thumbnail last) as uint8 `[N, T, T, 3]`: crops are array slices of the resized
+    image, so each pixel is copied once. Equal to stacking `mm.data.tiling.apply_plan`'s images."""
+    if plan.clamped is not None:
+        source = image.resize(plan.clamped, plan.resample)
+    else:
+        source = image
+    resized = source.resize(plan.resized, plan.resample)
+    arr = np.asarray(resized, np.uint8)
+    out = np.empty((plan.num_images, plan.tile, plan.tile, 3), np.uint8)
+    for i, (left, top, right, bottom) in enumerate(plan.boxes):
+        out[i] = arr[top:bottom, left:right]
+    if plan.thumbnail:
+        thumb_src = resized if plan.thumbnail_from == "resized" else image
+        out[-1] = np.asarray(thumb_src.resize((plan.tile, plan.tile), plan.resample), np.uint8)
+    return out
+
+
 def tile_image(image: Image.Image, plan: TilePlan, config: ProcessorConfig,
                normalizer: Normalizer | None = None) -> Tiles:
     """Cuts an RGB image by `plan` and normalises every tile (tiles are already `tile x tile`, so the
     processor's resize and crop are no-ops for a CLIP processor of that size; they are not re-run)."""
     normalizer = normalizer or Normalizer(config)
-    crops = apply_plan(image, plan)
-    stack = np.stack([np.asarray(t, np.uint8) for t in crops])
-    return Tiles(normalizer(stack), plan)
+    return Tiles(normalizer(cut_tiles(image, plan)), plan)
 
 
 def catty(image: Image.Image, config: ProcessorConfig | None = None, *, tile: int = 336, max_tiles: int = 8,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -59,7 +59,11 @@ def _check_plan(w, h, max_tiles, cover_edges):
     plan = catty_plan(w, h, max_tiles=max_tiles, cover_edges=cover_edges)
     cols, rows = plan.grid
     wt, ht = plan.resized
-    assert 1 <= len(plan.boxes) == cols * rows <= max_tiles
+    xs, ys = sorted({b[0] for b in plan.boxes}), sorted({b[1] for b in plan.boxes})
+    assert 1 <= len(plan.boxes) == len(xs) * len(ys) <= cols * rows <= max_tiles
+    # DESIGN step 6 "a 0 stride becomes 336": an axis resized to exactly one tile gets one crop whatever the
+    # grid says (only reachable with max_tiles < 3); otherwise the crops match the grid.
+    assert len(xs) == (1 if wt == 336 else cols) and len(ys) == (1 if ht == 336 else rows)
     for l, t, r, b in plan.boxes:
         assert (r - l, b - t) == (336, 336) and l >= 0 and t >= 0 and r <= wt and b <= ht
     # rows are emitted top to bottom, left to right inside a row
@@ -68,20 +72,20 @@ def _check_plan(w, h, max_tiles, cover_edges):
     if cover_edges:
         assert (ux, uy) == (0, 0)
     else:  # literal strides: at most n-2 pixels short of the far edge
-        assert 0 <= ux <= max(cols - 2, 0) and 0 <= uy <= max(rows - 2, 0)
+        assert 0 <= ux <= max(len(xs) - 2, 0) and 0 <= uy <= max(len(ys) - 2, 0)
     # no gaps between consecutive crops along either axis
-    xs, ys = sorted({b[0] for b in plan.boxes}), sorted({b[1] for b in plan.boxes})
     assert xs[0] == 0 and ys[0] == 0 and all(np.diff(xs) <= 336) and all(np.diff(ys) <= 336)
     assert plan.thumbnail
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
 @given(SIDES, SIDES, st.integers(min_value=1, max_value=12), st.booleans())
+@example(337, 338, 2, False)  # portrait resized to exactly 336 high on a 1x2 grid: one crop
 def test_catty_plan_properties(w, h, max_tiles, cover_edges):
     _check_plan(w, h, max_tiles, cover_edges)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, database=None, derandomize=True)
 @given(st.integers(20, 1400), st.integers(20, 1400))
 def test_catty_pixels(w, h):
     """Pixel level: every tile is 336x336 and is the crop of the resized image; the thumbnail comes last."""
@@ -120,7 +124,7 @@ def test_internvl_examples(size, grid):
     assert internvl_grid(*size, tile=448, min_tiles=1, max_tiles=12) == grid
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
 @given(SIDES, SIDES, st.integers(1, 3), st.integers(4, 12))
 def test_internvl_properties(w, h, lo, hi):
     plan = internvl_plan(w, h, 448, lo, hi)
