@@ -17,12 +17,14 @@ round trips are exact.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from typing import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from mm.config import VisionConfig
+from mm.config import ConfigError, VisionConfig, read_json
 from mm.convert.errors import ConversionError
 from mm.convert.name_map import (IDENTITY, TRANSPOSE, Entry, MMPath, NameMap, SplitHeadsBias, SplitHeadsIn,
                                  SplitHeadsOut, Transform)
@@ -30,6 +32,7 @@ from mm.convert.name_map import (IDENTITY, TRANSPOSE, Entry, MMPath, NameMap, Sp
 VISION_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.",
                    "vision_model.", "")
 HF_EXPORT_PREFIX = "vision_model."
+VISION_KIND = "vision"  # mm checkpoint kind: mm_config.json {"kind": "vision", "vision": VisionConfig...}
 
 
 class ConvToHWIO(Transform):
@@ -201,3 +204,147 @@ def params_to_hf_state(config: VisionConfig, params: Mapping, hf_prefix: str = H
                                   f"expected {list(e.mm_shape)}")
         out[e.hf_name] = e.transform.to_hf(x)
     return out
+
+
+# ------------------------------------------------------------------------------------------ files
+def read_hf_vision_config(hf_dir: str | Path, **runtime: Any) -> VisionConfig:
+    """The tower's config from an HF directory's `config.json` (vision, full CLIP/SigLIP, or LLaVA-style)."""
+    path = Path(hf_dir) / "config.json"
+    try:
+        return vision_config_from_hf(read_json(path), source=str(path), **runtime)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from e
+
+
+def is_vision_hf_config(d: Mapping[str, Any]) -> bool:
+    """True for configs whose checkpoint this module converts (CLIP / SigLIP vision or full models)."""
+    return d.get("model_type") in ("clip", "siglip", "clip_vision_model", "siglip_vision_model")
+
+
+def _open(hf_dir: str | Path, config: VisionConfig) -> tuple[NameMap, Any]:
+    from mm.convert.pipeline import open_hf_checkpoint
+    from mm.convert.safetensors_io import SafetensorsCheckpoint
+
+    with SafetensorsCheckpoint(hf_dir) as probe:
+        prefix = detect_vision_prefix(probe.tensors, str(hf_dir))
+    name_map = vision_name_map(config, prefix)
+    return name_map, open_hf_checkpoint(hf_dir, name_map)
+
+
+def load_hf_vision(hf_dir: str | Path, **runtime: Any) -> tuple[VisionConfig, dict[str, Any]]:
+    """An HF CLIP / SigLIP checkpoint directory straight into `(VisionConfig, params)` (numpy, in the
+    config's `param_dtype`). What `mm.from_pretrained` needs for a vision tower."""
+    from mm.convert.pipeline import cast_and_map
+
+    config = read_hf_vision_config(hf_dir, **runtime)
+    name_map, ckpt = _open(hf_dir, config)
+    dtype = np.dtype(config.param_dtype)
+    params: dict[str, Any] = {}
+    with ckpt:
+        for e in name_map.entries:
+            _set(params, e.mm_path, cast_and_map(ckpt.read(e.hf_name), dtype, e.transform.to_mm))
+    return config, params
+
+
+def hf_vision_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
+                    progress: bool = True) -> Path:
+    """HF CLIP / SigLIP checkpoint (vision tower of it) -> mm checkpoint directory of kind "vision"."""
+    from mm.convert import mm_dir as mmd
+    from mm.convert import pipeline as pl
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory")
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
+    config = read_hf_vision_config(src)
+    name_map, ckpt = _open(src, config)
+    with ckpt:
+        dtypes = {e.hf_name: pl.out_dtype(dtype, ckpt.tensors[e.hf_name].dtype) for e in name_map.entries}
+        config = config.replace(param_dtype=pl._kept_dtype_name(list(dtypes.values())))
+        total = sum(ckpt.tensors[e.hf_name].nbytes for e in name_map.entries)
+        with pl.staged_output(dst, overwrite) as stage:
+            mmd.write_mm_config(stage, VISION_KIND, {VISION_KIND: config.to_json_dict()},
+                                {"format": "hf-safetensors", "path": str(src.absolute()), "dtype": dtype})
+            mmd.copy_files(src, stage, ("preprocessor_config.json",))
+            writer = mmd.ParamWriter(stage)
+            with pl._progress(total, "hf-to-mm", progress) as bar:
+                for _, entries in name_map.units():
+                    unit: dict[str, Any] = {}
+                    for e in entries:
+                        _set(unit, e.mm_path, pl.cast_and_map(ckpt.read(e.hf_name), dtypes[e.hf_name],
+                                                              e.transform.to_mm))
+                        bar.update(ckpt.tensors[e.hf_name].nbytes)
+                    writer.add(unit)
+                writer.finalize()
+    return dst
+
+
+def mm_vision_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
+                    progress: bool = True, max_shard_bytes: int | None = None) -> Path:
+    """mm checkpoint of kind "vision" -> HF `CLIPVisionModel` / `SiglipVisionModel` directory (tensors under
+    `vision_model.`, which transformers 4 and 5 both load)."""
+    from mm.convert import mm_dir as mmd
+    from mm.convert import pipeline as pl
+    from mm.convert.safetensors_io import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedSafetensorsWriter
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
+    config = read_mm_vision_config(src)
+    name_map = vision_name_map(config)
+    stored = mmd.params_metadata(src)
+    mmd.check_params(stored, name_map, str(src / mmd.PARAMS_DIR))
+    order = [e for _, es in name_map.units() for e in es]
+    dtypes = {e.mm_path: pl.out_dtype(dtype, stored[e.mm_path][1]) for e in order}
+    plan = [PlannedTensor(e.hf_name, e.hf_shape, dtypes[e.mm_path]) for e in order]
+    with pl.staged_output(dst, overwrite) as stage:
+        hf_dtype = pl._hf_torch_dtype(list(dtypes.values()))
+        (stage / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=hf_dtype), indent=2) + "\n")
+        mmd.copy_files(src, stage, ("preprocessor_config.json",))
+        writer = ShardedSafetensorsWriter(stage, plan, max_shard_bytes or DEFAULT_SHARD_BYTES)
+        with pl._progress(sum(p.nbytes for p in plan), "mm-to-hf", progress) as bar:
+            for _, entries in name_map.units():
+                paths = [e.mm_path for e in entries]
+                flat = mmd.flatten(mmd.load_param_paths(src, paths, {p: stored[p][1] for p in paths},
+                                                        {p: stored[p][0] for p in paths}))
+                for e in entries:
+                    arr = pl.cast_and_map(np.asarray(flat.pop(e.mm_path)), dtypes[e.mm_path], e.transform.to_hf)
+                    writer.write(e.hf_name, arr)
+                    bar.update(arr.nbytes)
+        writer.close()
+    return dst
+
+
+def read_mm_vision_config(mm_path: str | Path) -> VisionConfig:
+    """The `VisionConfig` of an mm checkpoint of kind "vision"."""
+    from mm.convert import mm_dir as mmd
+
+    path = Path(mm_path) / mmd.MM_CONFIG_FILE
+    try:
+        d = read_json(path)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from e
+    if d.get("kind") != VISION_KIND or not isinstance(d.get(VISION_KIND), Mapping):
+        raise ConversionError(f"{path}: not an mm vision checkpoint (kind={d.get('kind')!r})")
+    try:
+        return VisionConfig.from_json_dict(d[VISION_KIND], source=f"{path}: {VISION_KIND}")
+    except (ConfigError, TypeError) as e:
+        raise ConversionError(f"{path}: {VISION_KIND}: {e}") from e
+
+
+def load_mm_vision(mm_path: str | Path, shardings: Any = None) -> tuple[VisionConfig, dict[str, Any]]:
+    """`(VisionConfig, params)` of an mm vision checkpoint (numpy, or jax arrays placed by `shardings`, one
+    `Sharding` for all params)."""
+    from mm.convert import mm_dir as mmd
+
+    config = read_mm_vision_config(mm_path)
+    name_map = vision_name_map(config)
+    stored = mmd.params_metadata(mm_path)
+    mmd.check_params(stored, name_map, str(Path(mm_path) / mmd.PARAMS_DIR))
+    paths = list(name_map.expected_mm_paths())
+    dtype = np.dtype(config.param_dtype)
+    per_path = None if shardings is None else {p: shardings for p in paths}
+    params = mmd.load_param_paths(mm_path, paths, {p: dtype for p in paths}, {p: stored[p][0] for p in paths},
+                                  per_path)
+    return config, params
