@@ -1,0 +1,181 @@
+"""The original IAA release layout: a tiny random checkpoint in that layout, a PyTorch reference forward composed
+from transformers' Llama decoder layers as DESIGN.md section 2 describes, and mm's import / export of it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from mm.convert import iaa_release as rel
+from mm.convert.errors import ConversionError
+from mm.convert.mm_dir import flatten
+from mm.models import iaa
+
+VIS, T = 24, 260
+CFG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=32, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0,
+                  bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+
+
+class ReleaseReference(torch.nn.Module):
+    """The release's model, written from DESIGN.md: frozen Llama + per-branch condition layers etc."""
+
+    def __init__(self):
+        super().__init__()
+        self.llm = LlamaForCausalLM(CFG).eval()
+        self.rotary = LlamaRotaryEmbedding(CFG)
+        self.branches = torch.nn.ModuleDict()
+        for name in ("mm", "g"):
+            b = torch.nn.Module()
+            b.embed = torch.nn.Embedding(CFG.vocab_size, CFG.hidden_size)
+            b.layers = torch.nn.ModuleList([LlamaDecoderLayer(CFG, layer_idx=k) for k in range(14)])
+            b.norm = LlamaRMSNorm(CFG.hidden_size, eps=CFG.rms_norm_eps)
+            b.head = torch.nn.Linear(CFG.hidden_size, CFG.vocab_size, bias=False)
+            b.projector = torch.nn.Sequential(torch.nn.Linear(VIS, CFG.hidden_size), torch.nn.GELU(),
+                                              torch.nn.Linear(CFG.hidden_size, CFG.hidden_size))
+            self.branches[name] = b
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in self.named_parameters():
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if n.endswith("norm.weight")
+                        else 0.08 * torch.randn(p.shape, generator=g))
+
+    def state_dict_release(self):
+        sd = {k: v for k, v in self.llm.state_dict().items()}
+        for name, b in self.branches.items():
+            names = rel.BRANCH_NAMES[name]
+            sd[f"{names['embed']}.weight"] = b.embed.weight
+            for k, layer in enumerate(b.layers):
+                for n, v in layer.state_dict().items():
+                    sd[f"{names['layers']}.{k}.{n}"] = v
+            sd[f"{names['norm']}.weight"] = b.norm.weight
+            sd[f"{names['head']}.weight"] = b.head.weight
+            for n, v in b.projector.state_dict().items():
+                sd[f"{names['projector']}.{n}"] = v
+        return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+    @torch.no_grad()
+    def forward(self, ids, workflow, feats=None, image_mask=None):
+        if workflow == "text":
+            return self.llm(ids).logits
+        b = self.branches[workflow]
+        x = b.embed(ids.clamp(min=0))
+        if feats is not None:
+            x = x.clone()
+            proj = b.projector(feats)  # [B, M, D]: row r's first n features fill its n image positions
+            for r in range(ids.shape[0]):
+                n = int(image_mask[r].sum())
+                x[r, image_mask[r]] = proj[r, :n]
+        t = ids.shape[1]
+        pos = torch.arange(t)[None].expand(ids.shape[0], -1)
+        cos_sin = self.rotary(x, pos)
+        mask = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
+        k = 0
+        for i, layer in enumerate(self.llm.model.layers):
+            x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+            if k < 14 and iaa.IAA_14[k] == i:
+                x = b.layers[k](x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+                k += 1
+        return b.head(b.norm(x))
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    torch.manual_seed(0)
+    ref = ReleaseReference()
+    sd = ref.state_dict_release()
+    sd[rel.RELEASE_VISION_PREFIX + "post_layernorm.weight"] = torch.ones(VIS)  # present but unused, as released
+    d = tmp_path_factory.mktemp("release")
+    names = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fname, part in halves.items():
+        save_file({k: sd[k] for k in part}, str(d / fname))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, part in halves.items() for k in part}}))
+    cfg = CFG.to_dict()
+    cfg.update(model_type="IAA", mm_vision_tower="openai/clip-vit-large-patch14-336", mm_vision_select_layer=-2,
+               mm_vision_select_feature="patch", mm_projector_type="mlp2x_gelu", mm_hidden_size=VIS,
+               mm_use_im_start_end=False, mm_use_im_patch_token=False)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, ref
+
+
+def _inputs():
+    rs = np.random.RandomState(0)
+    ids = rs.randint(3, 128, (2, T))
+    mask = np.zeros((2, T), bool)
+    mask[0, 5:21] = True  # 16 image tokens in row 0; row 1 is text only
+    feats = rs.randn(2, 16, VIS).astype(np.float32)
+    return ids, mask, feats
+
+
+def test_import_matches_the_pytorch_reference_in_all_three_workflows(release):
+    d, ref = release
+    config, params, vision = rel.load_release(d)
+    assert [b.name for b in config.branches] == ["mm", "g"] and config.branches[0].positions == iaa.IAA_14
+    assert vision.in_checkpoint and vision.mm_vision_tower == "openai/clip-vit-large-patch14-336"
+    ids, mask, feats = _inputs()
+    model = iaa.IAA(config)
+    for workflow in ("text", "mm", "g"):
+        kw = {} if workflow == "text" else dict(image_features=feats, image_mask=mask)
+        got, _ = model.apply({"params": params}, ids, workflow=workflow, **kw)
+        want = ref(torch.tensor(ids), workflow, torch.tensor(feats), torch.tensor(mask)).numpy()
+        err = float(np.abs(np.asarray(got) - want).max())
+        assert err <= 1e-4, (workflow, err)
+
+
+def test_export_reproduces_the_release_tensors_exactly(release, tmp_path):
+    d, _ = release
+    config, params, _ = rel.load_release(d)
+    out = rel.export_release(config, params, tmp_path / "out", vision_tower="openai/clip-vit-large-patch14-336",
+                             max_shard_bytes=200_000)
+    orig, back = {}, {}
+    for f in d.glob("*.safetensors"):
+        orig.update(load_file(str(f)))
+    for f in out.glob("*.safetensors"):
+        back.update(load_file(str(f)))
+    orig.pop(rel.RELEASE_VISION_PREFIX + "post_layernorm.weight")
+    assert set(orig) == set(back)
+    assert all(np.array_equal(orig[k], back[k]) and orig[k].dtype == back[k].dtype for k in orig)
+    assert (out / "model.safetensors.index.json").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "IAA" and cfg["mm_projector_type"] == "mlp2x_gelu" and cfg["mm_hidden_size"] == VIS
+    config2, params2, vision2 = rel.load_release(out)
+    assert config2 == config and not vision2.in_checkpoint
+
+
+def test_base_and_adapter_export(release, tmp_path):
+    d, ref = release
+    config, params, _ = rel.load_release(d)
+    out = rel.export_base_and_adapter(config, params, tmp_path / "split", vision_tower="clip")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(out / "base"), attn_implementation="eager").eval()
+    ids = torch.tensor(_inputs()[0])
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, ref.llm(ids).logits)  # the base is the untouched LLM
+    config2, params2 = rel.load_base_and_adapter(out)
+    assert config2 == config
+    a, b = flatten(params), flatten(params2)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_positions_are_required_when_not_iaa14(release, tmp_path):
+    d, _ = release
+    config, params, _ = rel.load_release(d)
+    small = iaa.IAAConfig(llm=config.llm, branches=(iaa.BranchConfig("mm", (0, 5, 9), config.branches[0].projector),))
+    p = {"base": params["base"], "mm": {**{k: v for k, v in params["mm"].items() if not k.startswith("layers_")},
+                                        **{f"layers_{k}": params["mm"][f"layers_{k}"] for k in range(3)}}}
+    out = rel.export_release(small, p, tmp_path / "three", vision_tower="clip")
+    with pytest.raises(ConversionError, match="pass positions="):
+        rel.load_release(out)
+    config3, _, _ = rel.load_release(out, positions=(0, 5, 9))
+    assert config3.branches[0].positions == (0, 5, 9)
+    with pytest.raises(ConversionError, match="3 condition layers but 2 positions"):
+        rel.load_release(out, positions=(0, 5))
