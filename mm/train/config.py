@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.init = ml_collections.ConfigDict(dict(
         seed=0,
+        # PRNG for initialising weights: threefry2x32 (sharding-invariant) or rbg / unsafe_rbg (much faster
+        # to compile on CPU; tests use it)
+        prng_impl="threefry2x32",
         llm_checkpoint="",  # HF dir (config.json + safetensors) or mm dir for the base LLM; "" = random init
         checkpoint="",  # a previous stage's workdir or mm checkpoint dir to start from; "" = none
     ))
@@ -149,6 +152,8 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
     d = _as_dict(cfg)
     _check_tree(schema, d, "", open_keys=("model.llm", "rules"))
     m, t, o = cfg.model, cfg.train, cfg.optim
+    if cfg.init.prng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
+        raise ConfigError(f"config key init.prng_impl = {cfg.init.prng_impl!r}: threefry2x32, rbg or unsafe_rbg")
     if m.kind not in MODEL_KINDS:
         raise ConfigError(f"config key model.kind = {m.kind!r}: choose one of {MODEL_KINDS}")
     if cfg.data.kind not in DATA_KINDS:

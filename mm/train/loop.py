@@ -113,9 +113,11 @@ def _restore_partial(state_dir: Path, target_flat: dict[str, Any]) -> dict[str, 
             and isinstance(target_flat[p], jax.ShapeDtypeStruct)}
 
 
-def build(cfg: Any, *, log: bool = True) -> Built:
-    tcfg.validate(cfg, jax.device_count())
-    mesh = shd.make_mesh(dict(cfg.mesh))
+def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Built:
+    """Mesh, model, groups, initial state and the compiled-on-first-call step (over `devices`, default all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    tcfg.validate(cfg, len(devices))
+    mesh = shd.make_mesh(dict(cfg.mesh), devices)
     rules = shd.rules_from_overrides(dict(cfg.rules) or None)
     model = models.build(cfg)
     shardings = shd.param_shardings(model.abstract, mesh, rules)
@@ -126,7 +128,8 @@ def build(cfg: Any, *, log: bool = True) -> Built:
         _log(pg.format_report(pg.group_report(flat_abstract, assignment)))
 
     with jax.set_mesh(mesh):
-        params = jax.jit(model.init, out_shardings=shardings)(jax.random.PRNGKey(int(cfg.init.seed)))
+        key = jax.random.key(int(cfg.init.seed), impl=str(cfg.init.prng_impl))
+        params = jax.jit(model.init, out_shardings=shardings)(key)
     flat = pg.flatten(params)
     if cfg.init.llm_checkpoint:
         flat.update(_load_base_llm(cfg, model, flat_sh))

@@ -1,0 +1,81 @@
+"""Config validation: every mistake is an error naming the key, found before anything heavy runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from helpers_train import tiny
+from mm.config import ConfigError
+from mm.train import config as tcfg
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_stage_configs_validate():
+    tcfg.validate(tiny(), n_devices=8)
+    for spec in sorted((ROOT / "configs").glob("*.py")):
+        if spec.name == "sharding.py":
+            continue
+        from mm.config import load_config_file
+
+        cfg = load_config_file(str(spec))
+        tcfg.validate(cfg)  # no device check: presets target pods
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: setattr(c, "train", ml_collections.ConfigDict({**c.train.to_dict(), "steps": "ten"})), "train.steps"),
+    (lambda c: setattr(c, "checkpoint", ml_collections.ConfigDict({**c.checkpoint.to_dict(), "use_async": 1})),
+     "checkpoint.use_async"),
+    (lambda c: c.optim.update({"lr": -1.0}), "optim.lr"),
+    (lambda c: c.optim.update({"grad_accum": 3}), "optim.grad_accum"),
+    (lambda c: c.model.update({"kind": "gpt"}), "model.kind"),
+    (lambda c: c.init.update({"llm_checkpoint": "/nonexistent/ckpt"}), "init.llm_checkpoint"),
+    (lambda c: c.init.update({"checkpoint": "/nonexistent/stage1"}), "init.checkpoint"),
+    (lambda c: c.model.llm.update({"num_kv_heads": 3}), "model.llm"),
+    (lambda c: c.model.llm.update({"hiden_size": 3}), "model.llm.hiden_size"),
+    (lambda c: setattr(c, "param_groups", [("(", 1.0)]), "param_groups[0]"),
+    (lambda c: setattr(c, "param_groups", [(".*", "frozn")]), "param_groups[0]"),
+    (lambda c: c.profile.update({"steps": [5, 2]}), "profile.steps"),
+])
+def test_bad_values_name_the_key(mutate, key):
+    c = tiny()
+    c.unlock()
+    mutate(c)
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        tcfg.validate(c)
+
+
+def test_unknown_key_is_an_error():
+    c = tiny()
+    c.unlock()
+    c.optim.lr_warmup = 5
+    with pytest.raises(ConfigError, match="optim.lr_warmup"):
+        tcfg.validate(c)
+
+
+@pytest.mark.parametrize("mesh, key", [
+    (dict(data=3, fsdp=1, tensor=1), "mesh"),
+    (dict(data=1, fsdp=-1, tensor=8), "mesh.tensor"),
+    (dict(data=-1, fsdp=1, tensor=1), "train.batch_size"),
+])
+def test_impossible_mesh_shapes(mesh, key):
+    c = tiny()
+    c.mesh.update(mesh)
+    if key == "train.batch_size":
+        c.train.batch_size = 4
+    with pytest.raises(ConfigError, match=key):
+        tcfg.validate(c, n_devices=8)
+
+
+def test_cli_rejects_unknown_override_and_bad_value(tmp_path):
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    base = [sys.executable, "-m", "launch.train", "--config=configs/tiny_llm.py:full", f"--workdir={tmp_path}/w"]
+    r = subprocess.run(base + ["--config.optim.lrr=0.1"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "lrr" in r.stderr
+    r = subprocess.run(base + ["--config.init.llm_checkpoint=/nope"], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 2 and "init.llm_checkpoint" in r.stderr, r.stderr
+    assert not (tmp_path / "w").exists()  # nothing heavy started, nothing written
