@@ -1,0 +1,6 @@
+"""Pallas kernels for mm (depends on jax only): fused flash attention for GPU (Triton) and TPU (Mosaic)."""
+
+from mm_kernels.common import BlockSizes
+from mm_kernels.flash_gpu import flash_attention_gpu
+
+__all__ = ["BlockSizes", "flash_attention_gpu"]
