@@ -12,6 +12,7 @@ import contextlib
 import json
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -192,13 +193,18 @@ def mm_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
             (stage / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         mmd.copy_files(src / mmd.TOKENIZER_DIR, stage, mmd.TOKENIZER_FILES)
         writer = ShardedSafetensorsWriter(stage, plan, max_shard_bytes)
-        with _progress(total, "mm-to-hf", progress) as bar:
-            for _, entries in units:
-                paths = [e.mm_path for e in entries]
-                tree = mmd.load_param_paths(src, paths, {p: stored[p][1] for p in paths},
-                                            {p: stored[p][0] for p in paths})
-                flat = mmd.flatten(tree)
-                del tree
+
+        def load_unit(entries: list[Entry]) -> dict[Any, Any]:
+            paths = [e.mm_path for e in entries]
+            tree = mmd.load_param_paths(src, paths, {p: stored[p][1] for p in paths}, {p: stored[p][0] for p in paths})
+            return mmd.flatten(tree)
+
+        # Unit k+1 is restored on a thread while unit k is transposed and written: two units in memory at most.
+        with _progress(total, "mm-to-hf", progress) as bar, ThreadPoolExecutor(1) as pool:
+            nxt = pool.submit(load_unit, units[0][1])
+            for k, (_, entries) in enumerate(units):
+                flat = nxt.result()
+                nxt = pool.submit(load_unit, units[k + 1][1]) if k + 1 < len(units) else None
                 for e in entries:
                     bar.set_postfix_str(e.hf_name, refresh=False)
                     arr = cast_and_map(np.asarray(flat.pop(e.mm_path)), dtypes[e.mm_path], e.transform.to_hf)
