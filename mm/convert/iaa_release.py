@@ -33,7 +33,7 @@ from mm.convert.errors import ConversionError
 from mm.convert.llm_map import llm_entries, llm_ignorable
 from mm.convert.name_map import IDENTITY, TRANSPOSE, Entry, NameMap, check_names_and_shapes
 from mm.convert.pipeline import open_hf_checkpoint, staged_output
-from mm.convert.safetensors_io import PlannedTensor, ShardedSafetensorsWriter
+from mm.convert.export import write_hf_tensors
 from mm.models.connectors import ProjectorConfig
 from mm.models.iaa import IAA_14, BranchConfig, IAAConfig
 
@@ -177,27 +177,6 @@ def load_release(src: str | Path, positions: Sequence[int] | None = None,
 
 
 # ------------------------------------------------------------------------------------------- export
-def _write_tensors(stage: Path, name_map: NameMap, params: Mapping[str, Any], dtype: str | None,
-                   max_shard_bytes: int, file_names: Sequence[str] | None = None) -> None:
-    flat = mmd.flatten(params)
-    missing = sorted("/".join(e.mm_path) for e in name_map.entries if e.mm_path not in flat)
-    if missing:
-        raise ConversionError(f"params are missing {missing[:10]}")
-    arrays = []
-    for e in name_map.entries:
-        x = np.asarray(flat[e.mm_path])
-        if tuple(x.shape) != e.mm_shape:
-            raise ConversionError(f"param {'/'.join(e.mm_path)} has shape {list(x.shape)}, expected {list(e.mm_shape)}")
-        arrays.append(e.transform.to_hf(x if dtype is None else x.astype(dtype)))
-    plan = [PlannedTensor(e.hf_name, a.shape, a.dtype) for e, a in zip(name_map.entries, arrays)]
-    writer = ShardedSafetensorsWriter(stage, plan, max_shard_bytes)
-    if file_names is not None:
-        writer.files = list(file_names)
-    for e, a in zip(name_map.entries, arrays):
-        writer.write(e.hf_name, a)
-    writer.close()
-
-
 def export_release(config: IAAConfig, params: Mapping[str, Any], dst: str | Path, *, vision_tower: str,
                    dtype: str | None = None, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
                    tokenizer_dir: str | Path | None = None) -> Path:
@@ -209,7 +188,7 @@ def export_release(config: IAAConfig, params: Mapping[str, Any], dst: str | Path
                                                                          torch_dtype=torch_dtype), indent=2))
         if tokenizer_dir is not None:
             mmd.copy_files(Path(tokenizer_dir), stage, mmd.TOKENIZER_FILES)
-        _write_tensors(stage, name_map, params, dtype, max_shard_bytes)
+        write_hf_tensors(stage, name_map, params, dtype, max_shard_bytes)
     return Path(dst)
 
 
@@ -224,7 +203,7 @@ def export_base_and_adapter(config: IAAConfig, params: Mapping[str, Any], dst: s
         base.mkdir()
         (base / "config.json").write_text(json.dumps(config.llm.to_hf_dict(
             torch_dtype=str(np.dtype(dtype or np.asarray(params["base"]["norm"]["scale"]).dtype))), indent=2))
-        _write_tensors(base, llm_name_map(config.llm), params["base"], dtype, 5 * 10**9)
+        write_hf_tensors(base, llm_name_map(config.llm), params["base"], dtype, 5 * 10**9)
         adapter = stage / "adapter"
         adapter.mkdir()
         meta = release_hf_config(config, vision_tower)
@@ -232,7 +211,7 @@ def export_base_and_adapter(config: IAAConfig, params: Mapping[str, Any], dst: s
         meta["base_model"] = "../base"
         (adapter / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
         branch_params = {b.name: params[b.name] for b in config.branches}
-        _write_tensors(adapter, release_name_map(config, with_base=False), branch_params, dtype, 10**15,
+        write_hf_tensors(adapter, release_name_map(config, with_base=False), branch_params, dtype, 10**15,
                        file_names=[ADAPTER_WEIGHTS])
     return Path(dst)
 

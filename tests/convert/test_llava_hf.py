@@ -1,0 +1,127 @@
+"""LLaVA-style model <-> transformers `LlavaForConditionalGeneration`: import, logits parity, export, round trip."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from mm.convert import llava_hf
+from mm.convert.errors import ConversionError
+from mm.models import vlm
+
+IMG = 100  # image token id inside the vocabulary, as HF Llava wants
+T = 260
+
+
+def _hf_model(seed=0):
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=28, patch_size=14, hidden_act="quick_gelu")
+    tc = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMG, image_seq_length=4)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if ("norm" in n and n.endswith("weight"))
+                    else 0.08 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llava")
+    model = _hf_model()
+    model.save_pretrained(str(d))
+    return d, model
+
+
+def _inputs():
+    rs = np.random.RandomState(0)
+    ids = rs.randint(0, 99, (2, T))
+    ids[0, 3:7] = IMG  # row 0: two images (4 tokens each), row 1: one image
+    ids[0, 50:54] = IMG
+    ids[1, 10:14] = IMG
+    pix = rs.randn(3, 3, 28, 28).astype(np.float32)
+    mm_pix = np.zeros((2, 2, 3, 28, 28), np.float32)
+    mm_pix[0] = pix[:2]
+    mm_pix[1, 0] = pix[2]
+    return ids, pix, mm_pix
+
+
+def test_import_matches_transformers_logits(hf):
+    d, model = hf
+    config, params = llava_hf.load_llava(d)
+    assert config.feature == "patch" and config.feature_layer == -2 and config.image_token_id == IMG
+    ids, pix, mm_pix = _inputs()
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix)).logits.numpy()
+    got, _ = vlm.forward(params, config, ids, pixel_values=mm_pix)
+    err = float(np.abs(np.asarray(got) - want).max())
+    assert err <= 1e-4, err
+
+
+def test_export_loads_in_transformers_and_round_trips_exactly(hf, tmp_path):
+    d, model = hf
+    config, params = llava_hf.load_llava(d)
+    out = llava_hf.export_llava(config, params, tmp_path / "out")
+    back = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
+    ids, pix, _ = _inputs()
+    with torch.no_grad():
+        a = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix)).logits
+        b = back(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix)).logits
+    assert torch.equal(a, b)
+    orig, new = load_file(str(d / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(orig) == set(new) and all(np.array_equal(orig[k], new[k]) for k in orig)
+
+
+def test_generation_with_images_matches_uncached_argmax(hf):
+    d, _ = hf
+    config, params = llava_hf.load_llava(d)
+    from mm.generate import Generator
+
+    ids, _, mm_pix = _inputs()
+    prompt = ids[:1, :60].tolist()
+    out, _ = Generator(vlm.decode_fns(config)).__call__(params, prompt, max_new_tokens=4,
+                                                      extra={"pixel_values": mm_pix[:1]})
+    seq = list(prompt[0])
+    for _ in range(4):
+        logits, _ = vlm.forward(params, config, np.array([seq]), pixel_values=mm_pix[:1])
+        seq.append(int(np.argmax(logits[0, -1])))
+    assert seq[60:] == out[0].tolist()
+
+
+def test_iaa_configs_have_no_llava_layout():
+    from mm.config import LLMConfig, VisionConfig
+    from mm.models import iaa
+    from mm.models.connectors import ProjectorConfig
+
+    llm = LLMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                    head_dim=8)
+    proj = ProjectorConfig(in_dim=8, out_dim=16)
+    cfg = vlm.VLMConfig(vision=VisionConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                                            image_size=28, patch_size=14),
+                        lm=iaa.IAAConfig(llm=llm, branches=(iaa.BranchConfig("mm", (0,), proj),)))
+    with pytest.raises(ConversionError, match="IAA"):
+        llava_hf.llava_name_map(cfg)
+
+
+def test_legacy_vision_prefix_imports_the_same(hf, tmp_path):
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    d, _ = hf
+    legacy = tmp_path / "legacy"
+    shutil.copytree(d, legacy)
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in tensors.items()},
+              str(legacy / "model.safetensors"))
+    _, a = llava_hf.load_llava(d)
+    _, b = llava_hf.load_llava(legacy)
+    from mm.convert.mm_dir import flatten
+
+    fa, fb = flatten(a), flatten(b)
+    assert set(fa) == set(fb) and all(np.array_equal(fa[k], fb[k]) for k in fa)
