@@ -2,5 +2,6 @@
 
 from mm_kernels.common import BlockSizes
 from mm_kernels.flash_gpu import flash_attention_gpu
+from mm_kernels.flash_tpu import flash_attention_tpu
 
-__all__ = ["BlockSizes", "flash_attention_gpu"]
+__all__ = ["BlockSizes", "flash_attention_gpu", "flash_attention_tpu"]
