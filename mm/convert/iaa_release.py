@@ -235,3 +235,56 @@ def load_base_and_adapter(src: str | Path, param_dtype: str = "float32") -> tupl
         for e in name_map.entries:
             mmd.set_path(params, e.mm_path, e.transform.to_mm(ckpt.read(e.hf_name)).astype(param_dtype))
     return config, params
+
+
+# --------------------------------------------------------------------------------- with the tower
+def _infer_clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> Any:
+    """A CLIP VisionConfig from tensor shapes alone. Heads are not recoverable from shapes: CLIP ViTs use
+    64-dim heads (ViT-B/L), which is assumed and reported."""
+    from mm.config import VisionConfig
+
+    hidden, _, patch, _ = shapes[prefix + "embeddings.patch_embedding.weight"]
+    n_pos = shapes[prefix + "embeddings.position_embedding.weight"][0]
+    grid = int(round((n_pos - 1) ** 0.5))
+    layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", n)))
+    inter = shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0]
+    return VisionConfig(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=inter,
+                        num_layers=layers, num_heads=max(1, hidden // 64), image_size=grid * patch, patch_size=patch,
+                        hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def load_release_vlm(src: str | Path, *, vision: str | Path | None = None, positions: Sequence[int] | None = None,
+                     param_dtype: str = "float32") -> tuple[Any, dict[str, Any], str]:
+    """A release directory as a full VLM: `(VLMConfig, params, which vision tower was used)`.
+
+    The tower comes from, in order: `vision` (a local HF CLIP/SigLIP directory); `mm_vision_tower` when it is
+    a local directory (what the reference loader does); the checkpoint's own
+    `model.vision_tower.vision_tower.vision_model.*` tensors (config inferred from their shapes). Nothing is
+    downloaded: a hub id with no tensors in the checkpoint is an error that says what to pass.
+    """
+    from mm.convert.hf_vision import load_hf_vision, vision_name_map
+    from mm.convert.safetensors_io import SafetensorsCheckpoint
+    from mm.models.vlm import VLMConfig
+
+    config, params, vs = load_release(src, positions, param_dtype)
+    tower_dir = Path(vision) if vision is not None else (
+        Path(vs.mm_vision_tower) if vs.mm_vision_tower and Path(vs.mm_vision_tower).is_dir() else None)
+    if tower_dir is not None:
+        vcfg, vparams = load_hf_vision(tower_dir, param_dtype=param_dtype)
+        used = f"vision tower from {tower_dir}" + (" (mm_vision_tower)" if vision is None else "")
+    elif vs.in_checkpoint:
+        with SafetensorsCheckpoint(src) as ckpt:
+            shapes = {n: t.shape for n, t in ckpt.tensors.items() if n.startswith(RELEASE_VISION_PREFIX)}
+            vcfg = _infer_clip_config(shapes, RELEASE_VISION_PREFIX).replace(param_dtype=param_dtype)
+            nm = vision_name_map(vcfg, RELEASE_VISION_PREFIX)
+            vparams = {}
+            for e in nm.entries:
+                mmd.set_path(vparams, e.mm_path, e.transform.to_mm(ckpt.read(e.hf_name)).astype(param_dtype))
+        used = (f"vision tower from the checkpoint's {RELEASE_VISION_PREFIX}* tensors (config inferred from "
+                f"shapes, {vcfg.num_heads} heads of 64 assumed)")
+    else:
+        raise ConversionError(f"{src}: mm_vision_tower={vs.mm_vision_tower!r} is not a local directory and the "
+                              "checkpoint holds no vision tower tensors; pass vision=<local HF CLIP directory>")
+    vlm = VLMConfig(vision=vcfg, lm=config, feature_layer=vs.select_layer, feature=vs.select_feature,
+                    image_token_id=-200)
+    return vlm, {"vision": vparams, **params}, used

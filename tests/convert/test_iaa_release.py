@@ -16,7 +16,7 @@ from mm.convert.errors import ConversionError
 from mm.convert.mm_dir import flatten
 from mm.models import iaa
 
-VIS, T = 24, 260
+VIS, T = 64, 260  # vision width 64: one 64-dim head, what the shape-based CLIP config inference assumes
 CFG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=32, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0,
                   bos_token_id=1, eos_token_id=2, attn_implementation="eager")
@@ -89,7 +89,8 @@ def release(tmp_path_factory):
     torch.manual_seed(0)
     ref = ReleaseReference()
     sd = ref.state_dict_release()
-    sd[rel.RELEASE_VISION_PREFIX + "post_layernorm.weight"] = torch.ones(VIS)  # present but unused, as released
+    for k, v in _tower().state_dict().items():  # present in the release files, unused by its reference loader
+        sd[rel.RELEASE_VISION_PREFIX + k.removeprefix("vision_model.")] = v.detach().clone()
     d = tmp_path_factory.mktemp("release")
     names = sorted(sd)
     halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
@@ -104,6 +105,15 @@ def release(tmp_path_factory):
                mm_use_im_start_end=False, mm_use_im_patch_token=False)
     (d / "config.json").write_text(json.dumps(cfg))
     return d, ref
+
+
+def _tower():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(7)
+    cfg = CLIPVisionConfig(hidden_size=VIS, intermediate_size=96, num_hidden_layers=3, num_attention_heads=1,
+                           image_size=28, patch_size=14, hidden_act="quick_gelu")
+    return CLIPVisionModel(cfg).eval()
 
 
 def _inputs():
@@ -140,7 +150,7 @@ def test_export_reproduces_the_release_tensors_exactly(release, tmp_path):
         orig.update(load_file(str(f)))
     for f in out.glob("*.safetensors"):
         back.update(load_file(str(f)))
-    orig.pop(rel.RELEASE_VISION_PREFIX + "post_layernorm.weight")
+    orig = {k: v for k, v in orig.items() if not k.startswith(rel.RELEASE_VISION_PREFIX)}
     assert set(orig) == set(back)
     assert all(np.array_equal(orig[k], back[k]) and orig[k].dtype == back[k].dtype for k in orig)
     assert (out / "model.safetensors.index.json").exists()
@@ -179,3 +189,35 @@ def test_positions_are_required_when_not_iaa14(release, tmp_path):
     assert config3.branches[0].positions == (0, 5, 9)
     with pytest.raises(ConversionError, match="3 condition layers but 2 positions"):
         rel.load_release(out, positions=(0, 5))
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "local_dir"])
+def test_full_vlm_from_release_with_pixels(release, tmp_path, source):
+    from mm.models import vlm
+
+    d, ref = release
+    tower = _tower()
+    vision = None
+    if source == "local_dir":
+        tower.save_pretrained(str(tmp_path / "clip"))
+        vision = tmp_path / "clip"
+    config, params, used = rel.load_release_vlm(d, vision=vision)
+    assert ("checkpoint" in used) == (source == "checkpoint"), used
+    rs = np.random.RandomState(5)
+    pix = rs.randn(1, 2, 3, 28, 28).astype(np.float32)  # two images of 4 patches each
+    ids = rs.randint(3, 128, (1, 40))
+    mask = np.zeros((1, 40), bool)
+    mask[0, 2:6] = mask[0, 20:24] = True
+    with torch.no_grad():
+        feats = tower(torch.tensor(pix[0]), output_hidden_states=True).hidden_states[-2][:, 1:].reshape(1, 8, VIS)
+        want = ref(torch.tensor(ids), "mm", feats, torch.tensor(mask)).numpy()
+    got, _ = vlm.forward(params, config, ids, pixel_values=pix, image_mask=mask, workflow="mm")
+    assert float(np.abs(np.asarray(got) - want).max()) <= 1e-4
+
+
+def test_hub_id_without_tensors_says_what_to_pass(release, tmp_path):
+    d, _ = release
+    config, params, _ = rel.load_release(d)
+    out = rel.export_release(config, params, tmp_path / "no_tower", vision_tower="openai/clip-vit-large-patch14-336")
+    with pytest.raises(ConversionError, match="pass vision="):
+        rel.load_release_vlm(out)
