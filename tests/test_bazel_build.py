@@ -14,11 +14,11 @@ from tools.pytest_main import pytest_args
 ROOT = Path(__file__).parents[1]  # not resolved: under Bazel, the runfiles copy of the repo
 
 
-def _tree(root: Path, files: dict[str, str]) -> bazel_deps.Repo:
+def _tree(root: Path, files: dict[str, str], fast: tuple[str, ...] = ()) -> bazel_deps.Repo:
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(dedent(text))
-    return bazel_deps.Repo(root)
+    return bazel_deps.Repo(root, fast=fast)
 
 
 def test_repo_build_files_match_imports():
@@ -54,7 +54,8 @@ def test_check_reports_module_without_target_and_missing_and_extra_deps(tmp_path
 
 
 def test_check_reports_test_module_without_target_and_stale_build_text(tmp_path):
-    repo = _tree(tmp_path, {"pkg/a.py": "X = 1\n", "tests/test_a.py": "from pkg.a import X\n"})
+    repo = _tree(tmp_path, {"pkg/a.py": "X = 1\n", "tests/test_a.py": "from pkg.a import X\n",
+                            "tools/bazel_fast_tests.txt": "tests/test_a.py  # 1 s\n"})
     bazel_deps.write(repo)
     (tmp_path / "tests/test_b.py").write_text("def test_b():\n    assert True\n")
     assert bazel_deps.check(bazel_deps.Repo(tmp_path)) == ["tests/test_b.py: belongs to no pytest_test target in tests/BUILD"]
@@ -62,6 +63,9 @@ def test_check_reports_test_module_without_target_and_stale_build_text(tmp_path)
     (tmp_path / "tests/BUILD").write_text((tmp_path / "tests/BUILD").read_text().replace('    tags = ["fast"],\n', ""))
     assert bazel_deps.check(bazel_deps.Repo(tmp_path)) == [
         "tests/BUILD: differs from what --write generates (tags, order or a new package)"]
+    (tmp_path / "tools/bazel_fast_tests.txt").write_text("tests/test_a.py\ntests/test_gone.py  # removed\n")
+    assert bazel_deps.check(bazel_deps.Repo(tmp_path))[0] == (
+        "tests/test_gone.py: listed in tools/bazel_fast_tests.txt but not a module of the repo")
 
 
 def test_import_resolution(tmp_path):
@@ -115,7 +119,7 @@ def test_slow_marked_tests_get_their_own_manual_target(tmp_path):
             def test_big(): pass
             """),
         "tests/test_all_slow.py": "import pytest\npytestmark = pytest.mark.slow\ndef test_big(): pass\n",
-    })
+    }, fast=("tests/test_mixed.py",))
     targets = {t.name: t for t in bazel_deps.plan(repo)["tests"]}
     assert set(targets) == {"test_mixed", "test_mixed_slow", "test_all_slow_slow"}
     assert (targets["test_mixed"].markers, targets["test_mixed"].tags) == ("fast", ("fast",))
