@@ -221,6 +221,15 @@ def is_vision_hf_config(d: Mapping[str, Any]) -> bool:
     return d.get("model_type") in ("clip", "siglip", "clip_vision_model", "siglip_vision_model")
 
 
+def hf_dir_is_vision(hf_dir: str | Path) -> bool:
+    """Whether an HF directory's `config.json` is one this module converts (False when absent or unreadable:
+    the caller's own reader then reports the problem)."""
+    try:
+        return is_vision_hf_config(read_json(Path(hf_dir) / "config.json"))
+    except ConfigError:
+        return False
+
+
 def _open(hf_dir: str | Path, config: VisionConfig) -> tuple[NameMap, Any]:
     from mm.convert.pipeline import open_hf_checkpoint
     from mm.convert.safetensors_io import SafetensorsCheckpoint

@@ -29,8 +29,9 @@ import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
-from mm.config import ConfigError, LLMConfig, read_json
+from mm.config import ConfigError, LLMConfig, VisionConfig, read_json
 from mm.convert.errors import ConversionError
+from mm.convert.hf_vision import vision_name_map
 from mm.convert.llm_map import llm_name_map
 from mm.convert.name_map import MMPath, NameMap
 
@@ -46,6 +47,7 @@ EXTRA_HF_FILES = ("generation_config.json",)
 # kind -> (config section, parser, name map builder).
 KINDS: dict[str, tuple[str, Callable[..., Any], Callable[[Any], NameMap]]] = {
     "llm": ("llm", LLMConfig.from_json_dict, llm_name_map),
+    "vision": ("vision", VisionConfig.from_json_dict, vision_name_map),
 }
 
 

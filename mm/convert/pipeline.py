@@ -125,6 +125,10 @@ def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
         raise ConversionError(f"{src}: not a directory")
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
+    from mm.convert import hf_vision  # CLIP / SigLIP vision towers are their own family
+
+    if hf_vision.hf_dir_is_vision(src):
+        return hf_vision.hf_vision_to_mm(src, dst, dtype=dtype, overwrite=overwrite, progress=progress)
     config = read_hf_llm_config(src)
     name_map = llm_name_map(config)
     with open_hf_checkpoint(src, name_map) as ckpt:
@@ -169,6 +173,11 @@ def mm_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
     manifest = mmd.read_mm_manifest(src)
+    if manifest["kind"] == "vision":
+        from mm.convert.hf_vision import mm_vision_to_hf
+
+        return mm_vision_to_hf(src, dst, dtype=dtype, overwrite=overwrite, progress=progress,
+                               max_shard_bytes=max_shard_bytes)
     if manifest["kind"] != "llm":
         raise ConversionError(f"{src}: kind {manifest['kind']!r} has no HF causal-LM export")
     config = mmd.read_mm_config(src)

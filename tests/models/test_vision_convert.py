@@ -141,3 +141,20 @@ def test_existing_destination_is_refused(tmp_path):
     (tmp_path / "mm").mkdir()
     with pytest.raises(ConversionError, match="already exists"):
         hf_vision_to_mm(src, tmp_path / "mm", progress=False)
+
+
+def test_mm_convert_cli_and_kind_registry(tmp_path):
+    """`mm-convert` dispatches CLIP/SigLIP directories to the vision family; mm_dir knows kind 'vision'."""
+    from launch.convert import main
+    from mm.convert import load_mm_params, read_mm_config
+
+    tower, src = _build("clip_full", tmp_path / "hf")
+    assert main(["hf-to-mm", "--src", str(src), "--dst", str(tmp_path / "mm"), "--no-progress"]) == 0
+    config = read_mm_config(tmp_path / "mm")
+    assert config == read_mm_vision_config(tmp_path / "mm")
+    _check_parity(tower, config, load_mm_params(tmp_path / "mm"))
+    assert main(["mm-to-hf", "--src", str(tmp_path / "mm"), "--dst", str(tmp_path / "back"), "--no-progress"]) == 0
+    written = load_file(tmp_path / "back" / "model.safetensors")
+    for k, v in _tower_tensors(tower).items():
+        assert np.array_equal(written[f"vision_model.{k}"], v), k
+    assert main(["hf-to-mm", "--src", str(src), "--dst", str(tmp_path / "mm"), "--no-progress"]) == 2  # exists
