@@ -139,3 +139,27 @@ def test_load_mm_params_onto_shardings_and_in_config_dtype(tmp_path):
     ref = load_mm_params(mm)
     np.testing.assert_array_equal(np.asarray(params["norm"]["scale"]),
                                   ref["norm"]["scale"].astype(ml_dtypes.bfloat16))
+
+
+def test_load_mm_params_onto_a_mesh_with_a_tree_of_named_shardings(tmp_path):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mm = hf_to_mm(make_model(tmp_path, "llama-gqa"), tmp_path / "mm", progress=False)
+    ref = load_mm_params(mm)
+    devices = np.array(jax.devices()[:4])
+    assert devices.size == 4, "tests/conftest.py asks XLA for 8 CPU devices"
+    mesh = Mesh(devices, ("fsdp",))
+    shardings = jax.tree.map(lambda x: NamedSharding(mesh, P("fsdp") if x.shape[0] % 4 == 0 else P()), ref)
+    params = load_mm_params(mm, shardings=shardings)
+    for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings)):
+        assert x.sharding == s, path
+        np.testing.assert_array_equal(np.asarray(x), _get(ref, path))
+    with pytest.raises(Exception, match="shardings tree has no entry"):
+        load_mm_params(mm, shardings={"norm": {"scale": NamedSharding(mesh, P())}})
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
