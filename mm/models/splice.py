@@ -30,3 +30,26 @@ def image_span_ids(image_mask: Array) -> Array:
     prev = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)))
     starts = (mask == 1) & (prev == 0)
     return jnp.where(mask == 1, jnp.cumsum(starts, axis=1), 0).astype(jnp.int32)
+
+
+def expand_placeholders(ids: list[int], placeholder: int, counts: list[int]) -> tuple[list[int], list[bool]]:
+    """Replaces the k-th `placeholder` in `ids` by `counts[k]` image positions; returns ids and image mask.
+
+    One placeholder per image (as users and the IAA release write prompts) becomes exactly as many positions
+    as the image has feature vectors, so token counts are known before the model runs.
+    """
+    found = sum(1 for t in ids if t == placeholder)
+    if found != len(counts):
+        raise ValueError(f"{found} image placeholders ({placeholder}) in the prompt for {len(counts)} images")
+    out: list[int] = []
+    mask: list[bool] = []
+    k = 0
+    for t in ids:
+        if t == placeholder:
+            out += [placeholder] * counts[k]
+            mask += [True] * counts[k]
+            k += 1
+        else:
+            out.append(t)
+            mask.append(False)
+    return out, mask

@@ -121,3 +121,41 @@ def init_params(config: VLMConfig, vision_params: Any, llm_params: Any, rng: Arr
     lm = (iaa.init_params(config.lm, llm_params, rng) if config.is_iaa
           else llava.init_params(config.lm, llm_params, rng))
     return {"vision": vision_params, **lm}
+
+
+# ------------------------------------------------------------------------------------------- json
+def config_to_json(config: VLMConfig) -> dict[str, Any]:
+    """A JSON-able dict that `config_from_json` reads back into an equal config."""
+    lm = config.lm
+    if config.is_iaa:
+        lm_d = {"kind": "iaa", "llm": lm.llm.to_json_dict(),
+                "branches": [{"name": b.name, "positions": list(b.positions), "projector": b.projector.to_json_dict()}
+                             for b in lm.branches],
+                "bidirectional_image_attention": lm.bidirectional_image_attention}
+    else:
+        lm_d = {"kind": "llava", "llm": lm.llm.to_json_dict(), "projector": lm.projector.to_json_dict(),
+                "bidirectional_image_attention": lm.bidirectional_image_attention}
+    return {"vision": config.vision.to_json_dict(), "lm": lm_d, "feature_layer": config.feature_layer,
+            "feature": config.feature, "image_token_id": config.image_token_id}
+
+
+def config_from_json(d: dict[str, Any], source: str = "vlm config") -> VLMConfig:
+    from mm.config import LLMConfig
+    from mm.models.connectors import ProjectorConfig
+
+    lm_d = d["lm"]
+    llm_cfg = LLMConfig.from_json_dict(lm_d["llm"], source=f"{source}: lm.llm")
+    if lm_d["kind"] == "iaa":
+        branches = tuple(iaa.BranchConfig(b["name"], tuple(b["positions"]),
+                                          ProjectorConfig.from_json_dict(b["projector"], f"{source}: projector"))
+                         for b in lm_d["branches"])
+        lm = IAAConfig(llm=llm_cfg, branches=branches,
+                       bidirectional_image_attention=lm_d.get("bidirectional_image_attention", False))
+    elif lm_d["kind"] == "llava":
+        lm = LLaVAConfig(llm=llm_cfg, projector=ProjectorConfig.from_json_dict(lm_d["projector"], source),
+                         bidirectional_image_attention=lm_d.get("bidirectional_image_attention", False))
+    else:
+        raise ConfigError(f"{source}: lm.kind={lm_d['kind']!r}; choose iaa or llava")
+    return VLMConfig(vision=VisionConfig.from_json_dict(d["vision"], source=f"{source}: vision"), lm=lm,
+                     feature_layer=int(d["feature_layer"]), feature=d["feature"],
+                     image_token_id=int(d["image_token_id"]))
