@@ -207,17 +207,18 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train(cfg: Any, workdir: str | Path) -> Result:
-    tcfg.validate(cfg, jax.device_count())
+def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) -> Result:
+    devices = list(jax.devices() if devices is None else devices)
+    tcfg.validate(cfg, len(devices))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
         (workdir / "config.json").write_text(tcfg.to_json(cfg))
         _log(f"config ({workdir / 'config.json'}):\n{tcfg.to_json(cfg)}")
-    b = build(cfg)
+    b = build(cfg, devices=devices)
     t = cfg.train
-    n_dev = jax.device_count()
+    n_dev = len(devices)
     kind = jax.devices()[0].device_kind
     _log(f"mesh {dict(zip(b.mesh.axis_names, b.mesh.devices.shape))} on {n_dev} x {kind}; model FLOPs/step "
          f"{b.flops['total']:.3e} (fwd {b.flops['forward']:.3e}, bwd {b.flops['backward']:.3e})")
@@ -278,46 +279,50 @@ def train(cfg: Any, workdir: str | Path) -> Result:
             writer.progress(s, int(t.steps), row, dt * (int(t.steps) - s))
 
     skipped_count = [int(jax.device_get(state["skipped"]))]
-    with _Preemption() as pre:
-        for s in range(start, int(t.steps)):
-            if prof and s == prof[0] and not tracing:
-                jax.profiler.start_trace(str(workdir / "profile" / f"process_{jax.process_index()}"))
-                tracing = True
-            local = next(data)
-            ids = local.pop("example_id")
-            batch = _to_global(local, b.batch_sharding, jax.process_count())
-            state, metrics = b.step_fn(state, b.frozen, batch)
+    try:
+        with _Preemption() as pre:
+            for s in range(start, int(t.steps)):
+                if prof and s == prof[0] and not tracing:
+                    jax.profiler.start_trace(str(workdir / "profile" / f"process_{jax.process_index()}"))
+                    tracing = True
+                local = next(data)
+                ids = local.pop("example_id")
+                batch = _to_global(local, b.batch_sharding, jax.process_count())
+                state, metrics = b.step_fn(state, b.frozen, batch)
+                finish(pending)
+                pending = (s + 1, metrics, ids)
+                if tracing and s + 1 >= prof[1]:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                    tracing = False
+                timer.tick()
+                done = s + 1
+                if evaluator is not None and done % int(t.eval_every) == 0:
+                    finish(pending)
+                    pending = None
+                    for name, value in evaluator.run(state).items():
+                        writer.write(done, {"loss": value}, kind=f"eval_{name}")
+                        _log(f"eval step {done}: {name} loss {value:.6f}")
+                if pre.requested:
+                    finish(pending)
+                    pending = None
+                    ckpt.save(done, state, data.state(), meta, force=True)
+                    preempted = True
+                    _log(f"SIGTERM: saved step {done}, exiting")
+                    break
+                if every and done % every == 0 and done != int(t.steps):
+                    finish(pending)  # a resumed run starts after `done`: its metrics must be out first
+                    pending = None
+                    ckpt.save(done, state, data.state(), meta)
             finish(pending)
-            pending = (s + 1, metrics, ids)
-            if tracing and s + 1 >= prof[1]:
-                jax.block_until_ready(state)
+            if tracing:
                 jax.profiler.stop_trace()
-                tracing = False
-            timer.tick()
-            done = s + 1
-            if evaluator is not None and done % int(t.eval_every) == 0:
-                finish(pending)
-                pending = None
-                for name, value in evaluator.run(state).items():
-                    writer.write(done, {"loss": value}, kind=f"eval_{name}")
-                    _log(f"eval step {done}: {name} loss {value:.6f}")
-            if pre.requested:
-                finish(pending)
-                pending = None
-                ckpt.save(done, state, data.state(), meta, force=True)
-                preempted = True
-                _log(f"SIGTERM: saved step {done}, exiting")
-                break
-            if every and done % every == 0 and done != int(t.steps):
-                ckpt.save(done, state, data.state(), meta)
-        finish(pending)
-        if tracing:
-            jax.profiler.stop_trace()
-        last = int(jax.device_get(state["step"]))
-        if not preempted and (ckpt.latest_step() or 0) < last:
-            ckpt.save(last, state, data.state(), meta, force=True)
-    ckpt.close()
-    writer.close()
+            last = int(jax.device_get(state["step"]))
+            if not preempted and (ckpt.latest_step() or 0) < last:
+                ckpt.save(last, state, data.state(), meta, force=True)
+    finally:
+        ckpt.close()
+        writer.close()
     skipped = int(jax.device_get(state["skipped"]))
     return Result(last, losses, preempted, skipped)
 
