@@ -1,0 +1,349 @@
+"""The Grain input pipeline: rows -> examples (images tiled, text templated, masks exact) -> packed,
+padded batches, deterministic from a seed and resumable from a saved iterator state.
+
+    MapDataset.source(rows).shuffle(seed).repeat(epochs)[shard::shards]   # global order, then this host's part
+      .map(ExampleMaker)          # decode + tile + tokenise; a bad row becomes a skip record, never an error
+      .to_iter_dataset()          # threads for the per-example work
+    -> PackBatchIterDataset       # first-fit packing (or one example per row, bucketed length), skip counting
+    -> .mp_prefetch(workers)      # optional worker processes (spawn: entry points need `__main__` guards)
+
+`DataPipeline` wraps the iterator for the trainer: `next()` gives numpy batches (`input_ids, labels,
+loss_mask, segment_ids, positions, image_mask, pixel_values, tile_mask, loss_weight`, see `mm.data.packing`),
+`state()` / `restore()` carry Grain's iterator state plus the skip counters (so a resumed run continues with
+the exact batches and counts of an uninterrupted one), `metrics()` gives the counters (`data/skipped/<reason>`),
+and a skipped fraction over `max_skip_fraction` raises `DataError` naming examples.
+
+Packing state: a batch is a pure function of the parent stream from the first example it holds, so the
+iterator state is the parent's state at that point; the example that closed the previous batch is re-read on
+restore. `to_global` assembles this host's rows into global arrays with `jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from mm.data import images as img_lib
+from mm.data.conversations import ConversationEncoder, Encoded, normalise_turns, truncate
+from mm.data.packing import FirstFit, assemble, bucket_length
+from mm.data.skips import REASONS, SampleSkip, SkipCounter, log
+from mm.data.sources import read_row_images, row_id
+
+STATS_KEY = "_stats"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    kind: str = "sft"  # "sft" | "preference"
+    template: str = "chat"  # "chat" (the tokenizer's chat template) | "plain" (stage-1 captions)
+    max_len: int = 2048  # tokens per batch row
+    batch_size: int = 8  # rows per batch on this process
+    pack: bool = True  # first-fit packing; False: one example per row, length padded to a bucket
+    buckets: tuple[int, ...] = ()  # lengths for pack=False (default: powers of two up to max_len, and max_len)
+    tiling: str = "catty"  # "catty" (POINTS) | "square" (LLaVA pad-to-square, one tile) | "none" (text only)
+    tile: int = 336
+    max_tiles: int = 8  # CATTY grid limit (the thumbnail comes on top)
+    tokens_per_tile: int = 144  # image positions per tile (e.g. 24x24 patches pixel-shuffled by 4)
+    max_tiles_per_row: int = 18  # tile budget of one batch row (pixel_values is [B, this, 3, tile, tile])
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1  # None: repeat forever
+    read_threads: int = 2
+    worker_count: int = 0
+    max_skip_fraction: float = 0.5
+    min_samples_for_ceiling: int = 100
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sft", "preference"):
+            raise ValueError(f"data.kind must be 'sft' or 'preference', got {self.kind!r}")
+        if self.tiling not in ("catty", "square", "none"):
+            raise ValueError(f"data.tiling must be 'catty', 'square' or 'none', got {self.tiling!r}")
+        if self.buckets and max(self.buckets) > self.max_len:
+            raise ValueError(f"data.buckets {self.buckets} go over data.max_len {self.max_len}")
+
+    @property
+    def length_buckets(self) -> tuple[int, ...]:
+        if self.pack:
+            return (self.max_len,)
+        if self.buckets:
+            return tuple(sorted(set(self.buckets) | {self.max_len}))
+        out, b = [], 64
+        while b < self.max_len:
+            out.append(b)
+            b *= 2
+        return tuple(out) + (self.max_len,)
+
+    @property
+    def tile_shape(self) -> tuple[int, int, int]:
+        return (3, self.tile, self.tile)
+
+
+# ------------------------------------------------------------------------------------------ examples
+class ImageTiler:
+    """Decoded RGB image -> `[tiles, 3, T, T]` float32 and its number of image positions."""
+
+    def __init__(self, cfg: DataConfig, processor: img_lib.ProcessorConfig | None = None):
+        self.cfg = cfg
+        self.processor = processor or img_lib.ProcessorConfig.clip(cfg.tile)
+        self.normalizer = img_lib.Normalizer(self.processor)
+
+    def __call__(self, image: Any) -> tuple[np.ndarray, int]:
+        c = self.cfg
+        if c.tiling == "catty":
+            px = img_lib.catty(image, self.processor, tile=c.tile, max_tiles=c.max_tiles,
+                               normalizer=self.normalizer).pixel_values
+        elif c.tiling == "square":
+            px = img_lib.preprocess(img_lib.pad_to_square(image, img_lib.mean_fill(self.processor)), self.processor,
+                                    self.normalizer)[None]
+        else:
+            raise SampleSkip("bad_row", "?", "row has images but data.tiling is 'none'")
+        return px, int(px.shape[0]) * c.tokens_per_tile
+
+
+def _skip(e: SampleSkip) -> dict[str, Any]:
+    return {"skip": (e.reason, e.row_id, e.message)}
+
+
+class ExampleMaker:
+    """One row -> one example dict (or a skip record). Picklable, so Grain workers can run it."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, image_root: str | None = None,
+                 processor: img_lib.ProcessorConfig | None = None, image_token_id: int | None = None):
+        self.cfg = cfg
+        self.image_root = image_root
+        self.encoder = ConversationEncoder(tokenizer, cfg.template, image_token_id, cfg.system_prompt)
+        self.tiler = ImageTiler(cfg, processor)
+
+    def _images(self, row: dict[str, Any], rid: str) -> tuple[list[np.ndarray], list[int]]:
+        pixels, tokens = [], []
+        for k, data in enumerate(read_row_images(row, self.image_root)):
+            try:
+                image = img_lib.load_image(data, name=f"{rid} image {k}")
+            except img_lib.ImageError as e:
+                raise SampleSkip("corrupt_image", rid, str(e)) from e
+            px, n = self.tiler(image)
+            pixels.append(px)
+            tokens.append(n)
+        if sum(int(p.shape[0]) for p in pixels) > self.cfg.max_tiles_per_row:
+            raise SampleSkip("too_many_tiles", rid, f"{sum(int(p.shape[0]) for p in pixels)} tiles > "
+                             f"data.max_tiles_per_row={self.cfg.max_tiles_per_row}")
+        return pixels, tokens
+
+    def _example(self, enc: Encoded, pixels: list[np.ndarray], rid: str) -> dict[str, Any]:
+        enc = truncate(enc, self.cfg.max_len)
+        if not enc.supervised.any():
+            raise SampleSkip("no_supervised_tokens", rid, f"0 supervised tokens of {len(enc)} after templating "
+                             f"and truncation to {self.cfg.max_len}")
+        kept = pixels[:len(enc.image_tokens)]
+        px = np.concatenate(kept) if kept else np.zeros((0,) + self.cfg.tile_shape, np.float32)
+        return {"id": rid, "ids": enc.ids, "supervised": enc.supervised, "image_mask": enc.image_mask, "pixels": px}
+
+    def __call__(self, row: Any) -> dict[str, Any]:
+        rid = row_id(row)
+        try:
+            if not isinstance(row, dict):
+                raise SampleSkip("bad_row", rid, f"row is a {type(row).__name__}, not an object")
+            if self.cfg.kind == "preference":
+                return self._preference(row, rid)
+            turns = normalise_turns(row.get("conversations"), rid)
+            pixels, tokens = self._images(row, rid)
+            return self._example(self.encoder.encode(turns, tokens, rid), pixels, rid)
+        except SampleSkip as e:
+            return _skip(e)
+
+    def _preference(self, row: dict[str, Any], rid: str) -> dict[str, Any]:
+        """`{id, image, conversations (the prompt, ending with a user turn), chosen, rejected}` -> two
+        examples sharing the prompt: only the final response differs, and only it is supervised."""
+        if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+            raise SampleSkip("bad_row", rid, "preference row needs string 'chosen' and 'rejected'")
+        prompt = row.get("conversations")
+        prompt = prompt if isinstance(prompt, list) else [{"from": "human", "value": str(row.get("prompt", ""))}]
+        pixels, tokens = self._images(row, rid)
+        out = {}
+        for name in ("chosen", "rejected"):
+            turns = normalise_turns(prompt + [{"from": "gpt", "value": row[name]}], rid)
+            enc = self.encoder.encode(turns, tokens, rid)
+            # Only the final response is supervised (earlier assistant turns belong to the prompt): it is
+            # the last run of supervised tokens, since its end-of-turn token is always supervised.
+            sup = enc.supervised
+            start = int(np.flatnonzero(sup)[-1]) if sup.any() else 0
+            while start > 0 and sup[start - 1]:
+                start -= 1
+            sup[:start] = False
+            out[name] = self._example(enc, pixels, rid)
+        return {"id": rid, "pair": (out["chosen"], out["rejected"])}
+
+
+# ------------------------------------------------------------------------------------------- batching
+def _stats(used: int, skips: list[tuple[str, str, str]]) -> dict[str, Any]:
+    counts = {r: 0 for r in REASONS}
+    for r, _, _ in skips:
+        counts[r] += 1
+    return {"used": used, "counts": counts, "examples": skips[:5]}
+
+
+class _PackBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig):
+        super().__init__(parent)
+        self._cfg = cfg
+        self._start = self._parent.get_state()  # parent state before the first example of the next batch
+        self._carry: dict[str, Any] | None = None
+
+    def _new(self) -> FirstFit:
+        c = self._cfg
+        return FirstFit(c.batch_size, c.max_len, c.max_tiles_per_row, c.pack)
+
+    def __next__(self) -> dict[str, Any]:
+        c = self._cfg
+        pair = c.kind == "preference"
+        fits = [self._new(), self._new()] if pair else [self._new()]
+        skips: list[tuple[str, str, str]] = []
+        seen = 0
+
+        def add(ex: dict[str, Any]) -> bool:
+            parts = ex["pair"] if pair else (ex,)
+            if pair:  # both halves go to the same row index, one example per row
+                r = next((i for i, row in enumerate(fits[0].rows) if not row), None)
+                if r is None:
+                    return False
+                for f, p in zip(fits, parts):
+                    f.rows[r].append(p)
+                return True
+            return fits[0].add(ex)
+
+        if self._carry is not None:
+            add(self._carry)
+            self._carry = None
+            seen += 1
+        while True:
+            before = self._parent.get_state()
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                self._start = self._parent.get_state()
+                if seen == 0:  # skips at the very end are logged by the maker's counter only
+                    for r, i, m in skips[:5]:
+                        log.warning("data: skipped sample %s (%s) at the end of the data: %s", i, r, m)
+                    raise
+                break
+            if "skip" in ex:
+                skips.append(tuple(ex["skip"]))
+                continue
+            if not add(ex):
+                self._carry = ex
+                self._start = before
+                break
+            seen += 1
+        out: dict[str, Any] = {}
+        for name, f in zip(("chosen", "rejected") if pair else ("",), fits):
+            used = max((sum(len(e["ids"]) for e in row) for row in f.rows), default=0)
+            length = c.max_len if c.pack and not pair else bucket_length(max(used, 1), c.length_buckets)
+            b = assemble(f.rows, length, c.max_tiles_per_row, c.tile_shape)
+            out.update({(f"{name}/{k}" if name else k): v for k, v in b.items()})
+        out[STATS_KEY] = _stats(seen, skips)
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._start}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._start = state["parent"]
+        self._carry = None
+
+
+class PackBatchIterDataset(grain.IterDataset):
+    """Examples -> fixed-shape batches (see the module docstring); skip records are counted, not batched."""
+
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig):
+        super().__init__(parent)
+        self._cfg = cfg
+
+    def __iter__(self) -> _PackBatchIterator:
+        return _PackBatchIterator(self._parent.__iter__(), self._cfg)
+
+
+def build_dataset(rows: Any, cfg: DataConfig, maker: ExampleMaker, *, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.IterDataset:
+    """The Grain pipeline over a random-access source of rows (a list, `ArrayRecordRows`, ...)."""
+    ds = grain.MapDataset.source(rows)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    ds = ds.map(maker)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.batch_size))
+    it = PackBatchIterDataset(it, cfg)
+    if cfg.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain reads absl flags in its workers (DESIGN.md section 8)
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return it
+
+
+class DataPipeline:
+    """The trainer's view: numpy batches, `state()` / `restore()`, skip `metrics()`, the skip ceiling."""
+
+    def __init__(self, rows: Any, cfg: DataConfig, maker: ExampleMaker, *, shard_index: int | None = None,
+                 shard_count: int | None = None):
+        if shard_index is None or shard_count is None:
+            import jax
+
+            shard_index, shard_count = jax.process_index(), jax.process_count()
+        self.cfg = cfg
+        self.dataset = build_dataset(rows, cfg, maker, shard_index=shard_index, shard_count=shard_count)
+        self._it = iter(self.dataset)
+        self.counter = SkipCounter(cfg.max_skip_fraction, cfg.min_samples_for_ceiling)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        st = batch.pop(STATS_KEY)
+        before = len(self.counter.examples)
+        self.counter.merge(st["used"], st["counts"], st["examples"])
+        for r, i, m in self.counter.examples[before:]:
+            log.warning("data: skipped sample %s (%s): %s", i, r, m)
+        self.counter.check()
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable: Grain's iterator state and the counters."""
+        return {"grain": json.dumps(self._it.get_state()), "counter": self.counter.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._it.set_state(json.loads(state["grain"]))
+        self.counter.restore(state["counter"])
+
+    def metrics(self) -> dict[str, float]:
+        return self.counter.metrics()
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Any, batch_axes: Sequence[str] | str | None = None) -> dict[str, Any]:
+    """This process's rows -> global `jax.Array`s sharded over the batch axis (default: the data-parallel
+    axes of `mm.sharding`'s rules); non-batch leaves are dropped."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mm.sharding import batch_sharding
+
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, np.ndarray):
+            continue
+        if batch_axes is None:
+            sharding = batch_sharding(mesh, v.ndim)
+        else:
+            sharding = NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (v.ndim - 1))))
+        shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
