@@ -1,0 +1,43 @@
+"""Two local CPU processes (jax.distributed + gloo, one device each) train the tiny config with the same
+global batch and get the losses of one process (float tolerance: the all-reduce changes summation order)."""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+from launch.local_cluster import launch
+from mm.config import load_config_file
+from mm.train import loop
+
+ROOT = Path(__file__).resolve().parents[2]
+OVERRIDES = {"train.steps": 4, "train.log_every": 1, "checkpoint.every": 2, "init.prng_impl": "unsafe_rbg",
+             "metrics.tensorboard": False}
+
+
+def test_two_processes_match_one(tmp_path):
+    args = ["--config=configs/tiny_llm.py:full", f"--workdir={tmp_path / 'mp'}",
+            *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    procs = launch(2, args, env=env)
+
+    cfg = load_config_file("configs/tiny_llm.py:full")
+    cfg.unlock()
+    for k, v in OVERRIDES.items():
+        sec, key = k.split(".")
+        cfg[sec][key] = v
+    single = loop.train(cfg, tmp_path / "one", devices=jax.devices()[:1]).losses
+
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "mesh {'data': 2" in outs[0]
+    rows = [json.loads(x) for x in (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()]
+    multi = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    assert sorted(multi) == [1, 2, 3, 4]
+    for s in multi:
+        assert multi[s] == pytest.approx(single[s], rel=2e-6, abs=0), (s, multi[s], single[s])
+    assert not (tmp_path / "mp" / "metrics.jsonl.1").exists()  # only process 0 writes metrics
