@@ -1,0 +1,173 @@
+"""The Grain pipeline: bad data skipped and counted by reason, the skip ceiling, determinism, resume equality,
+per-host shards, preference pairs, global arrays."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mm.data.pipeline import DataConfig, DataPipeline, ExampleMaker, to_global
+from mm.data.skips import DataError
+from mm.data.sources import read_llava
+from mm.data.synthetic import write_llava_dataset
+from tests.helpers.tokenizer import make_tokenizer
+
+GOOD = [{"from": "human", "value": "<image>\nwhat is in the image?"}, {"from": "gpt", "value": "a dog"}]
+CFG = DataConfig(max_len=96, batch_size=3, tile=28, tokens_per_tile=2, max_tiles_per_row=24, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llava")
+    path, root = write_llava_dataset(str(d), 30, seed=1, min_side=16, max_side=90)
+    return read_llava(path), root
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def batches(rows, root, tok, cfg=CFG, **kw):
+    p = DataPipeline(rows, cfg, ExampleMaker(cfg, tok, root), shard_index=kw.pop("shard_index", 0),
+                     shard_count=kw.pop("shard_count", 1))
+    return p, list(p)
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_bad_data_is_skipped_and_counted_by_reason(tmp_path, tok):
+    root = tmp_path / "images"
+    root.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(root / "ok.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    os.symlink(outside, root / "link.png")
+    long_q = "what " * 200
+    rows = [
+        {"id": "good1", "image": "ok.png", "conversations": GOOD},
+        {"id": "good2", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a cat"}]},
+        {"id": "missing", "image": "nope.png", "conversations": GOOD},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": GOOD},
+        {"id": "dotdot", "image": "../secret.png", "conversations": GOOD},
+        {"id": "absolute", "image": str(outside), "conversations": GOOD},
+        {"id": "symlink", "image": "link.png", "conversations": GOOD},
+        {"id": "noassistant", "image": "ok.png", "conversations": GOOD[:1]},
+        {"id": "role", "image": "ok.png", "conversations": [GOOD[0], {"from": "bot", "value": "x"}]},
+        {"id": "mismatch", "conversations": GOOD},
+        {"id": "nosup", "conversations": [{"from": "human", "value": long_q}, {"from": "gpt", "value": "a"}]},
+        "not a dict",
+    ]
+    cfg = DataConfig(max_len=64, batch_size=2, tile=28, tokens_per_tile=2, max_skip_fraction=1.0)
+    p, bs = batches(rows, str(root), tok, cfg)
+    m = p.metrics()
+    assert m["data/used"] == 2 and m["data/skipped"] == 10
+    expect = {"missing_image": 1, "corrupt_image": 1, "path_escape": 3, "no_assistant_turn": 1, "unknown_role": 1,
+              "image_count_mismatch": 1, "no_supervised_tokens": 1, "bad_row": 1}
+    assert {k[len("data/skipped/"):]: int(v) for k, v in m.items() if k.startswith("data/skipped/") and v} == expect
+    assert sum(int((b["segment_ids"] > 0).any(axis=1).sum()) for b in bs) >= 1
+    assert all(b["loss_mask"].sum() > 0 for b in bs)
+
+
+def test_skip_ceiling_names_examples(tmp_path, tok):
+    rows = [{"id": f"bad{i}", "image": f"x{i}.png", "conversations": GOOD} for i in range(8)]
+    rows += [{"id": "fine", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a"}]}]
+    cfg = DataConfig(max_len=64, batch_size=2, max_skip_fraction=0.5, min_samples_for_ceiling=4, shuffle=False)
+    with pytest.raises(DataError, match=r"skipped .*max_skip_fraction.*missing_image=8.*bad0"):
+        batches(rows, str(tmp_path), tok, cfg)
+
+
+def test_determinism_and_every_row_once(data, tok):
+    rows, root = data
+    p1, a = batches(rows, root, tok)
+    _, b = batches(rows, root, tok)
+    assert_same(a, b)
+    assert p1.metrics()["data/used"] == len(rows)
+    segs = sum(int(b["segment_ids"].max(axis=1).sum()) for b in a)
+    assert segs == len(rows)
+    _, c = batches(rows, root, tok, DataConfig(**{**CFG.__dict__, "seed": 4}))
+    assert not all(np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
+    for x in a:  # fixed shapes, and every image position has a tile
+        assert x["input_ids"].shape == (3, 96) and x["pixel_values"].shape == (3, 24, 3, 28, 28)
+        assert x["image_mask"].sum() == x["tile_mask"].sum() * CFG.tokens_per_tile
+
+
+def test_resume_yields_the_uninterrupted_batches(data, tok):
+    rows, root = data
+    cfg = DataConfig(**{**CFG.__dict__, "num_epochs": 2})
+    full, ref = batches(rows, root, tok, cfg)
+    for k in (1, 4, len(ref) - 1):
+        p = DataPipeline(rows, cfg, ExampleMaker(cfg, tok, root), shard_index=0, shard_count=1)
+        head = [next(p) for _ in range(k)]
+        state = json.loads(json.dumps(p.state()))  # what a checkpoint stores
+        q = DataPipeline(rows, cfg, ExampleMaker(cfg, tok, root), shard_index=0, shard_count=1)
+        q.restore(state)
+        assert_same(head + list(q), ref)
+        assert q.metrics() == full.metrics()
+
+
+def test_host_shards_partition_the_data(data, tok):
+    rows, root = data
+    p0, a = batches(rows, root, tok, shard_index=0, shard_count=2)
+    p1, b = batches(rows, root, tok, shard_index=1, shard_count=2)
+    assert p0.metrics()["data/used"] + p1.metrics()["data/used"] == len(rows)
+    assert abs(p0.metrics()["data/used"] - p1.metrics()["data/used"]) <= 1
+    seqs = lambda bs: {tuple(r[s == i]) for x in bs for r, s in zip(x["input_ids"], x["segment_ids"])  # noqa: E731
+                       for i in range(1, s.max() + 1)}
+    assert not seqs(a) & seqs(b)
+
+
+def test_preference_pairs(data, tok):
+    rows, root = data
+    prefs = []
+    for r in rows[:6]:
+        r = copy.deepcopy(r)
+        conv = r.pop("conversations")
+        prefs.append({**r, "conversations": conv[:-1], "chosen": "a red mat", "rejected": "the lazy dog"})
+    cfg = DataConfig(**{**CFG.__dict__, "kind": "preference", "shuffle": False, "max_len": 256})
+    p, bs = batches(prefs, root, tok, cfg)
+    assert p.metrics()["data/used"] == 6
+    for b in bs:
+        c, r = b["chosen/input_ids"], b["rejected/input_ids"]
+        for i in range(c.shape[0]):
+            if not b["chosen/segment_ids"][i].any():
+                continue
+            cm, rm = b["chosen/loss_mask"][i] > 0, b["rejected/loss_mask"][i] > 0
+            first_c, first_r = np.flatnonzero(cm)[0], np.flatnonzero(rm)[0]
+            assert first_c == first_r  # the shared prompt, then the responses
+            np.testing.assert_array_equal(c[i, :first_c + 1], r[i, :first_r + 1])
+            # only the final response is supervised: labels under the mask decode to it (+ end of turn)
+            assert tok.decode(b["chosen/labels"][i][cm]) == tok.decode(tok("a red mat</s>", add_special_tokens=False)["input_ids"])
+            assert tok.decode(b["rejected/labels"][i][rm]) == tok.decode(tok("the lazy dog</s>", add_special_tokens=False)["input_ids"])
+            np.testing.assert_array_equal(b["chosen/pixel_values"][i], b["rejected/pixel_values"][i])
+
+
+def test_to_global_assembles_the_batch_on_the_mesh(data, tok):
+    import jax
+
+    from mm.sharding import make_mesh
+
+    rows, root = data
+    cfg = DataConfig(**{**CFG.__dict__, "batch_size": 8})
+    _, bs = batches(rows, root, tok, cfg)
+    mesh = make_mesh((4, 2, 1))
+    g = to_global(bs[0], mesh)
+    assert jax.process_count() == 1
+    for k, v in g.items():
+        assert v.shape == bs[0][k].shape
+        np.testing.assert_array_equal(np.asarray(v), bs[0][k])
+        assert len(v.sharding.device_set) == 8
+    assert g["input_ids"].addressable_shards[0].data.shape == (1, 96)  # 8 rows over data*fsdp = 8
