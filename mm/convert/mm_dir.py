@@ -157,6 +157,19 @@ class ParamWriter:
         with self._ctx:
             ocp.partial.finalize(self.path)
 
+    def __enter__(self) -> "ParamWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """On failure, lets an in-flight save finish (its own error is dropped) so the caller can delete the
+        directory it writes into without racing it."""
+        if exc_type is not None and self._pending is not None:
+            try:
+                self._pending.result()
+            except Exception:  # noqa: BLE001 - the original exception is the one that matters
+                pass
+            self._pending = None
+
 
 def params_metadata(mm_dir: str | Path) -> dict[MMPath, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every stored param, by path (reads metadata only)."""

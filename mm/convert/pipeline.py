@@ -67,8 +67,8 @@ def staged_output(dst: str | Path, overwrite: bool) -> Iterator[Path]:
         else:
             stage.rename(dst)
     finally:
-        if stage.exists():
-            shutil.rmtree(stage)
+        if stage.exists():  # failure: never leave a partial output (cleanup errors must not mask the cause)
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
@@ -141,10 +141,10 @@ def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
                                 {"format": "hf-safetensors", "path": str(src.absolute()), "dtype": dtype})
             mmd.copy_files(src, stage / mmd.TOKENIZER_DIR, mmd.TOKENIZER_FILES)
             mmd.copy_files(src, stage, mmd.EXTRA_HF_FILES)
-            writer = mmd.ParamWriter(stage)
-            with _progress(total, "hf-to-mm", progress) as bar:
-                units = name_map.units()
-                stream = ckpt.iter_tensors([e.hf_name for _, es in units for e in es])
+            units = name_map.units()
+            stream = ckpt.iter_tensors([e.hf_name for _, es in units for e in es])
+            with mmd.ParamWriter(stage) as writer, contextlib.closing(stream), \
+                    _progress(total, "hf-to-mm", progress) as bar:
                 for _, entries in units:
                     unit: dict[str, Any] = {}
                     for e in entries:
@@ -155,7 +155,6 @@ def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
                         del arr
                     writer.add(unit)
                     del unit
-                stream.close()
                 writer.finalize()
     return dst
 
