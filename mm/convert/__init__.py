@@ -8,6 +8,9 @@ Modules (one job each):
   llm_map         the Llama / Qwen2 decoder table (`llm_entries`, `llm_name_map`).
   mm_dir          the mm checkpoint directory (mm_config.json, Orbax params/, tokenizer/), `load_mm_params`.
   pipeline        `hf_to_mm`, `mm_to_hf`, `load_hf_llm`: validation first, staged output, bounded memory.
+Families built on these pieces: `hf_vision` (CLIP / SigLIP towers), `llava_hf` (HF Llava), `iaa_release`
+(the IAA release layout), `vlm_dir` (kind "vlm" mm directories), `export` (in-memory params -> HF files).
+A kind registered by such a module is known to `read_mm_config` once that module has been imported.
 
 Adding a family (vision towers, LLaVA, the IAA release layout)
 --------------------------------------------------------------
