@@ -101,7 +101,7 @@ class ImageTiler:
             px = img_lib.preprocess(img_lib.pad_to_square(image, img_lib.mean_fill(self.processor)), self.processor,
                                     self.normalizer)[None]
         else:
-            raise SampleSkip("bad_row", "?", "row has images but data.tiling is 'none'")
+            raise ValueError("ImageTiler: data.tiling is 'none'")
         return px, int(px.shape[0]) * c.tokens_per_tile
 
 
@@ -121,7 +121,10 @@ class ExampleMaker:
 
     def _images(self, row: dict[str, Any], rid: str) -> tuple[list[np.ndarray], list[int]]:
         pixels, tokens = [], []
-        for k, data in enumerate(read_row_images(row, self.image_root)):
+        data = read_row_images(row, self.image_root)
+        if data and self.cfg.tiling == "none":
+            raise SampleSkip("bad_row", rid, "row has images but data.tiling is 'none'")
+        for k, data in enumerate(data):
             try:
                 image = img_lib.load_image(data, name=f"{rid} image {k}")
             except img_lib.ImageError as e:
@@ -240,9 +243,9 @@ class _PackBatchIterator(grain.DatasetIterator):
                 break
             seen += 1
         out: dict[str, Any] = {}
-        for name, f in zip(("chosen", "rejected") if pair else ("",), fits):
-            used = max((sum(len(e["ids"]) for e in row) for row in f.rows), default=0)
-            length = c.max_len if c.pack and not pair else bucket_length(max(used, 1), c.length_buckets)
+        used = max((sum(len(e["ids"]) for e in row) for f in fits for row in f.rows), default=0)
+        length = c.max_len if c.pack and not pair else bucket_length(max(used, 1), c.length_buckets)
+        for name, f in zip(("chosen", "rejected") if pair else ("",), fits):  # pairs share one length
             b = assemble(f.rows, length, c.max_tiles_per_row, c.tile_shape)
             out.update({(f"{name}/{k}" if name else k): v for k, v in b.items()})
         out[STATS_KEY] = _stats(seen, skips)

@@ -171,3 +171,18 @@ def test_to_global_assembles_the_batch_on_the_mesh(data, tok):
         np.testing.assert_array_equal(np.asarray(v), bs[0][k])
         assert len(v.sharding.device_set) == 8
     assert g["input_ids"].addressable_shards[0].data.shape == (1, 96)  # 8 rows over data*fsdp = 8
+
+
+def test_unpacked_rows_pad_to_length_buckets(data, tok):
+    rows, root = data
+    cfg = DataConfig(**{**CFG.__dict__, "pack": False, "max_len": 256, "buckets": (48, 96, 160)})
+    assert cfg.length_buckets == (48, 96, 160, 256)
+    p, bs = batches(rows, root, tok, cfg)
+    assert p.metrics()["data/used"] == len(rows)
+    for b in bs:
+        n = b["input_ids"].shape[1]
+        longest = int((b["segment_ids"] > 0).sum(axis=1).max())
+        assert n in cfg.length_buckets and longest <= n
+        assert n == min(x for x in cfg.length_buckets if x >= longest)
+        assert b["segment_ids"].max() <= 1  # one example per row
+    assert len({b["input_ids"].shape[1] for b in bs}) > 1
