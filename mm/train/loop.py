@@ -303,6 +303,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                     for name, value in evaluator.run(state).items():
                         writer.write(done, {"loss": value}, kind=f"eval_{name}")
                         _log(f"eval step {done}: {name} loss {value:.6f}")
+                    timer.last = time.perf_counter()  # evaluation time is not step time
                 if pre.requested:
                     finish(pending)
                     pending = None

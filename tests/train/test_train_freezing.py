@@ -88,3 +88,24 @@ def test_peak_table_and_mfu():
     assert F.peak_flops("TPU v5p") == 459e12 and F.peak_flops("TPU v6e") == 918e12
     assert F.mfu(1e12, 1.0, 1, "cpu") is None
     assert F.mfu(197e12, 1.0, 1, "TPU v5 lite") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("spec", ["configs/llava.py:stage1", "configs/iaa.py:stage2"])
+def test_multimodal_stage_flops_match_xla(spec):
+    """Frozen LLM under a trainable projector still pays its input gradients; the count must know that."""
+    from mm.config import load_config_file
+
+    c = load_config_file(spec)
+    c.unlock()
+    c.init.prng_impl = "unsafe_rbg"
+    c.model.llm.update(dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_heads=4, num_kv_heads=2,
+                            head_dim=64))
+    c.model.vision_width = 128
+    c.train.seq_len = 64
+    b = loop.build(c, log=False, devices=jax.devices()[:1])
+    x = SyntheticSource(c).batch_at(0)
+    x.pop("example_id")
+    batch = loop._to_global(x, b.batch_sharding, 1)
+    xla = F.xla_flops(b.step_fn.lower(b.state, b.frozen, batch).compile())
+    assert abs(xla / b.flops["total"] - 1) < 0.10, (xla, b.flops)
+    assert b.flops["backward"] > b.flops["forward"]  # not forward-only although the LLM is frozen

@@ -1,0 +1,100 @@
+"""Stage configs chain: each stage starts from the previous one's trained params; frozen parts stay put
+(for IAA the text workflow's held-out loss is exactly the base LLM's, at every evaluation and every stage)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mm.config import load_config_file
+from mm.models import llm as llm_lib
+from mm.train import config as tcfg
+from mm.train import loop, param_groups as pg
+from mm.train.config import llm_config_from
+from mm.train.data import SyntheticSource
+from mm.train.models import cross_entropy
+
+
+def _cfg(spec, **over):
+    c = load_config_file(spec)
+    c.unlock()
+    c.init.prng_impl = "unsafe_rbg"
+    c.train.steps = 3
+    c.checkpoint.every = 0
+    c.metrics.tensorboard = False
+    for k, v in over.items():
+        sec, key = k.split(".")
+        c[sec][key] = v
+    return c
+
+
+def _evals(workdir):
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["loss"]) for r in rows if r["kind"].startswith("eval_")]
+
+
+def _saved_params(workdir, step):
+    with ocp.StandardCheckpointer() as ck:
+        return pg.flatten(ck.restore(workdir / "checkpoints" / str(step) / "state")["params"])
+
+
+@pytest.mark.parametrize("preset", ["iaa14_llama3_8b", "iaa8_llama3_8b", "llama3_8b"])
+def test_big_presets_validate(preset):
+    family = "llava" if preset == "llama3_8b" else "iaa"
+    for stage in (("stage1", "stage2", "stage2_frozen") if family == "llava" else ("stage1", "stage2", "grounding")):
+        c = load_config_file(f"configs/{family}.py:{stage},{preset}")
+        tcfg.validate(c, n_devices=64)
+        assert c.train.batch_size == (256 if stage == "stage1" else 128)
+
+
+def test_iaa_stage_chain_and_frozen_text_workflow(tmp_path):
+    d1, d2, d3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "g"
+    one = jax.devices()[:1]
+    c1 = _cfg("configs/iaa.py:stage1", **{"train.eval_every": 3})
+    loop.train(c1, d1, devices=one)
+    loop.train(_cfg("configs/iaa.py:stage2", **{"init.checkpoint": str(d1), "train.eval_every": 3}), d2, devices=one)
+    b3 = loop.build(_cfg("configs/iaa.py:grounding", **{"init.checkpoint": str(d2)}), log=False, devices=one)
+
+    s1, s2 = _saved_params(d1, 3), _saved_params(d2, 3)
+    assert set(s1) == {f"mm/projector/linear_{k}/{n}" for k in (0, 1) for n in ("kernel", "bias")}
+    assert "mm/layers_0/mlp/up_proj/kernel" in s2 and not any(p.startswith("base/") for p in s2)
+    # stage 2 started from stage 1's projector and trained it further
+    b2 = loop.build(_cfg("configs/iaa.py:stage2", **{"init.checkpoint": str(d1)}), log=False, devices=one)
+    start2 = pg.flatten(b2.state["params"])
+    np.testing.assert_array_equal(start2["mm/projector/linear_0/kernel"], s1["mm/projector/linear_0/kernel"])
+    assert not np.array_equal(s2["mm/projector/linear_0/kernel"], s1["mm/projector/linear_0/kernel"])
+    # grounding: the trained mm branch is loaded and frozen, g trains
+    frozen3 = pg.flatten(b3.frozen)
+    np.testing.assert_array_equal(frozen3["mm/layers_1/self_attn/q_proj/kernel"], s2["mm/layers_1/self_attn/q_proj/kernel"])
+    assert set(pg.flatten(b3.state["params"])) == {p for p in pg.flatten(b3.frozen) | pg.flatten(b3.state["params"])
+                                                 if p.startswith("g/")}
+
+    # the text workflow's held-out loss is the base LLM's own, exactly, at every evaluation of every stage
+    texts = [v for k, v in _evals(d1) + _evals(d2) if k == "eval_text"]
+    assert len(texts) == 2 and texts[0] == texts[1]
+    base = {p[len("base/"):]: v for p, v in frozen3.items() if p.startswith("base/")}
+    lc = llm_config_from(c1)
+    src = SyntheticSource(c1, seed=int(c1.data.eval_seed), multimodal=False)
+    s = n = 0.0
+    for i in range(int(c1.train.eval_batches)):
+        x = src.batch_at(i)
+        logits, _ = llm_lib.LLM(lc).apply({"params": pg.unflatten(base)}, jnp.asarray(x["input_ids"][0]),
+                                           jnp.asarray(x["positions"][0]), segment_ids=jnp.asarray(x["segment_ids"][0]))
+        bs, bn = cross_entropy(logits, jnp.asarray(x["labels"][0]), jnp.asarray(x["loss_mask"][0]))
+        s, n = s + float(bs), n + float(bn)
+    assert texts[0] == pytest.approx(s / n, rel=1e-6)
+
+
+def test_llava_stage1_then_stage2(tmp_path):
+    one = jax.devices()[:1]
+    d1, d2 = tmp_path / "s1", tmp_path / "s2"
+    loop.train(_cfg("configs/llava.py:stage1"), d1, devices=one)
+    s1 = _saved_params(d1, 3)
+    assert set(s1) == {f"projector/linear_{k}/{n}" for k in (0, 1) for n in ("kernel", "bias")}
+    b2 = loop.build(_cfg("configs/llava.py:stage2", **{"init.checkpoint": str(d1)}), log=False, devices=one)
+    start = pg.flatten(b2.state["params"])
+    assert "llm/layers_0/mlp/up_proj/kernel" in start  # stage 2 trains the LLM too
+    np.testing.assert_array_equal(start["projector/linear_1/kernel"], s1["projector/linear_1/kernel"])
