@@ -42,8 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
         # multimodal models: width of the (precomputed, frozen) vision features and the projector kind
         vision_width=32,
         projector="mlp2x_gelu",
-        iaa_positions=[0, 1],
-        iaa_branches=["mm"],
+        iaa_positions=(0, 1),
+        iaa_branches=("mm",),
         iaa_workflow="mm",  # the branch this stage trains
     ))
     c.init = ml_collections.ConfigDict(dict(
@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint="",  # a previous stage's workdir or mm checkpoint dir to start from; "" = none
     ))
     # Ordered (regex over '/'-joined param paths, lr multiplier | "frozen"); first match wins.
-    c.param_groups = [(".*", 1.0)]
+    c.param_groups = ((".*", 1.0),)
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_frac=0.03, min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
         clip_norm=1.0, grad_accum=1,
@@ -65,11 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
         max_consecutive_nonfinite=5, loss_chunk=0,
     ))
     c.data = ml_collections.ConfigDict(dict(kind="synthetic_text", seed=1234, eval_seed=4321, num_image_tokens=4,
-                                            nan_at_steps=[]))
+                                            nan_at_steps=()))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, use_async=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = ml_collections.ConfigDict(dict())  # logical axis overrides, e.g. {"embed": None}
-    c.profile = ml_collections.ConfigDict(dict(steps=[]))
+    c.profile = ml_collections.ConfigDict(dict(steps=()))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True))
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
     return c

@@ -288,7 +288,10 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                 local = next(data)
                 ids = local.pop("example_id")
                 batch = _to_global(local, b.batch_sharding, jax.process_count())
-                state, metrics = b.step_fn(state, b.frozen, batch)
+                with jax.profiler.StepTraceAnnotation("train", step_num=s + 1):
+                    state, metrics = b.step_fn(state, b.frozen, batch)
+                    if tracing:  # inside the annotation, so the step's window covers its device work
+                        jax.block_until_ready(state)
                 finish(pending)
                 pending = (s + 1, metrics, ids)
                 if tracing and s + 1 >= prof[1]:
