@@ -52,7 +52,7 @@ class FirstFit:
 
 
 def assemble(rows: Sequence[Sequence[dict[str, Any]]], length: int, max_tiles: int,
-             tile_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+             tile_shape: tuple[int, ...], pixel_dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Rows of examples -> one batch of numpy arrays (see the module docstring for the layout)."""
     b = len(rows)
     out = {
@@ -62,7 +62,7 @@ def assemble(rows: Sequence[Sequence[dict[str, Any]]], length: int, max_tiles: i
         "segment_ids": np.zeros((b, length), np.int32),
         "positions": np.zeros((b, length), np.int32),
         "image_mask": np.zeros((b, length), bool),
-        "pixel_values": np.zeros((b, max_tiles) + tuple(tile_shape), np.float32),
+        "pixel_values": np.zeros((b, max_tiles) + tuple(tile_shape), pixel_dtype),
         "tile_mask": np.zeros((b, max_tiles), bool),
         "loss_weight": np.ones((b,), np.float32),
     }

@@ -32,6 +32,7 @@ from mm.data.conversations import ConversationEncoder, Encoded, normalise_turns,
 from mm.data.packing import FirstFit, assemble, bucket_length
 from mm.data.skips import REASONS, SampleSkip, SkipCounter, log
 from mm.data.sources import read_row_images, row_id
+from mm.data.tiling import catty_plan
 
 STATS_KEY = "_stats"
 
@@ -57,12 +58,17 @@ class DataConfig:
     max_skip_fraction: float = 0.5
     min_samples_for_ceiling: int = 100
     system_prompt: str | None = None
+    # "float32": normalised `[tiles, 3, T, T]` (the HF processor's output); "uint8": raw RGB `[tiles, T, T, 3]`,
+    # a quarter of the bytes through worker pipes and host->device copies; `normalize_pixels` finishes on device.
+    pixel_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.kind not in ("sft", "preference"):
             raise ValueError(f"data.kind must be 'sft' or 'preference', got {self.kind!r}")
         if self.tiling not in ("catty", "square", "none"):
             raise ValueError(f"data.tiling must be 'catty', 'square' or 'none', got {self.tiling!r}")
+        if self.pixel_dtype not in ("float32", "uint8"):
+            raise ValueError(f"data.pixel_dtype must be 'float32' or 'uint8', got {self.pixel_dtype!r}")
         if self.buckets and max(self.buckets) > self.max_len:
             raise ValueError(f"data.buckets {self.buckets} go over data.max_len {self.max_len}")
 
@@ -80,7 +86,11 @@ class DataConfig:
 
     @property
     def tile_shape(self) -> tuple[int, int, int]:
-        return (3, self.tile, self.tile)
+        return (self.tile, self.tile, 3) if self.pixel_dtype == "uint8" else (3, self.tile, self.tile)
+
+    @property
+    def np_pixel_dtype(self) -> Any:
+        return np.uint8 if self.pixel_dtype == "uint8" else np.float32
 
 
 # ------------------------------------------------------------------------------------------ examples
@@ -94,12 +104,19 @@ class ImageTiler:
 
     def __call__(self, image: Any) -> tuple[np.ndarray, int]:
         c = self.cfg
+        raw = c.pixel_dtype == "uint8"
         if c.tiling == "catty":
-            px = img_lib.catty(image, self.processor, tile=c.tile, max_tiles=c.max_tiles,
-                               normalizer=self.normalizer).pixel_values
+            plan = catty_plan(image.width, image.height, c.tile, c.max_tiles, True)
+            px = img_lib.cut_tiles(image, plan)
+            px = px if raw else self.normalizer(px)
         elif c.tiling == "square":
-            px = img_lib.preprocess(img_lib.pad_to_square(image, img_lib.mean_fill(self.processor)), self.processor,
-                                    self.normalizer)[None]
+            sq = img_lib.pad_to_square(image, img_lib.mean_fill(self.processor))
+            if raw:  # the processor's resize + crop, without the normalisation
+                w, h = img_lib.resize_output_size(sq.width, sq.height, self.processor)
+                arr = np.asarray(sq.resize((w, h), self.processor.resample) if (w, h) != sq.size else sq, np.uint8)
+                px = (img_lib.center_crop(arr, self.processor.crop_size) if self.processor.crop_size else arr)[None]
+            else:
+                px = img_lib.preprocess(sq, self.processor, self.normalizer)[None]
         else:
             raise ValueError("ImageTiler: data.tiling is 'none'")
         return px, int(px.shape[0]) * c.tokens_per_tile
@@ -143,7 +160,7 @@ class ExampleMaker:
             raise SampleSkip("no_supervised_tokens", rid, f"0 supervised tokens of {len(enc)} after templating "
                              f"and truncation to {self.cfg.max_len}")
         kept = pixels[:len(enc.image_tokens)]
-        px = np.concatenate(kept) if kept else np.zeros((0,) + self.cfg.tile_shape, np.float32)
+        px = np.concatenate(kept) if kept else np.zeros((0,) + self.cfg.tile_shape, self.cfg.np_pixel_dtype)
         return {"id": rid, "ids": enc.ids, "supervised": enc.supervised, "image_mask": enc.image_mask, "pixels": px}
 
     def __call__(self, row: Any) -> dict[str, Any]:
@@ -246,7 +263,7 @@ class _PackBatchIterator(grain.DatasetIterator):
         used = max((sum(len(e["ids"]) for e in row) for f in fits for row in f.rows), default=0)
         length = c.max_len if c.pack and not pair else bucket_length(max(used, 1), c.length_buckets)
         for name, f in zip(("chosen", "rejected") if pair else ("",), fits):  # pairs share one length
-            b = assemble(f.rows, length, c.max_tiles_per_row, c.tile_shape)
+            b = assemble(f.rows, length, c.max_tiles_per_row, c.tile_shape, c.np_pixel_dtype)
             out.update({(f"{name}/{k}" if name else k): v for k, v in b.items()})
         out[STATS_KEY] = _stats(seen, skips)
         return out
@@ -349,4 +366,15 @@ def to_global(batch: dict[str, np.ndarray], mesh: Any, batch_axes: Sequence[str]
             sharding = NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (v.ndim - 1))))
         shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
         out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
+
+
+def normalize_pixels(pixels: Any, processor: img_lib.ProcessorConfig | None = None, tile: int = 336) -> Any:
+    """uint8 `[..., T, T, 3]` (`pixel_dtype="uint8"`) -> float32 `[..., 3, T, T]` with jax, bit-identical to the
+    float32 pipeline (the same 256-entry table per channel as `mm.data.images.Normalizer`)."""
+    import jax.numpy as jnp
+
+    lut = jnp.asarray(img_lib.Normalizer(processor or img_lib.ProcessorConfig.clip(tile)).lut)  # [3, 256]
+    x = jnp.asarray(pixels).astype(jnp.int32)
+    out = jnp.stack([lut[c][x[..., c]] for c in range(3)], axis=-3)
     return out

@@ -186,3 +186,23 @@ def test_unpacked_rows_pad_to_length_buckets(data, tok):
         assert n == min(x for x in cfg.length_buckets if x >= longest)
         assert b["segment_ids"].max() <= 1  # one example per row
     assert len({b["input_ids"].shape[1] for b in bs}) > 1
+
+
+@pytest.mark.parametrize("tiling", ["catty", "square"])
+def test_uint8_pixels_normalised_on_device_equal_float32(data, tok, tiling):
+    from mm.data.images import ProcessorConfig
+    from mm.data.pipeline import normalize_pixels
+
+    rows, root = data
+    cfg = DataConfig(**{**CFG.__dict__, "tiling": tiling})
+    _, f32 = batches(rows[:8], root, tok, cfg)
+    _, u8 = batches(rows[:8], root, tok, DataConfig(**{**cfg.__dict__, "pixel_dtype": "uint8"}))
+    assert len(f32) == len(u8)
+    for a, b in zip(f32, u8):
+        assert b["pixel_values"].dtype == np.uint8 and b["pixel_values"].shape[-1] == 3
+        got = np.asarray(normalize_pixels(b["pixel_values"], ProcessorConfig.clip(28)))
+        m = a["tile_mask"]
+        np.testing.assert_array_equal(got[m], a["pixel_values"][m])
+        for k in a:
+            if k != "pixel_values":
+                np.testing.assert_array_equal(a[k], b[k])
