@@ -1,1 +1,2 @@
-"""Data: image decoding and preprocessing, tiling (more to come: conversations, packing, pipelines)."""
+"""Data: images (decode, pad, CATTY tiling), conversations (templates, exact masks), packing, the Grain
+pipeline, sources (LLaVA JSON, ArrayRecord, TFDS), skip counters, generated demo data. See README.md here."""
