@@ -127,10 +127,14 @@ class ConversationEncoder:
             for i in range(start, start + last + 1):
                 sup[i] = not img[i]
 
-    def _render(self, messages: list[dict[str, str]], gen: bool = False) -> str:
+    def _render(self, messages: list[dict[str, str]], gen: bool = False, rid: str = "?") -> str:
         if not messages:
             return ""
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # jinja's raise_exception, templates indexing missing turns, ...
+            raise SampleSkip("template_error", rid, f"chat template failed on {len(messages)} turns: "
+                             f"{type(e).__name__}: {e}") from e
 
     # -- whole sequences
     def encode(self, turns: list[tuple[str, str]], image_tokens: Sequence[int], rid: str) -> Encoded:
@@ -155,9 +159,9 @@ class ConversationEncoder:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
             prev = ""
             for k, m in enumerate(messages):
-                full = self._render(messages[:k + 1])
+                full = self._render(messages[:k + 1], rid=rid)
                 if m["role"] == "assistant":
-                    head = self._render(messages[:k], gen=True)
+                    head = self._render(messages[:k], gen=True, rid=rid)
                     if not head.startswith(prev) or not full.startswith(head):
                         raise SampleSkip("template_not_prefix", rid, f"chat template does not render turn {k} "
                                          "as an extension of the previous turns")

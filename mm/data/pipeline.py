@@ -333,6 +333,9 @@ class DataPipeline:
         self.counter.merge(st["used"], st["counts"], st["examples"])
         for r, i, m in self.counter.examples[before:]:
             log.warning("data: skipped sample %s (%s): %s", i, r, m)
+        if st["counts"].get("no_supervised_tokens"):  # LLaVA's silent failure mode: say it every time
+            log.warning("data: %d sample(s) in this batch had no supervised token and were dropped (%d so far)",
+                        st["counts"]["no_supervised_tokens"], self.counter.counts["no_supervised_tokens"])
         self.counter.check()
         return batch
 

@@ -24,6 +24,7 @@ REASONS = (
     "corrupt_image",  # undecodable, truncated, absurd size
     "image_count_mismatch",  # number of `<image>` placeholders != number of images
     "template_not_prefix",  # the chat template does not render turn by turn (cannot build exact masks)
+    "template_error",  # the chat template raised for this conversation (e.g. roles out of the order it wants)
     "too_many_tiles",  # more image tiles than one batch row can hold
     "no_supervised_tokens",  # after templating and truncation, not one token carries loss
 )

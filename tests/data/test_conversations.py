@@ -172,3 +172,13 @@ def test_placeholder_count_follows_catty_grid(size, tmp_path):
     assert int(ex["image_mask"].sum()) == plan.num_images * 7
     if size == (1920, 1080):  # DESIGN.md worked example: grid 4x2 plus thumbnail
         assert plan.grid == (4, 2) and plan.num_images == 9
+
+
+def test_template_that_raises_is_a_skip_not_a_crash():
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    conv = [{"from": "system", "value": "x"}] + CONV[:2]
+    with pytest.raises(SampleSkip) as e:
+        ConversationEncoder(tok).encode(normalise_turns(conv, "r3"), [1], "r3")
+    assert e.value.reason == "template_error" and "no system role" in e.value.message
