@@ -28,7 +28,7 @@ from mm.config import ConfigError
 from mm.train import config as tcfg
 from mm.train import flops as flops_lib
 from mm.train import models, param_groups as pg
-from mm.train.checkpoint import Checkpointer, find_trained_params
+from mm.train.checkpoint import Checkpointer, find_trained_params  # noqa: F401 (re-exported)
 from mm.train.data import SyntheticSource
 from mm.train.metrics import MetricsWriter, Timer
 from mm.train.optimizer import make_optimizer, schedule
