@@ -55,6 +55,7 @@ class DataConfig:
     num_epochs: int | None = 1  # None: repeat forever
     read_threads: int = 2
     worker_count: int = 0
+    worker_buffer: int = 1  # batches each worker may run ahead (Grain per_worker_buffer_size)
     max_skip_fraction: float = 0.5
     min_samples_for_ceiling: int = 100
     system_prompt: str | None = None
@@ -305,7 +306,8 @@ def build_dataset(rows: Any, cfg: DataConfig, maker: ExampleMaker, *, shard_inde
 
         if not flags.FLAGS.is_parsed():  # Grain reads absl flags in its workers (DESIGN.md section 8)
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                         per_worker_buffer_size=cfg.worker_buffer))
     return it
 
 
