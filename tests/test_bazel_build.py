@@ -3,6 +3,8 @@
 Under Bazel this runs on the runfiles tree (//:repo_sources), under plain pytest on the git work tree.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 from textwrap import dedent
 
@@ -69,36 +71,48 @@ def test_check_reports_test_module_without_target_and_stale_build_text(tmp_path)
 
 
 def test_import_resolution(tmp_path):
+    # Synthetic names (lib/, src/kpkg/) differ from the real repo's, whose paths this module must not name.
     repo = _tree(tmp_path, {
-        "pyproject.toml": '[tool.pytest.ini_options]\npythonpath = [".", "kernels"]\n',
-        "kernels/mm_kernels/__init__.py": "",
-        "kernels/mm_kernels/flash.py": "from . import ref\nfrom .ref import attend\n",
-        "kernels/mm_kernels/ref.py": "",
-        "mm/__init__.py": "",
-        "mm/models/__init__.py": "from mm.models.llm import LLM\n",
-        "mm/models/llm.py": dedent("""\
+        "pyproject.toml": '[tool.pytest.ini_options]\npythonpath = [".", "src"]\n',
+        "src/kpkg/__init__.py": "",
+        "src/kpkg/flash.py": "from . import ref\nfrom .ref import attend\n",
+        "src/kpkg/ref.py": "",
+        "lib/__init__.py": "",
+        "lib/models/__init__.py": "from lib.models.dec import Dec\n",
+        "lib/models/dec.py": dedent("""\
             from typing import TYPE_CHECKING
             import numpy as np
-            from mm import config as cfg
+            from lib import settings as cfg
+            from lib.models.not_written_yet import X
             if TYPE_CHECKING:
-                from mm.models import vision
+                from lib.models import enc
             def lazy():
-                import mm_kernels.flash
+                import kpkg.flash
             """),
-        "mm/models/vision.py": "",
-        "mm/config.py": "",
+        "lib/models/enc.py": "",
+        "lib/settings.py": "",
+        "lib/cli.py": "",
+        "cfgs/small.py": "",
         "tests/conftest.py": "",
-        "tests/worker.py": "import mm.models\n",
-        "tests/test_w.py": "import pytest\nWORKER = 'worker.py'\nimport mm\n",
+        "tests/worker.py": "import lib.models\n",
+        "tests/test_w.py": dedent("""\
+            import subprocess, sys
+            WORKER = 'worker.py'
+            CONFIG = "--config=cfgs/small.py:variant"
+            import lib
+            def test_cli():
+                subprocess.run([sys.executable, "-m", "lib.cli"])
+            """),
     })
-    assert set(repo.imports("kernels/mm_kernels/flash.py")) == {"kernels/mm_kernels/ref.py"}
-    assert set(repo.imports("mm/models/llm.py")) == {"mm/config.py", "kernels/mm_kernels/flash.py"}
-    assert set(repo.imports("mm/models/__init__.py")) == {"mm/models/llm.py"}
-    assert set(repo.imports("tests/test_w.py")) == {"tests/worker.py", "mm/__init__.py"}
+    assert set(repo.imports("src/kpkg/flash.py")) == {"src/kpkg/ref.py"}
+    assert set(repo.imports("lib/models/dec.py")) == {"lib/settings.py", "src/kpkg/flash.py"}
+    assert set(repo.imports("lib/models/__init__.py")) == {"lib/models/dec.py"}
+    assert set(repo.imports("tests/test_w.py")) == {"tests/worker.py", "lib/__init__.py", "cfgs/small.py",
+                                                    "lib/cli.py"}
     assert repo.pytest_support("tests/test_w.py") == ["tests/conftest.py"]
     builds = bazel_deps.generate(repo)
-    assert 'imports = [".."],' in builds["kernels/mm_kernels/BUILD"]
-    assert '"//kernels/mm_kernels:flash",' in builds["mm/models/BUILD"]
+    assert 'imports = [".."],' in builds["src/kpkg/BUILD"]
+    assert '"//src/kpkg:flash",' in builds["lib/models/BUILD"]
 
 
 def test_cycles_share_a_target_within_a_package_and_fail_across(tmp_path):
@@ -132,3 +146,26 @@ def test_runner_arguments():
     assert pytest_args(["tests/test_x.py"], None) == ["-q", "-p", "no:cacheprovider", "tests/test_x.py"]
     with pytest.raises(ValueError, match="--markers=quick"):
         pytest_args(["--markers=quick", "t.py"], None)
+
+
+def test_runner_hides_the_source_tree():
+    """Under Bazel, a module missing from a target's deps must not be importable via `pip install -e .`'s finder."""
+    code = dedent("""\
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        class EditableFinder:
+            @classmethod
+            def find_spec(cls, name, path=None, target=None):
+                return None
+        EditableFinder.__module__ = "__editable___mm_finder"
+        sys.meta_path.append(EditableFinder)
+        sys.path.append("__editable__.mm.finder.__path_hook__")
+        from tools import pytest_main
+        pytest_main._hide_source_tree()
+        assert EditableFinder not in sys.meta_path
+        assert not [p for p in sys.path if p.startswith("__editable__") or p == sys.argv[1]], sys.path
+        print("hidden")
+        """)
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout == "hidden\n", out.stderr

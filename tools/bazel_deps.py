@@ -16,7 +16,8 @@ The model (one rule for the whole repo, so a BUILD file is a function of the imp
   not under `if TYPE_CHECKING:`), resolved against the import roots of pyproject's pytest `pythonpath` and,
   for tests, against the directory pytest puts on sys.path; a test also depends on the `conftest.py` and
   `__init__.py` files pytest loads for it and on the repo `.py` files it names in string literals
-  (e.g. `Path(__file__).with_name("worker.py")`). Third-party imports come from the interpreter's site-packages.
+  (e.g. `Path(__file__).with_name("worker.py")`, `"--config=configs/x.py:full"`) or runs (`"-m", "launch.train"`).
+  Third-party imports come from the interpreter's site-packages.
 """
 
 from __future__ import annotations
@@ -163,9 +164,13 @@ class Repo:
         if pytest_loaded:
             here = PurePosixPath(path).parent
             for ref, lineno, rooted in _path_literals(self._trees[path]):
-                c = os.path.normpath(ref.lstrip("/") if rooted else str(here / ref))
-                if c in self.file_set and c != path:
-                    found.setdefault(c, f"line {lineno}: names {ref!r}")
+                candidates = [ref.lstrip("/")] if rooted else [str(here / ref), ref]
+                for c in map(os.path.normpath, candidates):
+                    if c in self.file_set and c != path:
+                        found.setdefault(c, f"line {lineno}: names {ref!r}")
+                        break
+            for module, lineno in _run_module_literals(self._trees[path]):
+                add(module.split("."), f"line {lineno}: runs -m {module}")
         return found
 
     def pytest_support(self, path: str) -> list[str]:
@@ -254,10 +259,14 @@ def _is_import_module_call(node: ast.Call) -> bool:
 _PY_PATH = re.compile(r"[\w./-]*\w\.py\b")
 
 
+_PATH_CONSTANT = re.compile(r"(?:--[\w-]+=)?([\w./-]*\w\.py)(?::.*)?")
+
+
 def _path_literals(tree: ast.Module):
-    """(`*.py` path, line, rooted) named by a test's strings: a whole string constant is a path next to the test
-    (`with_name("worker.py")`); in an f-string, a part right after a value and starting with "/" is a path from
-    the repo root (`f"{REPO}/configs/x.py:variant"`). Other text, e.g. a synthetic tree's file names, is not."""
+    """(`*.py` path, line, rooted) named by a test's strings: a whole string constant, optionally `--flag=path`
+    and/or `path:variant` (config files), is a path next to the test or from the repo root (`with_name("w.py")`,
+    `"--config=configs/x.py:full"`); in an f-string, a part right after a value and starting with "/" is a path
+    from the repo root (`f"{REPO}/configs/x.py:variant"`). Paths inside longer text are not."""
     for node in ast.walk(tree):
         if isinstance(node, ast.JoinedStr):
             for prev, part in zip(node.values, node.values[1:]):
@@ -266,8 +275,20 @@ def _path_literals(tree: ast.Module):
                     m = _PY_PATH.match(part.value)
                     if m:
                         yield m.group(0), node.lineno, True
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _PY_PATH.fullmatch(node.value):
-            yield node.value, node.lineno, False
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            m = _PATH_CONSTANT.fullmatch(node.value)
+            if m:
+                yield m.group(1), node.lineno, False
+
+
+def _run_module_literals(tree: ast.Module):
+    """(module, line) of `[..., "-m", "pkg.mod", ...]` argument lists: modules a test runs in a subprocess."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.List, ast.Tuple)):
+            for flag, arg in zip(node.elts, node.elts[1:]):
+                if isinstance(flag, ast.Constant) and flag.value == "-m" and isinstance(arg, ast.Constant) \
+                        and isinstance(arg.value, str) and re.fullmatch(r"[\w.]+", arg.value):
+                    yield arg.value, node.lineno
 
 
 def _is_slow_mark(node: ast.AST) -> bool:
@@ -454,7 +475,7 @@ def render(pkg: str, targets: list[Target], all_packages: list[str], has_fast_li
             if t.markers != "fast":
                 body.append(f'    markers = "{t.markers}",')
             if t.markers == "slow":
-                body.append('    size = "large",')
+                body.append('    size = "enormous",')
         else:
             body += _list("srcs", [PurePosixPath(s).name for s in t.srcs], pkg)
             body += _list("imports", t.imports, pkg)

@@ -1,6 +1,6 @@
 """`pytest_test`: a py_test that runs pytest on one test module (the BUILD files call it; see tools/bazel_deps.py)."""
 
-def pytest_test(name, src, deps = [], markers = "all", data = [], **kwargs):
+def pytest_test(name, src, deps = [], markers = "fast", data = [], size = "large", **kwargs):
     """One test module as one Bazel test, run by tools/pytest_main.py under the repo's pytest config.
 
     Args:
@@ -9,7 +9,8 @@ def pytest_test(name, src, deps = [], markers = "all", data = [], **kwargs):
       deps: py_library targets of the repo modules it imports (and of the conftest.py files pytest loads).
       markers: "fast" runs `-m "not slow"`, "slow" runs `-m slow`, "all" runs every test.
       data: extra runfiles.
-      **kwargs: passed to py_test (tags, size, ...).
+      size: Bazel test size; "large" (15 min timeout) because the CPU is shared and jax compiles are slow.
+      **kwargs: passed to py_test (tags, ...).
     """
     native.py_test(
         name = name,
@@ -21,5 +22,6 @@ def pytest_test(name, src, deps = [], markers = "all", data = [], **kwargs):
         python_version = "PY3",
         srcs_version = "PY3",
         legacy_create_init = False,
+        size = size,
         **kwargs
     )

@@ -20,9 +20,15 @@ def _hide_source_tree() -> None:
     An editable install (`pip install -e .`) makes the source tree importable through a site-packages finder;
     left in place it would supply any module a target forgot to depend on.
     """
-    sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
+    def editable(obj: object) -> bool:
+        return (obj if isinstance(obj, type) else type(obj)).__module__.startswith("__editable__")
+
+    sys.meta_path[:] = [f for f in sys.meta_path if not editable(f)]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if not editable(getattr(h, "__self__", h))]
     source_root = Path(__file__).resolve().parents[1]  # this file is a runfiles symlink into the source tree
-    sys.path[:] = [p for p in sys.path if not Path(p or ".").resolve().is_relative_to(source_root)]
+    sys.path[:] = [p for p in sys.path
+                   if not p.startswith("__editable__") and not Path(p or ".").resolve().is_relative_to(source_root)]
+    sys.path_importer_cache.clear()
 
 
 def pytest_args(argv: list[str], xml_output: str | None) -> list[str]:
