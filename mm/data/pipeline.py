@@ -352,6 +352,16 @@ class DataPipeline:
     def metrics(self) -> dict[str, float]:
         return self.counter.metrics()
 
+    def close(self) -> None:
+        """Stops Grain's worker processes / threads (also at garbage collection)."""
+        self._it.close()
+
+    def __enter__(self) -> "DataPipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 def to_global(batch: dict[str, np.ndarray], mesh: Any, batch_axes: Sequence[str] | str | None = None) -> dict[str, Any]:
     """This process's rows -> global `jax.Array`s sharded over the batch axis (default: the data-parallel

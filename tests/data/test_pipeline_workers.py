@@ -27,6 +27,8 @@ def test_resume_with_two_workers(tmp_path):
     q = make(cfg)
     q.restore(state)
     got = head + list(q)
+    for pipe in (p, q):
+        pipe.close()
     assert len(got) == len(ref) and len(ref) > 4
     for x, y in zip(got, ref):
         for k in x:
