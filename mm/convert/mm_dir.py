@@ -134,23 +134,32 @@ def _load_context() -> ocp.Context:
 
 class ParamWriter:
     """Builds `params/` unit by unit with Orbax partial saves; at most one unit is being written while the
-    caller prepares the next."""
+    caller prepares the next, and only when both fit in `overlap_bytes` (else the caller waits first)."""
 
-    def __init__(self, mm_dir: str | Path):
+    def __init__(self, mm_dir: str | Path, overlap_bytes: int = 1024**3):
         self.path = Path(mm_dir) / PARAMS_DIR
+        self.overlap_bytes = overlap_bytes
         self._ctx = _save_context()
         self._pending: Any = None
+        self._pending_bytes = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Call before preparing a unit of `nbytes`: waits for the write in flight if both would not fit."""
+        if self._pending_bytes + nbytes > self.overlap_bytes:
+            self.wait()
 
     def add(self, unit_tree: dict[str, Any]) -> None:
         """Schedules one unit (a nested dict of numpy arrays, disjoint from earlier units)."""
         self.wait()
         with self._ctx:
             self._pending = ocp.partial.save_async(self.path, unit_tree)
+        self._pending_bytes = sum(x.nbytes for x in flatten(unit_tree).values())
 
     def wait(self) -> None:
         if self._pending is not None:
             self._pending.result()
             self._pending = None
+            self._pending_bytes = 0
 
     def finalize(self) -> None:
         self.wait()

@@ -146,6 +146,7 @@ def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
             with mmd.ParamWriter(stage) as writer, contextlib.closing(stream), \
                     _progress(total, "hf-to-mm", progress) as bar:
                 for _, entries in units:
+                    writer.reserve(sum(int(np.prod(e.mm_shape)) * out_of[e.hf_name].itemsize for e in entries))
                     unit: dict[str, Any] = {}
                     for e in entries:
                         name, arr = next(stream)

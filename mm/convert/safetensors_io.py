@@ -165,7 +165,7 @@ class SafetensorsCheckpoint:
             got += n
         return out
 
-    def iter_tensors(self, names: Sequence[str], read_ahead_bytes: int = 512 * 1024**2
+    def iter_tensors(self, names: Sequence[str], read_ahead_bytes: int = 256 * 1024**2
                      ) -> Iterator[tuple[str, np.ndarray]]:
         """`(name, array)` in order, read by a background thread up to `read_ahead_bytes` ahead (at least one
         tensor), so disk reads overlap the caller's work while memory stays bounded."""
@@ -180,9 +180,10 @@ class SafetensorsCheckpoint:
                         inflight += self.tensors[names[nxt]].nbytes
                         pending.append((names[nxt], pool.submit(self.read, names[nxt])))
                         nxt += 1
-                    name, fut = pending.popleft()
+                    name = pending[0][0]
                     inflight -= self.tensors[name].nbytes
-                    yield name, fut.result()
+                    # No local keeps the future (or its array) alive while the caller works on it.
+                    yield name, pending.popleft()[1].result()
             finally:
                 for _, fut in pending:
                     fut.cancel()
