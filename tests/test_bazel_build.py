@@ -169,3 +169,10 @@ def test_runner_hides_the_source_tree():
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and out.stdout == "hidden\n", out.stderr
+
+
+def test_target_names_never_collide(tmp_path):
+    repo = _tree(tmp_path, {"pkg/pkg.py": "", "pkg/sources.py": "", "pkg/test_pkg.py": "import pkg.pkg\n"})
+    names = [t.name for t in bazel_deps.plan(repo)["pkg"]]
+    assert sorted(names) == ["pkg", "pkg-all", "sources", "test_pkg"]
+    assert 'name = "package-files",' in bazel_deps.generate(repo)["pkg/BUILD"]
