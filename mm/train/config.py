@@ -18,7 +18,7 @@ import ml_collections
 
 from mm.config import ConfigError, LLMConfig
 
-MODEL_KINDS = ("llm", "llava", "iaa")
+MODEL_KINDS = ("llm", "llava", "iaa", "vlm")  # vlm: ViT in the graph (POINTS-style per-layer ViT training)
 DATA_KINDS = ("synthetic_text", "synthetic_mm")
 
 
@@ -30,6 +30,28 @@ def _llm_defaults() -> dict[str, Any]:
     d["eos_token_id"] = list(d["eos_token_id"])
     d["rope_scaling"] = None
     return d
+
+
+def _vision_defaults() -> dict[str, Any]:
+    """A tiny CLIP ViT: 28x28 images, 14x14 patches -> 4 patch tokens."""
+    from mm.config import VisionConfig
+
+    return dataclasses.asdict(VisionConfig(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                                           image_size=28, patch_size=14))
+
+
+def vision_config_from(cfg: Any) -> Any:
+    from mm.config import VisionConfig
+
+    d = dict(_as_dict(cfg.model.vision))
+    fields = {f.name for f in dataclasses.fields(VisionConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"config key model.vision.{unknown[0]} unknown; VisionConfig fields are {sorted(fields)}")
+    try:
+        return VisionConfig(**d)
+    except ConfigError as e:
+        raise ConfigError(f"model.vision: {e}") from e
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
         iaa_positions=(0, 1),
         iaa_branches=("mm",),
         iaa_workflow="mm",  # the branch this stage trains
+        # kind "vlm": the ViT runs inside the step (features from `vision_select_layer`, class token dropped)
+        vision=_vision_defaults(),
+        vision_select_layer=-2,
     ))
     c.init = ml_collections.ConfigDict(dict(
         seed=0,
@@ -150,7 +175,7 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
     """Raises ConfigError naming the key for anything wrong; cheap (no model is built)."""
     schema = base_config().to_dict()
     d = _as_dict(cfg)
-    _check_tree(schema, d, "", open_keys=("model.llm", "rules"))
+    _check_tree(schema, d, "", open_keys=("model.llm", "model.vision", "rules"))
     m, t, o = cfg.model, cfg.train, cfg.optim
     if cfg.init.prng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
         raise ConfigError(f"config key init.prng_impl = {cfg.init.prng_impl!r}: threefry2x32, rbg or unsafe_rbg")
@@ -159,6 +184,8 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
     if cfg.data.kind not in DATA_KINDS:
         raise ConfigError(f"config key data.kind = {cfg.data.kind!r}: choose one of {DATA_KINDS}")
     llm_config_from(cfg)
+    if m.kind == "vlm":
+        vision_config_from(cfg)
     for key in ("steps", "batch_size", "seq_len", "log_every"):
         if t[key] <= 0:
             raise ConfigError(f"config key train.{key} = {t[key]} must be positive")

@@ -22,7 +22,8 @@ _MULTS = (1, 3, 5, 7)
 
 
 def example(seed: int, example_id: int, seq_len: int, vocab: int, num_image_tokens: int = 0,
-            vision_width: int = 0) -> dict[str, np.ndarray]:
+            vision_width: int = 0, pixels: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """One example; `pixels=(channels, size)` adds raw `pixel_values [C, size, size]` (ViT in the step)."""
     rng = np.random.default_rng([seed, example_id])
     lo = 3  # ids 0..2 are pad/bos/eos
     span = vocab - lo
@@ -49,6 +50,10 @@ def example(seed: int, example_id: int, seq_len: int, vocab: int, num_image_toke
         out["image_mask"] = mask
         out["loss_mask"][:num_image_tokens] = 0.0
         out["input_ids"][:num_image_tokens] = -200  # placeholder id, replaced by the features
+        if pixels is not None:
+            del out["image_features"]
+            ch, size = pixels
+            out["pixel_values"] = rng.standard_normal((ch, size, size)).astype(np.float32)
     return out
 
 
@@ -67,6 +72,12 @@ class SyntheticSource:
         self.num_image_tokens = int(d.num_image_tokens) if mm else 0
         self.vision_width = int(cfg.model.vision_width)
         self.nan_at_steps = set(int(s) for s in d.nan_at_steps)
+        self.pixels = None
+        if cfg.model.kind == "vlm" and self.num_image_tokens:
+            v = cfg.model.vision
+            grid = int(v.image_size) // int(v.patch_size)
+            self.num_image_tokens = grid * grid  # patch tokens (class token dropped)
+            self.pixels = (int(v.num_channels), int(v.image_size))
         self.micro = self.batch // self.accum
         if self.micro % process_count:
             raise ValueError(f"data: micro batch {self.micro} does not split over {process_count} processes")
@@ -87,7 +98,7 @@ class SyntheticSource:
         for a in range(self.accum):
             base = step * self.batch + a * self.micro + self.process_index * self.local
             rows.append([example(self.seed, base + r, self.seq_len, self.vocab, self.num_image_tokens,
-                                 self.vision_width) for r in range(self.local)])
+                                 self.vision_width, self.pixels) for r in range(self.local)])
         out = {k: np.stack([np.stack([ex[k] for ex in mb]) for mb in rows]) for k in rows[0][0]}
         if step in self.nan_at_steps:
             out["loss_weight"] = np.full_like(out["loss_weight"], np.nan)

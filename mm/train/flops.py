@@ -53,16 +53,17 @@ def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: As
         for w in st.weights:
             if w not in sizes:
                 continue
-            f = 2.0 * sizes[w]
+            f = 2.0 * sizes[w] * st.token_factor
             fwd += f
             if assignment.is_trainable(w):
                 bwd += f
             if upstream_trainable:
                 bwd += f
         if st.attn_flops:
-            fwd += st.attn_flops
+            a = st.attn_flops * st.token_factor
+            fwd += a
             if upstream_trainable:
-                bwd += 2.0 * st.attn_flops
+                bwd += 2.0 * a
         upstream_trainable = upstream_trainable or any(assignment.is_trainable(p) for p in here)
     return {"forward": fwd * tokens, "backward": bwd * tokens, "total": (fwd + bwd) * tokens}
 

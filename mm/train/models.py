@@ -30,6 +30,7 @@ class Stage:
     weights: tuple[str, ...] = ()  # '/'-joined param paths used as matmul weights (once per token)
     attn_flops: float = 0.0  # attention-core forward FLOPs per token (causal: half counted)
     touches: tuple[str, ...] = ()  # other params read here (embeddings, norms) - trainability only
+    token_factor: float = 1.0  # this stage's tokens per text token (vision stages run on patches)
 
 
 @dataclasses.dataclass
@@ -172,8 +173,68 @@ def _iaa_model(cfg: Any) -> TrainModel:
     return TrainModel("iaa", c, iaa.abstract_params(ic), init, make_loss(wf), evals, stages, "base")
 
 
+def _vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) -> list[Stage]:
+    """ViT layers 0..upto-1 (bidirectional attention: not halved), per patch token scaled by `factor`."""
+    p = f"{prefix}/" if prefix else ""
+    out = [Stage((f"{p}embeddings/patch_embedding/kernel",), 0.0,
+                 (f"{p}embeddings/class_embedding", f"{p}embeddings/position_embedding/embedding",
+                  f"{p}pre_layrnorm/scale"), factor)]
+    attn = 4.0 * n_tokens * vc.hidden_size
+    for i in range(upto):
+        q = f"{p}encoder/layers_{i}"
+        out += [Stage(tuple(f"{q}/self_attn/{n}_proj/kernel" for n in "qkv"), 0.0, (f"{q}/layer_norm1/scale",), factor),
+                Stage((), attn, (), factor), Stage((f"{q}/self_attn/out_proj/kernel",), 0.0, (), factor),
+                Stage((f"{q}/mlp/fc1/kernel",), 0.0, (f"{q}/layer_norm2/scale",), factor),
+                Stage((f"{q}/mlp/fc2/kernel",), 0.0, (), factor)]
+    return out
+
+
+def _vlm_model(cfg: Any) -> TrainModel:
+    """ViT (in the step) -> projector -> LLaVA-style splice -> LLM. Params `{vision, projector, llm}`."""
+    from mm.models import llava, vision
+    from mm.train.config import vision_config_from
+
+    c = llm_config_from(cfg)
+    vc = vision_config_from(cfg)
+    proj = _projector_config(cfg, c)
+    if proj.in_dim != vc.hidden_size:
+        proj = dataclasses.replace(proj, in_dim=vc.hidden_size)
+    lc = llava.LLaVAConfig(llm=c, projector=proj)
+    model = llava.LLaVA(lc)
+    layer = int(cfg.model.vision_select_layer)
+
+    def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
+        feats = vision.image_features(params["vision"], vc, b["pixel_values"], layer=layer, feature="patch")
+        logits, _ = model.apply({"params": {"llm": params["llm"], "projector": params["projector"]}},
+                                b["input_ids"], b["positions"], image_features=feats, image_mask=b["image_mask"],
+                                segment_ids=b["segment_ids"])
+        return cross_entropy(logits, b["labels"], _mask(b))
+
+    def init(rng: Array) -> Any:
+        k1, k2, k3 = jax.random.split(rng, 3)
+        out = llava.init_params(lc, llm_lib.init_params(c, k1), k2)
+        out["vision"] = nn.unbox(vision.VisionTower(vc).init(k3, vision._dummy_pixels(vc)))["params"]
+        return out
+
+    def abstract() -> Any:
+        a = dict(llava.abstract_params(lc))
+        a["vision"] = vision.abstract_params(vc)
+        return a
+
+    def stages(seq_len: int) -> list[Stage]:
+        n_vis = vc.grid_size ** 2 + (1 if vc.has_class_token else 0)
+        upto = vision.select_layer_index(layer, vc.num_layers)
+        out = _vit_stages("vision", vc, n_vis, n_vis / seq_len, upto)
+        out += _projector_stages("projector", proj.kind) + [Stage((), 0.0, ("llm/embed_tokens/embedding",))]
+        for i in range(c.num_layers):
+            out += _layer_stages(f"llm/layers_{i}", c, seq_len)
+        return out + [_head_stage("llm", c)]
+
+    return TrainModel("vlm", c, abstract(), init, loss, {"mm": loss}, stages, "llm")
+
+
 def build(cfg: Any) -> TrainModel:
-    return {"llm": _llm_model, "llava": _llava_model, "iaa": _iaa_model}[cfg.model.kind](cfg)
+    return {"llm": _llm_model, "llava": _llava_model, "iaa": _iaa_model, "vlm": _vlm_model}[cfg.model.kind](cfg)
 
 
 def unboxed_shapes(abstract: Any) -> Any:

@@ -90,7 +90,7 @@ def test_peak_table_and_mfu():
     assert F.mfu(197e12, 1.0, 1, "TPU v5 lite") == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("spec", ["configs/llava.py:stage1", "configs/iaa.py:stage2"])
+@pytest.mark.parametrize("spec", ["configs/llava.py:stage1", "configs/iaa.py:stage2", "configs/points.py:vit_last_k,2"])
 def test_multimodal_stage_flops_match_xla(spec):
     """Frozen LLM under a trainable projector still pays its input gradients; the count must know that."""
     from mm.config import load_config_file
@@ -102,6 +102,9 @@ def test_multimodal_stage_flops_match_xla(spec):
                             head_dim=64))
     c.model.vision_width = 128
     c.train.seq_len = 64
+    if "points" in spec:  # ViT in the step: 8x8 patches, per-layer freezing
+        c.model.vision.update(dict(hidden_size=128, intermediate_size=512, image_size=112, patch_size=14))
+        c.train.seq_len = 96
     b = loop.build(c, log=False, devices=jax.devices()[:1])
     x = SyntheticSource(c).batch_at(0)
     x.pop("example_id")

@@ -98,3 +98,21 @@ def test_llava_stage1_then_stage2(tmp_path):
     start = pg.flatten(b2.state["params"])
     assert "llm/layers_0/mlp/up_proj/kernel" in start  # stage 2 trains the LLM too
     np.testing.assert_array_equal(start["projector/linear_1/kernel"], s1["projector/linear_1/kernel"])
+
+
+def test_points_trains_only_the_last_k_vit_layers_below_the_feature_layer():
+    c = _cfg("configs/points.py:vit_last_k,2")
+    b = loop.build(c, log=False, devices=jax.devices()[:1])
+    trainable = set(pg.flatten(b.state["params"]))
+    layers = {p.split("/")[2] for p in trainable if p.startswith("vision/")}
+    assert layers == {"layers_1", "layers_2"}  # 4 layers, features from layer 3's input (-2): 1, 2 train
+    assert {p for p in trainable if not p.startswith("vision/")} == {
+        f"projector/linear_{k}/{n}" for k in (0, 1) for n in ("kernel", "bias")}
+    x = SyntheticSource(c).batch_at(0)
+    x.pop("example_id")
+    before = pg.flatten(jax.device_get(b.state["params"]))
+    state, m = b.step_fn(b.state, b.frozen, loop._to_global(x, b.batch_sharding, 1))
+    after = pg.flatten(jax.device_get(state["params"]))
+    assert bool(m["finite"])
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert "vision/encoder/layers_1/mlp/fc1/kernel" in changed and "projector/linear_0/kernel" in changed
