@@ -1,0 +1,125 @@
+"""Cross-entropy over a large vocabulary without materialising `[tokens, vocab]` logits.
+
+`chunked_cross_entropy` takes the final hidden states `[N, D]` and the LM-head kernel `[D, V]` and walks the
+tokens in chunks: the forward keeps only each token's log-sum-exp, the backward (a `jax.custom_vjp`)
+recomputes one chunk's logits at a time to form dH and accumulate dW. Peak extra memory is one chunk's
+`[chunk, V]` float32 logits instead of all `[N, V]` (plus their softmax gradient). `plain_cross_entropy`
+is the straightforward version: the reference in tests and the baseline in `bench/attention.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+IGNORE_INDEX = -100
+
+
+def _token_weights(labels: Array, weights: Array | None, ignore_index: int) -> Array:
+    w = (labels != ignore_index).astype(jnp.float32)
+    return w if weights is None else w * weights.astype(jnp.float32)
+
+
+def _check(hidden: Array, kernel: Array, labels: Array, weights: Array | None) -> None:
+    if hidden.ndim != 2 or kernel.ndim != 2 or hidden.shape[1] != kernel.shape[0]:
+        raise ValueError(f"cross-entropy wants hidden [N, D] and kernel [D, V], got {hidden.shape} and {kernel.shape}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"cross-entropy: labels {labels.shape} do not match hidden states {hidden.shape}")
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"cross-entropy: weights {weights.shape} do not match labels {labels.shape}")
+
+
+def _reduce(total: Array, count: Array, reduction: str, return_count: bool):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"cross-entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    loss = total / jnp.maximum(count, 1e-9) if reduction == "mean" else total
+    return (loss, count) if return_count else loss
+
+
+def plain_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: Array | None = None, *,
+                        ignore_index: int = IGNORE_INDEX, reduction: str = "mean", return_count: bool = False):
+    """Reference: full float32 logits `[N, V]`, log-softmax, weighted sum (or mean over the weight sum)."""
+    _check(hidden, kernel, labels, weights)
+    w = _token_weights(labels, weights, ignore_index)
+    logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    safe = jnp.where(labels == ignore_index, 0, labels)
+    nll = -jnp.take_along_axis(logp, safe[:, None], axis=-1)[:, 0]
+    return _reduce(jnp.sum(nll * w), jnp.sum(w), reduction, return_count)
+
+
+def _chunk_logits(h: Array, kernel: Array) -> Array:
+    return jnp.dot(h, kernel, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _weighted_nll_sum(hidden: Array, kernel: Array, labels: Array, w: Array, chunk: int) -> Array:
+    return _nll_fwd(hidden, kernel, labels, w, chunk)[0]
+
+
+def _nll_fwd(hidden, kernel, labels, w, chunk):
+    n_chunks = hidden.shape[0] // chunk
+
+    def body(total, xs):
+        h, y, wc = xs
+        logits = _chunk_logits(h, kernel)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        return total + jnp.sum((lse - picked) * wc), lse
+
+    xs = (hidden.reshape(n_chunks, chunk, -1), labels.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk))
+    total, lse = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total, (hidden, kernel, labels, w, lse)
+
+
+def _nll_bwd(chunk, res, g):
+    hidden, kernel, labels, w, lse = res
+    n_chunks = hidden.shape[0] // chunk
+    vocab = kernel.shape[1]
+
+    def body(dw, xs):
+        h, y, wc, lse_c = xs
+        p = jnp.exp(_chunk_logits(h, kernel) - lse_c[:, None])
+        onehot = jax.lax.broadcasted_iota(jnp.int32, (chunk, vocab), 1) == y[:, None]
+        dlogits = (p - onehot) * (wc * g)[:, None]
+        dh = jnp.dot(dlogits.astype(kernel.dtype), kernel.T, preferred_element_type=jnp.float32)
+        dw = dw + jnp.dot(h.T, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
+        return dw, dh.astype(hidden.dtype)
+
+    xs = (hidden.reshape(n_chunks, chunk, -1), labels.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk), lse)
+    dw, dh = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), xs)
+    return dh.reshape(hidden.shape), dw.astype(kernel.dtype), None, jnp.zeros_like(w)
+
+
+_weighted_nll_sum.defvjp(_nll_fwd, _nll_bwd)
+
+
+def chunked_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: Array | None = None, *,
+                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean", return_count: bool = False,
+                          chunk_size: int = 1024):
+    """Token-level cross-entropy of `softmax(hidden @ kernel)` against `labels`, chunked over tokens.
+
+    hidden `[N, D]`, kernel `[D, V]`, labels `[N]` (entries equal to `ignore_index` are skipped), optional
+    per-token `weights` `[N]` (not differentiated). Returns the weighted sum or mean (over the summed weights)
+    and, with `return_count`, that weight sum. Equals `plain_cross_entropy` in value and gradients; logits
+    are formed in float32 one `[chunk_size, V]` block at a time, in the forward and again in the backward.
+    """
+    _check(hidden, kernel, labels, weights)
+    if chunk_size <= 0:
+        raise ValueError(f"cross-entropy: chunk_size must be positive, got {chunk_size}")
+    n = hidden.shape[0]
+    chunk = min(chunk_size, max(n, 1))
+    padded = -(-n // chunk) * chunk
+    w = _token_weights(labels, weights, ignore_index)
+    safe = jnp.where(labels == ignore_index, 0, labels).astype(jnp.int32)
+    if padded != n:  # padding tokens carry weight 0
+        hidden = jnp.pad(hidden, ((0, padded - n), (0, 0)))
+        safe = jnp.pad(safe, (0, padded - n))
+        w_in = jnp.pad(w, (0, padded - n))
+    else:
+        w_in = w
+    total = _weighted_nll_sum(hidden, kernel, safe, jax.lax.stop_gradient(w_in), chunk)
+    return _reduce(total, jnp.sum(w), reduction, return_count)
