@@ -19,11 +19,11 @@ def test_resume_with_two_workers(tmp_path):
     cfg = DataConfig(max_len=96, batch_size=2, tile=28, tokens_per_tile=2, max_tiles_per_row=24, seed=7,
                      worker_count=2)
     make = lambda c: DataPipeline(rows, c, ExampleMaker(c, tok, root), shard_index=0, shard_count=1)  # noqa: E731
-    ref = list(make(cfg))
     single = list(make(DataConfig(**{**cfg.__dict__, "worker_count": 0})))
     p = make(cfg)
     head = [next(p) for _ in range(3)]
-    state = json.loads(json.dumps(p.state()))
+    state = json.loads(json.dumps(p.state()))  # what a checkpoint stores
+    ref = head + list(p)  # the uninterrupted run
     q = make(cfg)
     q.restore(state)
     got = head + list(q)
