@@ -14,7 +14,8 @@ streaming random bytes into 5 GB shards. Then, each step in its own subprocess s
 The orchestrating process stays small (it only spawns children): a child's `ru_maxrss` would otherwise
 start from the parent's high-water mark, which the kernel carries across exec.
 Before each step our own files are dropped from the page cache (`posix_fadvise(DONTNEED)`, no root needed) so
-every step reads from disk. Prints seconds, GB/s, peak RSS, and throughput ratios convert/read. Targets for
+every step reads from disk. Prints seconds, GiB/s, CPU seconds, peak RSS, throughput ratios convert/read and
+the load average (on a shared machine the CPU-bound convert steps slow down far more than the plain read). Targets for
 8b: hf-to-mm peak RSS < 3 GiB and ratio >= 0.5. Outputs are deleted afterwards; the cache is kept.
 """
 
@@ -100,8 +101,8 @@ def drop_cache(root: Path) -> None:
                 os.close(fd)
 
 
-def run_child(args: list[str]) -> tuple[float, int]:
-    """Runs a subprocess; returns (seconds, peak RSS in bytes of that child alone)."""
+def run_child(args: list[str]) -> tuple[float, int, float]:
+    """Runs a subprocess; returns (seconds, peak RSS in bytes, CPU seconds) of that child alone."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, cwd=REPO, env=env)
@@ -110,7 +111,7 @@ def run_child(args: list[str]) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{args[:4]}... failed with status {proc.returncode}")
-    return seconds, usage.ru_maxrss * 1024  # Linux reports KiB
+    return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # Linux reports ru_maxrss in KiB
 
 
 def read_all(paths: list[str]) -> None:
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     nbytes = sum(os.path.getsize(f) for f in files)
     work = Path(tempfile.mkdtemp(prefix="convert-", dir=args.work_dir or args.cache_dir))
     results = {}
+    load0 = os.getloadavg()[0]
     try:
         drop_cache(src)
         results["read"] = run_child([sys.executable, __file__, "--_read", *files])
@@ -160,13 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\npreset {args.preset}: {nbytes / GIB:.2f} GiB of bf16 safetensors in {len(files)} file(s)")
-    print(f"{'step':<10} {'seconds':>8} {'GiB/s':>7} {'peak RSS GiB':>13} {'throughput vs read':>19}")
+    print(f"\npreset {args.preset}: {nbytes / GIB:.2f} GiB of bf16 safetensors in {len(files)} file(s); "
+          f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} CPUs)")
+    print(f"{'step':<10} {'seconds':>8} {'GiB/s':>7} {'CPU s':>7} {'peak RSS GiB':>13} {'throughput vs read':>19}")
     read_s = results["read"][0]
-    for step, (sec, rss) in results.items():
-        print(f"{step:<10} {sec:8.1f} {nbytes / GIB / sec:7.2f} {rss / GIB:13.2f} {read_s / sec:18.2f}x")
+    for step, (sec, rss, cpu) in results.items():
+        print(f"{step:<10} {sec:8.1f} {nbytes / GIB / sec:7.2f} {cpu:7.1f} {rss / GIB:13.2f} {read_s / sec:18.2f}x")
     if args.preset == "8b":
-        sec, rss = results["hf-to-mm"]
+        sec, rss, _ = results["hf-to-mm"]
         print(f"targets (8b hf-to-mm): peak RSS {rss / GIB:.2f} < 3 GiB: {rss < 3 * GIB}; "
               f"throughput {read_s / sec:.2f} >= 0.5x read: {read_s / sec >= 0.5}")
 
