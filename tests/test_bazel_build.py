@@ -102,13 +102,16 @@ def test_import_resolution(tmp_path):
             import lib
             def test_cli():
                 subprocess.run([sys.executable, "-m", "lib.cli"])
+            def test_configs(root):
+                assert list((root / "cfgs").glob("*.py"))
             """),
+        "cfgs/large.py": "",
     })
     assert set(repo.imports("src/kpkg/flash.py")) == {"src/kpkg/ref.py"}
     assert set(repo.imports("lib/models/dec.py")) == {"lib/settings.py", "src/kpkg/flash.py"}
     assert set(repo.imports("lib/models/__init__.py")) == {"lib/models/dec.py"}
     assert set(repo.imports("tests/test_w.py")) == {"tests/worker.py", "lib/__init__.py", "cfgs/small.py",
-                                                    "lib/cli.py"}
+                                                    "lib/cli.py", "cfgs/large.py"}
     assert repo.pytest_support("tests/test_w.py") == ["tests/conftest.py"]
     builds = bazel_deps.generate(repo)
     assert 'imports = [".."],' in builds["src/kpkg/BUILD"]

@@ -16,7 +16,9 @@ The model (one rule for the whole repo, so a BUILD file is a function of the imp
   not under `if TYPE_CHECKING:`), resolved against the import roots of pyproject's pytest `pythonpath` and,
   for tests, against the directory pytest puts on sys.path; a test also depends on the `conftest.py` and
   `__init__.py` files pytest loads for it and on the repo `.py` files it names in string literals
-  (e.g. `Path(__file__).with_name("worker.py")`, `"--config=configs/x.py:full"`) or runs (`"-m", "launch.train"`).
+  (e.g. `Path(__file__).with_name("worker.py")`, `"--config=configs/x.py:full"`, or a directory of such files
+  without __init__.py: `"configs"`)
+  or runs (`"-m", "launch.train"`).
   Third-party imports come from the interpreter's site-packages.
 """
 
@@ -99,10 +101,15 @@ class Repo:
         self.import_roots = sorted({_norm_dir(p) for p in pytest_cfg.get("pythonpath", ["."])} | {""},
                                    key=lambda r: -len(r))
         patterns = pytest_cfg.get("python_files", _DEFAULT_TEST_FILES)
+        self.testpaths = [_norm_dir(p) for p in pytest_cfg.get("testpaths", ["tests"])]
         self.test_patterns = tuple(patterns.split() if isinstance(patterns, str) else patterns)
         read = read or (lambda f: (root / f).read_text(encoding="utf-8"))
         self._trees = {f: _parse(read(f), f) for f in self.files}
         self._imports: dict[str, dict[str, str]] = {}
+
+    def in_testpaths(self, path: str) -> bool:
+        """Whether `path` lies under one of pytest's `testpaths` (test-only code)."""
+        return any(t == "" or path.startswith(t + "/") for t in self.testpaths)
 
     def is_test(self, path: str) -> bool:
         return any(fnmatch.fnmatch(PurePosixPath(path).name, p) for p in self.test_patterns)
@@ -177,6 +184,15 @@ class Repo:
                 for c in map(os.path.normpath, candidates):
                     if c in self.file_set and c != path:
                         found.setdefault(c, f"line {lineno}: names {ref!r}")
+                        break
+            for ref, lineno in _dir_literals(self._trees[path]):  # e.g. (ROOT / "configs").glob("*.py")
+                for d in map(os.path.normpath, [str(here / ref), ref]):
+                    if f"{d}/__init__.py" in self.file_set or self.in_testpaths(d + "/"):
+                        continue  # only directories of files loaded by path (configs/), not packages ("mm")
+                    modules = [f for f in self.files if _package(f) == d and not self.is_test(f)]
+                    for f in modules:
+                        found.setdefault(f, f"line {lineno}: names the directory {ref!r}")
+                    if modules:
                         break
             for module, lineno in _run_module_literals(self._trees[path]):
                 add(module.split("."), f"line {lineno}: runs -m {module}")
@@ -288,6 +304,13 @@ def _path_literals(tree: ast.Module):
             m = _PATH_CONSTANT.fullmatch(node.value)
             if m:
                 yield m.group(1), node.lineno, False
+
+
+def _dir_literals(tree: ast.Module):
+    """(text, line) of whole string constants that could name a directory of the repo (`"configs"`)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"\w[\w./-]*", node.value):
+            yield node.value.rstrip("/"), node.lineno
 
 
 def _run_module_literals(tree: ast.Module):
@@ -404,11 +427,6 @@ def plan(repo: Repo) -> dict[str, list[Target]]:
         for f in comp:
             owner[f] = label
 
-    testpaths = [_norm_dir(p) for p in _pytest_config(repo.root).get("testpaths", ["tests"])]
-
-    def in_testpaths(f: str) -> bool:
-        return any(t == "" or f.startswith(t + "/") for t in testpaths)
-
     def dep_labels(need: dict[str, str], own: str | None = None) -> tuple[str, ...]:
         return tuple(sorted({owner[f] for f in need if f in owner and owner[f] != own}, key=_label_order))
 
@@ -421,7 +439,7 @@ def plan(repo: Repo) -> dict[str, list[Target]]:
         imports = () if root == "" else (os.path.relpath(root, pkg or "."),)
         data = ("//:repo_sources",) if CHECKER in need else ()
         packages.setdefault(pkg, []).append(Target(pkg, name, "py_library", srcs, dep_labels(need, label),
-                                                   testonly=in_testpaths(comp[0]), imports=imports, data=data))
+                                                   testonly=repo.in_testpaths(comp[0]), imports=imports, data=data))
     for f in repo.files:
         if not repo.is_test(f):
             continue
