@@ -85,7 +85,8 @@ def _nll_bwd(chunk, res, g):
         p = jnp.exp(_chunk_logits(h, kernel) - lse_c[:, None])
         onehot = jax.lax.broadcasted_iota(jnp.int32, (chunk, vocab), 1) == y[:, None]
         dlogits = (p - onehot) * (wc * g)[:, None]
-        dh = jnp.dot(dlogits.astype(kernel.dtype), kernel.T, preferred_element_type=jnp.float32)
+        dh = jax.lax.dot_general(dlogits.astype(kernel.dtype), kernel, (((1,), (1,)), ((), ())),  # no kernel.T copy
+                                 preferred_element_type=jnp.float32)
         dw = dw + jnp.dot(h.T, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
         return dw, dh.astype(hidden.dtype)
 
