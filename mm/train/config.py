@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=100, batch_size=8, seq_len=64, log_every=10, eval_every=0, eval_batches=2,
-        max_consecutive_nonfinite=5, loss_chunk=0,
+        max_consecutive_nonfinite=5,
+        loss_chunk=0,  # > 0: chunked cross-entropy (mm.losses) with this many tokens per chunk (model.kind llm)
     ))
     c.data = ml_collections.ConfigDict(dict(kind="synthetic_text", seed=1234, eval_seed=4321, num_image_tokens=4,
                                             nan_at_steps=()))

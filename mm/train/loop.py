@@ -270,11 +270,12 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
         if s % int(t.log_every) == 0 or s == int(t.steps):
             dt = timer.mean()
             tps = tokens_per_step / dt if dt > 0 else 0.0
-            row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                   "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_dev,
-                   "tflops_per_device": b.flops["total"] / max(dt, 1e-9) / n_dev / 1e12,
-                   "mfu": flops_lib.mfu(b.flops["total"], dt, n_dev, kind), "skipped": skipped_count[0],
-                   "step_time_s": dt, "finite": bool(m["finite"])}
+            row = dict(data.metrics()) if hasattr(data, "metrics") else {}  # data-pipeline skip counters
+            row.update({"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                        "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_dev,
+                        "tflops_per_device": b.flops["total"] / max(dt, 1e-9) / n_dev / 1e12,
+                        "mfu": flops_lib.mfu(b.flops["total"], dt, n_dev, kind), "skipped": skipped_count[0],
+                        "step_time_s": dt, "finite": bool(m["finite"])})
             writer.write(s, row)
             writer.progress(s, int(t.steps), row, dt * (int(t.steps) - s))
 

@@ -46,13 +46,7 @@ class TrainModel:
 
 
 def cross_entropy(logits: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
-    """Sum of token NLL over `mask` (float32) and the mask's sum."""
-    try:  # the memory-lean kernel, once it exists
-        from mm.losses import cross_entropy_sum  # type: ignore[attr-defined]
-    except ImportError:
-        cross_entropy_sum = None
-    if cross_entropy_sum is not None:
-        return cross_entropy_sum(logits, labels, mask), jnp.sum(mask)
+    """Sum of token NLL over `mask` (float32) and the mask's sum, from materialised logits."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
@@ -88,8 +82,20 @@ def _projector_stages(prefix: str, kind: str) -> list[Stage]:
 def _llm_model(cfg: Any) -> TrainModel:
     c = llm_config_from(cfg)
     model = llm_lib.LLM(c)
+    chunk = int(cfg.train.loss_chunk)
 
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
+        if chunk > 0:  # memory-lean: never materialise [tokens, vocab] logits (mm.losses)
+            from mm.losses import chunked_cross_entropy
+
+            h, _ = model.apply({"params": params}, b["input_ids"], b["positions"], segment_ids=b["segment_ids"],
+                               return_hidden=True)
+            kernel = params["embed_tokens"]["embedding"].T if c.tie_word_embeddings else params["lm_head"]["kernel"]
+            d = h.shape[-1]
+            total, count = chunked_cross_entropy(
+                h.reshape(-1, d), kernel.astype(h.dtype), b["labels"].reshape(-1), _mask(b).reshape(-1),
+                reduction="sum", return_count=True, chunk_size=chunk)
+            return total, count
         logits, _ = model.apply({"params": params}, b["input_ids"], b["positions"], segment_ids=b["segment_ids"])
         return cross_entropy(logits, b["labels"], _mask(b))
 

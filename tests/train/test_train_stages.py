@@ -50,7 +50,7 @@ def test_big_presets_validate(preset):
         assert c.train.batch_size == (256 if stage == "stage1" else 128)
 
 
-def test_iaa_stage_chain_and_frozen_text_workflow(tmp_path):
+def test_iaa_stage_chain_and_frozen_text_workflow(tmp_path, capsys):
     d1, d2, d3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "g"
     one = jax.devices()[:1]
     c1 = _cfg("configs/iaa.py:stage1", **{"train.eval_every": 3})
@@ -61,11 +61,9 @@ def test_iaa_stage_chain_and_frozen_text_workflow(tmp_path):
     s1, s2 = _saved_params(d1, 3), _saved_params(d2, 3)
     assert set(s1) == {f"mm/projector/linear_{k}/{n}" for k in (0, 1) for n in ("kernel", "bias")}
     assert "mm/layers_0/mlp/up_proj/kernel" in s2 and not any(p.startswith("base/") for p in s2)
-    # stage 2 started from stage 1's projector and trained it further
-    b2 = loop.build(_cfg("configs/iaa.py:stage2", **{"init.checkpoint": str(d1)}), log=False, devices=one)
-    start2 = pg.flatten(b2.state["params"])
-    np.testing.assert_array_equal(start2["mm/projector/linear_0/kernel"], s1["mm/projector/linear_0/kernel"])
+    # stage 2 trained the projector further (its start from stage 1 is checked in the LLaVA test below)
     assert not np.array_equal(s2["mm/projector/linear_0/kernel"], s1["mm/projector/linear_0/kernel"])
+    assert "init: 4 params from previous stage" in capsys.readouterr().out
     # grounding: the trained mm branch is loaded and frozen, g trains
     frozen3 = pg.flatten(b3.frozen)
     np.testing.assert_array_equal(frozen3["mm/layers_1/self_attn/q_proj/kernel"], s2["mm/layers_1/self_attn/q_proj/kernel"])
