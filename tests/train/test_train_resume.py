@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +85,7 @@ def test_sigterm_then_sigkill_at_random_step_then_resume_is_bitwise_identical(tm
     _wait_for_step(proc, workdir, k)
     proc.send_signal(signal.SIGKILL)
     out, _ = proc.communicate()
-    assert f"resumed from" in out
+    assert "resumed from" in out
     killed_at = _last_step(workdir)
     # a half-written save must never be picked up: leave one behind, as a crash mid-save would
     fake = workdir / "checkpoints" / f"{STEPS - 1}.orbax-checkpoint-tmp-1234567"

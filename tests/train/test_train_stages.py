@@ -51,7 +51,7 @@ def test_big_presets_validate(preset):
 
 
 def test_iaa_stage_chain_and_frozen_text_workflow(tmp_path, capsys):
-    d1, d2, d3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "g"
+    d1, d2 = tmp_path / "s1", tmp_path / "s2"
     one = jax.devices()[:1]
     c1 = _cfg("configs/iaa.py:stage1", **{"train.eval_every": 3})
     loop.train(c1, d1, devices=one)
@@ -88,7 +88,7 @@ def test_iaa_stage_chain_and_frozen_text_workflow(tmp_path, capsys):
 
 def test_llava_stage1_then_stage2(tmp_path):
     one = jax.devices()[:1]
-    d1, d2 = tmp_path / "s1", tmp_path / "s2"
+    d1 = tmp_path / "s1"
     loop.train(_cfg("configs/llava.py:stage1"), d1, devices=one)
     s1 = _saved_params(d1, 3)
     assert set(s1) == {f"projector/linear_{k}/{n}" for k in (0, 1) for n in ("kernel", "bias")}
