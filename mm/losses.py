@@ -2,8 +2,9 @@
 
 `chunked_cross_entropy` takes the final hidden states `[N, D]` and the LM-head kernel `[D, V]` and walks the
 tokens in chunks: the forward keeps only each token's log-sum-exp, the backward (a `jax.custom_vjp`)
-recomputes one chunk's logits at a time to form dH and accumulate dW. Peak extra memory is one chunk's
-`[chunk, V]` float32 logits instead of all `[N, V]` (plus their softmax gradient). `plain_cross_entropy`
+recomputes logits one `[chunk, <=8192]` tile at a time (vocab slices outside, token chunks inside) to
+accumulate dH and finish dW slice by slice. Peak extra memory is one chunk's `[chunk, V]` float32 logits
+(forward), a float32 dH and the dW being written, instead of all `[N, V]` logits and their gradient. `plain_cross_entropy`
 is the straightforward version: the reference in tests and the baseline in `bench/attention.py`.
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 IGNORE_INDEX = -100
+_VOCAB_CHUNK = 8192  # backward: dW is finished per [D, 8192] slice
 
 
 def _token_weights(labels: Array, weights: Array | None, ignore_index: int) -> Array:
@@ -76,23 +78,48 @@ def _nll_fwd(hidden, kernel, labels, w, chunk):
 
 
 def _nll_bwd(chunk, res, g):
+    """Vocab chunks outside, token chunks inside: each `[D, vocab_chunk]` slice of dW is finished in a small
+    float32 accumulator and written once, so no `[D, V]` float32 accumulator is carried; dH accumulates in
+    float32 `[N, D]` (hidden-sized)."""
     hidden, kernel, labels, w, lse = res
-    n_chunks = hidden.shape[0] // chunk
-    vocab = kernel.shape[1]
-
-    def body(dw, xs):
-        h, y, wc, lse_c = xs
-        p = jnp.exp(_chunk_logits(h, kernel) - lse_c[:, None])
-        onehot = jax.lax.broadcasted_iota(jnp.int32, (chunk, vocab), 1) == y[:, None]
-        dlogits = (p - onehot) * (wc * g)[:, None]
-        dh = jax.lax.dot_general(dlogits.astype(kernel.dtype), kernel, (((1,), (1,)), ((), ())),  # no kernel.T copy
-                                 preferred_element_type=jnp.float32)
-        dw = dw + jnp.dot(h.T, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
-        return dw, dh.astype(hidden.dtype)
-
+    n_chunks, vocab = hidden.shape[0] // chunk, kernel.shape[1]
+    vc = _vocab_chunk(vocab)
+    n_v = -(-vocab // vc)
+    kernel_p = jnp.pad(kernel, ((0, 0), (0, n_v * vc - vocab))) if n_v * vc != vocab else kernel
     xs = (hidden.reshape(n_chunks, chunk, -1), labels.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk), lse)
-    dw, dh = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), xs)
-    return dh.reshape(hidden.shape), dw.astype(kernel.dtype), None, jnp.zeros_like(w)
+
+    def vocab_step(carry, j):
+        dh, dw = carry
+        w_j = jax.lax.dynamic_slice_in_dim(kernel_p, j * vc, vc, axis=1)
+        cols = j * vc + jax.lax.broadcasted_iota(jnp.int32, (chunk, vc), 1)
+
+        def token_step(dw_j, x):
+            h, y, wc, lse_c = x
+            p = jnp.where(cols < vocab, jnp.exp(_chunk_logits(h, w_j) - lse_c[:, None]), 0.0)
+            dlogits = (p - (cols == y[:, None])) * (wc * g)[:, None]
+            dh_c = jax.lax.dot_general(dlogits.astype(kernel.dtype), w_j, (((1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+            dw_j = dw_j + jnp.dot(h.T, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
+            return dw_j, dh_c
+
+        dw_j, dh_j = jax.lax.scan(token_step, jnp.zeros((kernel.shape[0], vc), jnp.float32), xs)
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(kernel.dtype), j * vc, axis=1)
+        return (dh + dh_j.reshape(dh.shape), dw), None
+
+    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(kernel_p.shape, kernel.dtype))
+    (dh, dw), _ = jax.lax.scan(vocab_step, init, jnp.arange(n_v))
+    return dh.astype(hidden.dtype), dw[:, :vocab], None, jnp.zeros_like(w)
+
+
+def _vocab_chunk(vocab: int) -> int:
+    """Largest divisor of `vocab` in [_VOCAB_CHUNK / 8, _VOCAB_CHUNK] (no padded copy of the kernel), else
+    `_VOCAB_CHUNK` with padding."""
+    if vocab <= _VOCAB_CHUNK:
+        return vocab
+    for vc in range(_VOCAB_CHUNK, _VOCAB_CHUNK // 8 - 1, -1):
+        if vocab % vc == 0:
+            return vc
+    return _VOCAB_CHUNK
 
 
 _weighted_nll_sum.defvjp(_nll_fwd, _nll_bwd)
@@ -100,7 +127,7 @@ _weighted_nll_sum.defvjp(_nll_fwd, _nll_bwd)
 
 def chunked_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: Array | None = None, *,
                           ignore_index: int = IGNORE_INDEX, reduction: str = "mean", return_count: bool = False,
-                          chunk_size: int = 1024):
+                          chunk_size: int = 512):
     """Token-level cross-entropy of `softmax(hidden @ kernel)` against `labels`, chunked over tokens.
 
     hidden `[N, D]`, kernel `[D, V]`, labels `[N]` (entries equal to `ignore_index` are skipped), optional

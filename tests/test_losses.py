@@ -77,3 +77,17 @@ def test_bad_inputs_raise():
         chunked_cross_entropy(hidden, kernel.T, labels)
     with pytest.raises(ValueError, match="reduction"):
         chunked_cross_entropy(hidden, kernel, labels, reduction="avg")
+
+
+@pytest.mark.parametrize("vocab", [300, 307])  # 300: vocab slices of 60; 307 (prime): padded slices of 64
+def test_vocab_sliced_backward(monkeypatch, vocab):
+    import mm.losses as losses
+
+    monkeypatch.setattr(losses, "_VOCAB_CHUNK", 64)
+    hidden, kernel, labels, weights = _data(v=vocab)
+    labels = labels.at[3].set(vocab - 1)  # a label in the last (padded) slice
+    vg = lambda fn, **kw: jax.value_and_grad(lambda h, k: fn(h, k, labels, weights, **kw), argnums=(0, 1))(hidden, kernel)  # noqa: E731
+    (lc, gc), (lp, gp) = vg(chunked_cross_entropy, chunk_size=16), vg(plain_cross_entropy)
+    np.testing.assert_allclose(lc, lp, rtol=1e-6)
+    for a, b in zip(gc, gp):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
