@@ -86,10 +86,15 @@ def test_generation_with_images_matches_uncached_argmax(hf):
     prompt = ids[:1, :60].tolist()
     out, _ = Generator(vlm.decode_fns(config)).__call__(params, prompt, max_new_tokens=4,
                                                       extra={"pixel_values": mm_pix[:1]})
+    import jax
+
+    # Uncached reference at one fixed length (causal: trailing zeros do not affect earlier positions).
+    fwd = jax.jit(lambda p, x, m: vlm.forward(p, config, x, pixel_values=mm_pix[:1], image_mask=m)[0])
     seq = list(prompt[0])
     for _ in range(4):
-        logits, _ = vlm.forward(params, config, np.array([seq]), pixel_values=mm_pix[:1])
-        seq.append(int(np.argmax(logits[0, -1])))
+        x = np.zeros((1, 64), np.int64)
+        x[0, :len(seq)] = seq
+        seq.append(int(np.argmax(fwd(params, x, x == IMG)[0, len(seq) - 1])))
     assert seq[60:] == out[0].tolist()
 
 
