@@ -17,7 +17,6 @@ round trips are exact.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -75,7 +74,7 @@ CONV = ConvToHWIO()
 
 def vision_entries(c: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX, mm_prefix: MMPath = ()) -> list[Entry]:
     """The tower's entries in canonical order (embeddings, pre-norm, layers 0..N-1, post-norm, head)."""
-    d, f, h, hd, p = c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim, c.patch_size
+    d, f, h, p = c.hidden_size, c.intermediate_size, c.num_heads, c.patch_size
     siglip = not c.has_class_token
 
     def e(name: str, shape: tuple[int, ...], path: MMPath, t: Transform = IDENTITY) -> Entry:
@@ -258,7 +257,6 @@ def load_hf_vision(hf_dir: str | Path, **runtime: Any) -> tuple[VisionConfig, di
 def hf_vision_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
                     progress: bool = True) -> Path:
     """HF CLIP / SigLIP checkpoint (vision tower of it) -> mm checkpoint directory of kind "vision"."""
-    from mm.convert import mm_dir as mmd
     from mm.convert import pipeline as pl
 
     src, dst = Path(src), Path(dst)
@@ -268,25 +266,8 @@ def hf_vision_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", ov
         raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
     config = read_hf_vision_config(src)
     name_map, ckpt = _open(src, config)
-    with ckpt:
-        dtypes = {e.hf_name: pl.out_dtype(dtype, ckpt.tensors[e.hf_name].dtype) for e in name_map.entries}
-        config = config.replace(param_dtype=pl._kept_dtype_name(list(dtypes.values())))
-        total = sum(ckpt.tensors[e.hf_name].nbytes for e in name_map.entries)
-        with pl.staged_output(dst, overwrite) as stage:
-            mmd.write_mm_config(stage, VISION_KIND, {VISION_KIND: config.to_json_dict()},
-                                {"format": "hf-safetensors", "path": str(src.absolute()), "dtype": dtype})
-            mmd.copy_files(src, stage, ("preprocessor_config.json",))
-            writer = mmd.ParamWriter(stage)
-            with pl._progress(total, "hf-to-mm", progress) as bar:
-                for _, entries in name_map.units():
-                    unit: dict[str, Any] = {}
-                    for e in entries:
-                        _set(unit, e.mm_path, pl.cast_and_map(ckpt.read(e.hf_name), dtypes[e.hf_name],
-                                                              e.transform.to_mm))
-                        bar.update(ckpt.tensors[e.hf_name].nbytes)
-                    writer.add(unit)
-                writer.finalize()
-    return dst
+    return pl.stream_hf_to_mm(src, dst, ckpt, name_map, VISION_KIND, config, dtype=dtype, overwrite=overwrite,
+                              progress=progress, extra_files=("preprocessor_config.json",))
 
 
 def mm_vision_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
@@ -295,34 +276,16 @@ def mm_vision_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", ov
     `vision_model.`, which transformers 4 and 5 both load)."""
     from mm.convert import mm_dir as mmd
     from mm.convert import pipeline as pl
-    from mm.convert.safetensors_io import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedSafetensorsWriter
+    from mm.convert.safetensors_io import DEFAULT_SHARD_BYTES
 
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
     config = read_mm_vision_config(src)
-    name_map = vision_name_map(config)
-    stored = mmd.params_metadata(src)
-    mmd.check_params(stored, name_map, str(src / mmd.PARAMS_DIR))
-    order = [e for _, es in name_map.units() for e in es]
-    dtypes = {e.mm_path: pl.out_dtype(dtype, stored[e.mm_path][1]) for e in order}
-    plan = [PlannedTensor(e.hf_name, e.hf_shape, dtypes[e.mm_path]) for e in order]
-    with pl.staged_output(dst, overwrite) as stage:
-        hf_dtype = pl._hf_torch_dtype(list(dtypes.values()))
-        (stage / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=hf_dtype), indent=2) + "\n")
-        mmd.copy_files(src, stage, ("preprocessor_config.json",))
-        writer = ShardedSafetensorsWriter(stage, plan, max_shard_bytes or DEFAULT_SHARD_BYTES)
-        with pl._progress(sum(p.nbytes for p in plan), "mm-to-hf", progress) as bar:
-            for _, entries in name_map.units():
-                paths = [e.mm_path for e in entries]
-                flat = mmd.flatten(mmd.load_param_paths(src, paths, {p: stored[p][1] for p in paths},
-                                                        {p: stored[p][0] for p in paths}))
-                for e in entries:
-                    arr = pl.cast_and_map(np.asarray(flat.pop(e.mm_path)), dtypes[e.mm_path], e.transform.to_hf)
-                    writer.write(e.hf_name, arr)
-                    bar.update(arr.nbytes)
-        writer.close()
-    return dst
+    return pl.stream_mm_to_hf(src, dst, vision_name_map(config), config.to_hf_dict, dtype=dtype,
+                              overwrite=overwrite, progress=progress,
+                              max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
+                              extras=lambda stage: mmd.copy_files(src, stage, ("preprocessor_config.json",)))
 
 
 def read_mm_vision_config(mm_path: str | Path) -> VisionConfig:

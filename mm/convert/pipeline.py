@@ -119,7 +119,7 @@ def load_hf_llm(hf_dir: str | Path, **runtime: Any) -> tuple[LLMConfig, dict[str
 
 def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
              progress: bool = True) -> Path:
-    """Converts an HF Llama/Qwen2 checkpoint directory into an mm checkpoint directory at `dst`."""
+    """Converts an HF checkpoint directory (Llama / Qwen2, or a CLIP / SigLIP tower) into an mm directory."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
@@ -131,16 +131,26 @@ def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
         return hf_vision.hf_vision_to_mm(src, dst, dtype=dtype, overwrite=overwrite, progress=progress)
     config = read_hf_llm_config(src)
     name_map = llm_name_map(config)
-    with open_hf_checkpoint(src, name_map) as ckpt:
+    return stream_hf_to_mm(src, dst, open_hf_checkpoint(src, name_map), name_map, "llm", config, dtype=dtype,
+                           overwrite=overwrite, progress=progress, tokenizer=True, extra_files=mmd.EXTRA_HF_FILES)
+
+
+def stream_hf_to_mm(src: Path, dst: Path, ckpt: SafetensorsCheckpoint, name_map: NameMap, kind: str, config: Any, *,
+                    dtype: str, overwrite: bool, progress: bool, tokenizer: bool = False,
+                    extra_files: tuple[str, ...] = ()) -> Path:
+    """The streaming loop every family shares: an opened, already checked HF checkpoint -> an mm directory of
+    `kind` (config section `kind` = `config.to_json_dict()`), one save unit in memory at a time."""
+    with ckpt:
         dtypes = [out_dtype(dtype, ckpt.tensors[e.hf_name].dtype) for e in name_map.entries]
         config = config.replace(param_dtype=_kept_dtype_name(dtypes))
         out_of = dict(zip((e.hf_name for e in name_map.entries), dtypes))
         total = sum(ckpt.tensors[e.hf_name].nbytes for e in name_map.entries)
         with staged_output(dst, overwrite) as stage:
-            mmd.write_mm_config(stage, "llm", {"llm": config.to_json_dict()},
-                                {"format": "hf-safetensors", "path": str(src.absolute()), "dtype": dtype})
-            mmd.copy_files(src, stage / mmd.TOKENIZER_DIR, mmd.TOKENIZER_FILES)
-            mmd.copy_files(src, stage, mmd.EXTRA_HF_FILES)
+            mmd.write_mm_config(stage, kind, {kind: config.to_json_dict()},
+                                {"format": "hf-safetensors", "path": str(Path(src).absolute()), "dtype": dtype})
+            if tokenizer:
+                mmd.copy_files(src, stage / mmd.TOKENIZER_DIR, mmd.TOKENIZER_FILES)
+            mmd.copy_files(src, stage, extra_files)
             units = name_map.units()
             stream = ckpt.iter_tensors([e.hf_name for _, es in units for e in es])
             with mmd.ParamWriter(stage) as writer, contextlib.closing(stream), \
@@ -168,7 +178,8 @@ def _hf_torch_dtype(dtypes: list[np.dtype]) -> str:
 
 def mm_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
              progress: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Exports an mm LLM checkpoint as an HF directory (config.json, sharded safetensors, tokenizer files)."""
+    """Exports an mm LLM (or vision-tower) checkpoint as an HF directory (config.json, sharded safetensors,
+    tokenizer files)."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
@@ -181,7 +192,23 @@ def mm_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
     if manifest["kind"] != "llm":
         raise ConversionError(f"{src}: kind {manifest['kind']!r} has no HF causal-LM export")
     config = mmd.read_mm_config(src)
-    name_map = llm_name_map(config)
+
+    def extras(stage: Path) -> None:
+        if not mmd.copy_files(src, stage, mmd.EXTRA_HF_FILES):
+            gen = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+                   "eos_token_id": list(config.eos_token_id) if len(config.eos_token_id) != 1
+                   else config.eos_token_id[0]}
+            (stage / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        mmd.copy_files(src / mmd.TOKENIZER_DIR, stage, mmd.TOKENIZER_FILES)
+
+    return stream_mm_to_hf(src, dst, llm_name_map(config), config.to_hf_dict, dtype=dtype, overwrite=overwrite,
+                           progress=progress, max_shard_bytes=max_shard_bytes, extras=extras)
+
+
+def stream_mm_to_hf(src: Path, dst: Path, name_map: NameMap, hf_config: Any, *, dtype: str, overwrite: bool,
+                    progress: bool, max_shard_bytes: int, extras: Any = None) -> Path:
+    """The shared export loop: mm params -> sharded safetensors through `name_map`; `hf_config(torch_dtype=)`
+    gives config.json; `extras(stage)` writes whatever else the family carries (tokenizer, processor files)."""
     stored = mmd.params_metadata(src)
     mmd.check_params(stored, name_map, str(src / mmd.PARAMS_DIR))
     units = name_map.units()
@@ -194,13 +221,9 @@ def mm_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
     total = sum(p.nbytes for p in plan)
     with staged_output(dst, overwrite) as stage:
         hf_dtype = _hf_torch_dtype(list(dtypes.values()))
-        (stage / "config.json").write_text(json.dumps(config.to_hf_dict(torch_dtype=hf_dtype), indent=2) + "\n")
-        if not mmd.copy_files(src, stage, mmd.EXTRA_HF_FILES):
-            gen = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
-                   "eos_token_id": list(config.eos_token_id) if len(config.eos_token_id) != 1
-                   else config.eos_token_id[0]}
-            (stage / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        mmd.copy_files(src / mmd.TOKENIZER_DIR, stage, mmd.TOKENIZER_FILES)
+        (stage / "config.json").write_text(json.dumps(hf_config(torch_dtype=hf_dtype), indent=2) + "\n")
+        if extras is not None:
+            extras(stage)
         writer = ShardedSafetensorsWriter(stage, plan, max_shard_bytes)
 
         def load_unit(entries: list[Entry]) -> dict[Any, Any]:

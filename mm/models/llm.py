@@ -388,7 +388,7 @@ def init_params(config: LLMConfig, rng: Array, batch: int = 1, seq: int = 8) -> 
 
 
 # ------------------------------------------------------------------------------------- decoding
-def decode_fns(config: LLMConfig) -> "DecodeFns":
+def decode_fns(config: LLMConfig) -> Any:
     """Prefill / step / cache functions that plug this LLM into `mm.generate.Generator`."""
     from mm.generate import DecodeFns
 
