@@ -19,7 +19,7 @@ import ml_collections
 from mm.config import ConfigError, LLMConfig
 
 MODEL_KINDS = ("llm", "llava", "iaa", "vlm")  # vlm: ViT in the graph (POINTS-style per-layer ViT training)
-DATA_KINDS = ("synthetic_text", "synthetic_mm")
+DATA_KINDS = ("synthetic_text", "synthetic_mm", "llava_json")  # llava_json: the Grain pipeline of mm.data
 
 
 def _llm_defaults() -> dict[str, Any]:
@@ -90,8 +90,15 @@ def base_config() -> ml_collections.ConfigDict:
         max_consecutive_nonfinite=5,
         loss_chunk=0,  # > 0: chunked cross-entropy (mm.losses) with this many tokens per chunk (model.kind llm)
     ))
-    c.data = ml_collections.ConfigDict(dict(kind="synthetic_text", seed=1234, eval_seed=4321, num_image_tokens=4,
-                                            nan_at_steps=()))
+    c.data = ml_collections.ConfigDict(dict(
+        kind="synthetic_text", seed=1234, eval_seed=4321, num_image_tokens=4, nan_at_steps=(),
+        # kind "llava_json" (mm.data.pipeline): LLaVA JSON/JSONL file or ArrayRecord dir, image root, tokenizer
+        # dir (AutoTokenizer), template "chat" | "plain", first-fit packing into train.seq_len, Grain workers.
+        # Tiles are model.vision.image_size square; each tile gives (image_size / patch_size)^2 positions.
+        path="", image_root="", tokenizer="", template="chat", pack=True, workers=0, read_threads=2,
+        tiling="square", max_tiles=4, max_tiles_per_row=4, max_skip_fraction=0.5,
+        eval_path="",  # held-out rows for eval losses ("" = data.path with data.eval_seed's order)
+    ))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, use_async=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = ml_collections.ConfigDict(dict())  # logical axis overrides, e.g. {"embed": None}
@@ -185,6 +192,8 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
     if cfg.data.kind not in DATA_KINDS:
         raise ConfigError(f"config key data.kind = {cfg.data.kind!r}: choose one of {DATA_KINDS}")
     llm_config_from(cfg)
+    if cfg.data.kind == "llava_json":
+        _check_llava_json(cfg)
     if m.kind == "vlm":
         vision_config_from(cfg)
     for key in ("steps", "batch_size", "seq_len", "log_every"):
@@ -235,6 +244,25 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
                               f"mesh.fsdp = {dims[1]}")
     if math.isnan(o.lr):
         raise ConfigError("config key optim.lr is NaN")
+
+
+def _check_llava_json(cfg: Any) -> None:
+    d = cfg.data
+    if cfg.model.kind != "vlm":
+        raise ConfigError(f"config key data.kind = 'llava_json' needs model.kind = 'vlm' (the ViT runs on the "
+                          f"pipeline's pixel tiles); model.kind = {cfg.model.kind!r} takes precomputed features")
+    for key in ("path", "tokenizer"):
+        if not d[key]:
+            raise ConfigError(f"config key data.{key} must be set for data.kind = 'llava_json'")
+    for key in ("path", "image_root", "tokenizer", "eval_path"):
+        if d[key] and not Path(d[key]).exists():
+            raise ConfigError(f"config key data.{key} = {d[key]!r}: no such file or directory")
+    if d.template not in ("chat", "plain"):
+        raise ConfigError(f"config key data.template = {d.template!r}: 'chat' or 'plain'")
+    if d.tiling not in ("square", "catty"):
+        raise ConfigError(f"config key data.tiling = {d.tiling!r}: 'square' or 'catty'")
+    if d.workers < 0 or d.max_tiles_per_row <= 0:
+        raise ConfigError("config keys data.workers must be >= 0 and data.max_tiles_per_row > 0")
 
 
 def to_json(cfg: Any) -> str:

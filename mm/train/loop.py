@@ -28,6 +28,7 @@ from mm.train import flops as flops_lib
 from mm.train import models, param_groups as pg
 from mm.train.checkpoint import Checkpointer, find_trained_params  # noqa: F401 (re-exported)
 from mm.train.data import SyntheticSource
+from mm.train.grain_source import make_source
 from mm.train.metrics import MetricsWriter, Timer
 from mm.train.optimizer import make_optimizer, schedule
 from mm.train.step import init_state, make_eval_step, make_train_step
@@ -222,7 +223,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
          f"{b.flops['total']:.3e} (fwd {b.flops['forward']:.3e}, bwd {b.flops['backward']:.3e})")
     _log("peak FLOP/s table (MFU is n/a on devices not listed):\n" + flops_lib.format_peak_table())
 
-    data = SyntheticSource(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    data = make_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     ckpt = Checkpointer(workdir, keep=int(cfg.checkpoint.keep), use_async=bool(cfg.checkpoint.use_async))
     meta = {"trainable_paths": b.assignment.trainable_paths, "frozen_source": {
         "llm_checkpoint": cfg.init.llm_checkpoint, "checkpoint": cfg.init.checkpoint, "seed": int(cfg.init.seed)},
@@ -326,6 +327,8 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
     finally:
         ckpt.close()
         writer.close()
+        if hasattr(data, "close"):  # Grain workers / threads
+            data.close()
     skipped = int(jax.device_get(state["skipped"]))
     return Result(last, losses, preempted, skipped)
 
@@ -338,10 +341,14 @@ class _Evaluator:
         self.batches = {}
         self.fns = {}
         for name, loss in b.model.eval_losses.items():
-            src = SyntheticSource(cfg, seed=int(cfg.data.eval_seed), process_index=jax.process_index(),
-                                  process_count=jax.process_count(), multimodal=name != "text")
-            src.nan_at_steps = set()
-            batches = [src.batch_at(i) for i in range(int(cfg.train.eval_batches))]
+            src = make_source(cfg, seed=int(cfg.data.eval_seed), process_index=jax.process_index(),
+                              process_count=jax.process_count(), multimodal=name != "text")
+            if isinstance(src, SyntheticSource):
+                src.nan_at_steps = set()
+                batches = [src.batch_at(i) for i in range(int(cfg.train.eval_batches))]
+            else:  # the Grain pipeline in eval_seed's order: the first eval_batches steps, fixed
+                batches = [next(src) for _ in range(int(cfg.train.eval_batches))]
+                src.close()
             for x in batches:
                 x.pop("example_id")
             self.batches[name] = [_to_global(x, b.batch_sharding, jax.process_count()) for x in batches]

@@ -59,7 +59,8 @@ class MetricsWriter:
             f"step {step:>6}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  gnorm {m['grad_norm']:.3f}  "
             f"tok/s {m['tokens_per_s']:,.0f} ({m['tokens_per_s_per_device']:,.0f}/dev)  "
             f"TFLOP/s/dev {m['tflops_per_device']:.3f}  MFU {mfu_s}  skipped {m['skipped']}  "
-            f"ETA {_fmt_eta(eta_seconds)}\n")
+            + (f"data used {int(m['data/used'])} skipped {int(m['data/skipped'])}  " if "data/used" in m else "")
+            + f"ETA {_fmt_eta(eta_seconds)}\n")
         self.stream.flush()
 
     def text(self, step: int, tag: str, text: str) -> None:

@@ -209,8 +209,18 @@ def _vlm_model(cfg: Any) -> TrainModel:
     model = llava.LLaVA(lc)
     layer = int(cfg.model.vision_select_layer)
 
+    def features(params: Any, pixels: Array) -> Array:
+        """`[B, C, H, W]` (one image a row) or `[B, tiles, C, H, W]` (the Grain pipeline: a row's tiles in
+        order, padding tiles last) -> `[B, tiles * patches, D]`, the order the splice fills image positions."""
+        if pixels.ndim == 4:
+            return vision.image_features(params["vision"], vc, pixels, layer=layer, feature="patch")
+        bsz, tiles = pixels.shape[:2]
+        f = vision.image_features(params["vision"], vc, pixels.reshape((bsz * tiles,) + pixels.shape[2:]),
+                                  layer=layer, feature="patch")
+        return f.reshape(bsz, tiles * f.shape[1], f.shape[2])
+
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-        feats = vision.image_features(params["vision"], vc, b["pixel_values"], layer=layer, feature="patch")
+        feats = features(params, b["pixel_values"])
         logits, _ = model.apply({"params": {"llm": params["llm"], "projector": params["projector"]}},
                                 b["input_ids"], b["positions"], image_features=feats, image_mask=b["image_mask"],
                                 segment_ids=b["segment_ids"])

@@ -1,0 +1,105 @@
+"""The trainer's data source over the Grain pipeline of `mm.data` (config `data.kind = "llava_json"`).
+
+`DataPipeline` gives batches of this process's rows of one micro batch; a training step takes `grad_accum`
+of them stacked as `[grad_accum, micro_local, ...]` (the layout of `mm.train.data.SyntheticSource`). The
+iterator state is the pipeline's own (`state()` / `restore()`, JSON: Grain's state plus the skip counters), taken
+between steps, so a resumed run continues with exactly the batches and counts of an uninterrupted one. The
+data repeats forever (the step count ends the run); `metrics()` are the skip counters for the metrics row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mm.data.pipeline import DataConfig, DataPipeline, ExampleMaker
+
+
+def read_rows(path: str) -> Any:
+    """LLaVA JSON / JSONL file, or a directory (or file) of ArrayRecord shards from `mm-data pack`."""
+    p = Path(path)
+    if p.is_dir() or p.suffix == ".array_record":
+        from mm.data.sources import ArrayRecordRows
+
+        return ArrayRecordRows(str(p))
+    from mm.data.sources import read_llava
+
+    return read_llava(p)
+
+
+def data_config(cfg: Any, *, seed: int, local_rows: int) -> DataConfig:
+    """The pipeline config implied by the training config (tiles sized for the model's ViT)."""
+    d, v = cfg.data, cfg.model.vision
+    grid = int(v.image_size) // int(v.patch_size)
+    return DataConfig(template=str(d.template), max_len=int(cfg.train.seq_len), batch_size=local_rows,
+                      pack=bool(d.pack), tiling=str(d.tiling), tile=int(v.image_size), max_tiles=int(d.max_tiles),
+                      tokens_per_tile=grid * grid, max_tiles_per_row=int(d.max_tiles_per_row), seed=seed,
+                      num_epochs=None, read_threads=int(d.read_threads), worker_count=int(d.workers),
+                      max_skip_fraction=float(d.max_skip_fraction))
+
+
+class GrainSource:
+    """Iterator of `[grad_accum, micro_local, ...]` numpy batches; `state/restore/metrics/close`."""
+
+    def __init__(self, cfg: Any, *, seed: int | None = None, path: str | None = None, process_index: int = 0,
+                 process_count: int = 1):
+        from transformers import AutoTokenizer
+
+        self.accum = int(cfg.optim.grad_accum)
+        micro = int(cfg.train.batch_size) // self.accum
+        if micro % process_count:
+            raise ValueError(f"data: micro batch {micro} does not split over {process_count} processes")
+        self.local = micro // process_count
+        self.seed = int(cfg.data.seed if seed is None else seed)
+        self.dcfg = data_config(cfg, seed=self.seed, local_rows=self.local)
+        tok = AutoTokenizer.from_pretrained(str(cfg.data.tokenizer))
+        if len(tok) > int(cfg.model.llm.vocab_size):
+            raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has {len(tok)} tokens > model.llm.vocab_size "
+                             f"{cfg.model.llm.vocab_size}")
+        maker = ExampleMaker(self.dcfg, tok, str(cfg.data.image_root) or None)
+        self.pipe = DataPipeline(read_rows(str(path or cfg.data.path)), self.dcfg, maker, shard_index=process_index,
+                                 shard_count=process_count)
+        self.step = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"next_step": self.step, "seed": self.seed, "pipeline": self.pipe.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if "pipeline" not in state:
+            raise ValueError("data: the checkpoint's data state is not a Grain pipeline's (data.kind changed?)")
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"data: checkpoint was written with data.seed={state['seed']}, config has {self.seed}")
+        self.pipe.restore(state["pipeline"])
+        self.step = int(state["next_step"])
+
+    def metrics(self) -> dict[str, float]:
+        return self.pipe.metrics()
+
+    def close(self) -> None:
+        self.pipe.close()
+
+    def __iter__(self) -> "GrainSource":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        micro = [next(self.pipe) for _ in range(self.accum)]
+        out = {k: np.stack([m[k] for m in micro]) for k in micro[0] if isinstance(micro[0][k], np.ndarray)}
+        # no per-example ids through packing: (step, accum, row) names a row in non-finite-step reports
+        out["example_id"] = (self.step * 1_000_000 + np.arange(self.accum * self.local)).reshape(
+            self.accum, self.local).astype(np.int64)
+        self.step += 1
+        return out
+
+
+def make_source(cfg: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
+                multimodal: bool | None = None) -> Any:
+    """The training (or, with `seed=data.eval_seed`, evaluation) source `data.kind` selects."""
+    if cfg.data.kind == "llava_json":
+        path = str(cfg.data.eval_path) if seed is not None and cfg.data.eval_path else None
+        return GrainSource(cfg, seed=seed, path=path, process_index=process_index, process_count=process_count)
+    from mm.train.data import SyntheticSource
+
+    return SyntheticSource(cfg, seed=seed, process_index=process_index, process_count=process_count,
+                           multimodal=multimodal)
