@@ -23,6 +23,32 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key (and file, when there is one)."""
 
 
+class _Numerics:
+    """What every model config shares: `dtype` (compute) and `param_dtype` names, checked and as jnp dtypes,
+    and `replace`. Subclasses are frozen dataclasses with those two fields."""
+
+    dtype: str
+    param_dtype: str
+
+    def _check_dtypes(self) -> None:
+        for key in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, key))
+            except TypeError as e:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not a dtype") from e
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3.1 style (`rope_type="llama3"`) frequency scaling; `None` on the LLM config means plain RoPE."""
@@ -35,7 +61,7 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class LLMConfig:
+class LLMConfig(_Numerics):
     """A decoder-only LLM of the Llama / Qwen2 kind."""
 
     model_type: str = "llama"
@@ -71,22 +97,7 @@ class LLMConfig:
             )
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
-        for key in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, key))
-            except TypeError as e:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not a dtype") from e
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
-
-    def replace(self, **changes: Any) -> "LLMConfig":
-        return dataclasses.replace(self, **changes)
+        self._check_dtypes()
 
     # ----------------------------------------------------------------------------------------- HF
     @classmethod
@@ -236,7 +247,7 @@ _VISION_PARENT_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_mo
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(_Numerics):
     """A ViT image encoder of the CLIP kind (class token, pre-layernorm) or SigLIP kind (no class token,
     post-layernorm, optional attention-pooling head). Any image size, patch size and depth."""
 
@@ -267,11 +278,7 @@ class VisionConfig:
             raise ConfigError(f"image_size={self.image_size} / patch_size={self.patch_size}: need 0 < patch <= image")
         if self.use_head and self.model_type != "siglip_vision_model":
             raise ConfigError("use_head=True is only defined for siglip_vision_model")
-        for key in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, key))
-            except TypeError as e:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not a dtype") from e
+        self._check_dtypes()
 
     @property
     def has_class_token(self) -> bool:
@@ -289,17 +296,6 @@ class VisionConfig:
     @property
     def num_positions(self) -> int:
         return self.grid_size**2 + (1 if self.has_class_token else 0)
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
-
-    def replace(self, **changes: Any) -> "VisionConfig":
-        return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------------------- HF
     @classmethod

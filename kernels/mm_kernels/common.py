@@ -138,6 +138,17 @@ def block_mask(spec: MaskSpec, q_pos: Array, k_pos: Array, q_seg: Array | None, 
     return mask
 
 
+# dot_general dimension numbers for 2-D tiles.
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+TN = (((0,), (0,)), ((), ()))  # a.T @ b
+NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def dot_f32(a: Array, b: Array, dims: Any) -> Array:
+    """A tile matmul with float32 accumulation, whatever the input dtype."""
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 

@@ -21,21 +21,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from mm_kernels.common import (
-    MASK_VALUE, BlockSizes, MaskArrays, MaskSpec, as_block_sizes, block_mask, next_pow2, normalize_inputs,
+    MASK_VALUE, NN, NT, TN, dot_f32, BlockSizes, MaskArrays, MaskSpec, as_block_sizes, block_mask, next_pow2, normalize_inputs,
     pad_axis, padded_length)
 
 Array = jax.Array
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_k=64)
 _MIN_BLOCK = 16  # tl.dot needs at least 16 along every dimension
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _dot(a: Array, b: Array, dims: Any) -> Array:
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -96,14 +87,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config):
         start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
-        s = _dot(q, k, _NT) * cfg.scale
+        s = dot_f32(q, k, NT) * cfg.scale
         mask = _tile_mask(spec, q_pos, start, bk, q_seg, kseg, q_bid, kbid)
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
+        acc = acc * alpha[:, None] + dot_f32(p.astype(v.dtype), v, NN)
         return m_new, l, acc
 
     lo, hi = _kv_block_range(cfg, q_pos, bk)
@@ -183,12 +174,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
             delta = delta_ref[g, rows]
             q_pos, q_seg, q_bid = _query_side(spec, qpos, qseg, qbid, rows)
             mask = block_mask(spec, q_pos, k_pos, q_seg, k_seg, q_bid, k_bid)
-            s = _dot(q, k, _NT) * cfg.scale
+            s = dot_f32(q, k, NT) * cfg.scale
             p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-            dv = dv + _dot(p.astype(do.dtype), do, _TN)
-            dp = _dot(do, v, _NT)
+            dv = dv + dot_f32(p.astype(do.dtype), do, TN)
+            dp = dot_f32(do, v, NT)
             ds = p * (dp - delta[:, None])
-            dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+            dk = dk + dot_f32(ds.astype(q.dtype), q, TN)
             return dk, dv
 
         dk, dv = jax.lax.fori_loop(lo, nq, body, (dk, dv))
@@ -210,10 +201,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Con
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
         mask = _tile_mask(spec, q_pos, start, bk, q_seg, kseg, q_bid, kbid)
-        s = _dot(q, k, _NT) * cfg.scale
+        s = dot_f32(q, k, NT) * cfg.scale
         p = jnp.where(mask, jnp.exp(s - lse), 0.0)
-        ds = p * (_dot(do, v, _NT) - delta)
-        return dq + _dot(ds.astype(k.dtype), k, _NN)
+        ds = p * (dot_f32(do, v, NT) - delta)
+        return dq + dot_f32(ds.astype(k.dtype), k, NN)
 
     lo, hi = _kv_block_range(cfg, q_pos, bk)
     dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))

@@ -22,21 +22,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mm_kernels.common import (
-    MASK_VALUE, BlockSizes, MaskArrays, MaskSpec, as_block_sizes, block_mask, normalize_inputs, pad_axis,
+    MASK_VALUE, NN, NT, TN, dot_f32, BlockSizes, MaskArrays, MaskSpec, as_block_sizes, block_mask, normalize_inputs, pad_axis,
     padded_length, round_up)
 
 Array = jax.Array
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_k=128)
 _SUBLANES, _LANES = 8, 128
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _dot(a: Array, b: Array, dims: Any) -> Array:
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -110,7 +101,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, nk: int):
 
     @pl.when(_tile_live(cfg, off, q_start, k_start, bq))
     def _step():
-        s = _dot(q_ref[...], k_ref[...], _NT) * cfg.scale
+        s = dot_f32(q_ref[...], k_ref[...], NT) * cfg.scale
         mask = _tile_mask(cfg, off, q_start, k_start, bq, bk, qseg, kseg, qbid, kbid)
         s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_scr[...]
@@ -119,7 +110,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, nk: int):
         alpha = jnp.exp(m_prev - m_new)
         l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
         v = v_ref[...]
-        acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v.dtype), v, _NN)
+        acc_scr[...] = alpha * acc_scr[...] + dot_f32(p.astype(v.dtype), v, NN)
         m_scr[...] = m_new
 
     @pl.when(j == nk - 1)
@@ -195,11 +186,11 @@ def _dkdv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
     def _step():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         mask = _tile_mask(cfg, off, q_start, k_start, bq, bk, qseg, kseg, qbid, kbid)
-        s = _dot(q, k, _NT) * cfg.scale
+        s = dot_f32(q, k, NT) * cfg.scale
         p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
-        dv_scr[...] += _dot(p.astype(do.dtype), do, _TN)
-        ds = p * (_dot(do, v, _NT) - delta_ref[...])
-        dk_scr[...] += _dot(ds.astype(q.dtype), q, _TN)
+        dv_scr[...] += dot_f32(p.astype(do.dtype), do, TN)
+        ds = p * (dot_f32(do, v, NT) - delta_ref[...])
+        dk_scr[...] += dot_f32(ds.astype(q.dtype), q, TN)
 
     @pl.when(jnp.logical_and(g == groups - 1, i == nq - 1))
     def _finish():
@@ -222,10 +213,10 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, 
     def _step():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         mask = _tile_mask(cfg, off, q_start, k_start, bq, bk, qseg, kseg, qbid, kbid)
-        s = _dot(q, k, _NT) * cfg.scale
+        s = dot_f32(q, k, NT) * cfg.scale
         p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
-        ds = p * (_dot(do, v, _NT) - delta_ref[...])
-        dq_scr[...] += _dot(ds.astype(k.dtype), k, _NN)
+        ds = p * (dot_f32(do, v, NT) - delta_ref[...])
+        dq_scr[...] += dot_f32(ds.astype(k.dtype), k, NN)
 
     @pl.when(j == nk - 1)
     def _finish():
