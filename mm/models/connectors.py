@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from mm.config import ConfigError, VisionConfig
-from mm.models.vision import FEATURE_KINDS, Linear, VisionTower, constrain, select_features, select_layer_index
+from mm.models.partitioning import constrain
+from mm.models.vision import (
+    FEATURE_KINDS,
+    Linear,
+    VisionTower,
+    select_features,
+    select_layer_index,
+)
 
 Array = jax.Array
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")

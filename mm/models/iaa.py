@@ -89,12 +89,12 @@ class Branch(nn.Module):
     def setup(self) -> None:
         c = self.llm_config
         self.projector = Projector(self.branch.projector)
-        self.embed_tokens = llm._Embed(c.vocab_size, c.hidden_size, c.params_dtype)
+        self.embed_tokens = llm.Embed(c.vocab_size, c.hidden_size, c.params_dtype)
         cls = llm.layer_class(c)
         self.layers_list = [cls(c, name=f"layers_{k}") for k in range(len(self.branch.positions))]
         self.norm = llm.RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.compute_dtype, param_dtype=c.params_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = llm._Dense(c.vocab_size, ("embed", "vocab"), dtype=c.compute_dtype,
+            self.lm_head = llm.Dense(c.vocab_size, ("embed", "vocab"), dtype=c.compute_dtype,
                                       param_dtype=c.params_dtype)
 
     def project(self, image_features: Array) -> Array:

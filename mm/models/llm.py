@@ -15,7 +15,7 @@ so each workflow of a multimodal model can keep its own cache.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -24,21 +24,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mm.attention import attention
 from mm.config import LLMConfig, RopeScaling
+from mm.models.partitioning import KERNEL_INIT, constrain, param
 
 Array = jax.Array
 Cache = dict[str, Any]
 
-_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
 
-def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple[str, ...],
-           dtype: Any) -> Array:
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
-    """Logical sharding constraint on an activation (a no-op outside a rules context)."""
-    return nn.with_logical_constraint(x, axes)
 
 
 # ------------------------------------------------------------------------------------------- RoPE
@@ -83,7 +75,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = _param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.param_dtype)
+        scale = param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.param_dtype)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * xf.astype(self.dtype)
@@ -139,10 +131,10 @@ class _Proj(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = _param(self, "kernel", _KERNEL_INIT, (x.shape[-1], *self.features), self.axes, self.param_dtype)
+        w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], *self.features), self.axes, self.param_dtype)
         y = jnp.einsum("btd,dhk->bthk", x, w.astype(self.dtype))
         if self.use_bias:
-            b = _param(self, "bias", nn.initializers.zeros, self.features, self.axes[1:], self.param_dtype)
+            b = param(self, "bias", nn.initializers.zeros, self.features, self.axes[1:], self.param_dtype)
             y = y + b.astype(self.dtype)
         return y
 
@@ -157,12 +149,12 @@ class _OutProj(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = _param(self, "kernel", _KERNEL_INIT, (*self.in_shape, self.features), ("heads", "head_dim", "embed"),
+        w = param(self, "kernel", KERNEL_INIT, (*self.in_shape, self.features), ("heads", "head_dim", "embed"),
                    self.param_dtype)
         return jnp.einsum("bthk,hkd->btd", x, w.astype(self.dtype))
 
 
-class _Dense(nn.Module):
+class Dense(nn.Module):
     """Bias-free dense layer with logical axes on its kernel."""
 
     features: int
@@ -172,7 +164,7 @@ class _Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = _param(self, "kernel", _KERNEL_INIT, (x.shape[-1], self.features), self.axes, self.param_dtype)
+        w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], self.features), self.axes, self.param_dtype)
         return jnp.einsum("...d,df->...f", x, w.astype(self.dtype))
 
 
@@ -185,10 +177,10 @@ class MLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
-        gate = _Dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
-        up = _Dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        gate = Dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        return _Dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
+        return Dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -246,7 +238,7 @@ class LLM(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        self.embed_tokens = _Embed(c.vocab_size, c.hidden_size, c.params_dtype)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, c.params_dtype)
         if c.scan_layers:
             self.layers = nn.scan(
                 _ScannedLayer,
@@ -261,7 +253,7 @@ class LLM(nn.Module):
             self.layers_list = [cls(c, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.compute_dtype, param_dtype=c.params_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = _Dense(c.vocab_size, ("embed", "vocab"), dtype=c.compute_dtype,
+            self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=c.compute_dtype,
                                   param_dtype=c.params_dtype)
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
 
@@ -318,13 +310,13 @@ class LLM(nn.Module):
         return self.head(x), new_cache
 
 
-class _Embed(nn.Module):
+class Embed(nn.Module):
     num_embeddings: int
     features: int
     param_dtype: Any
 
     def setup(self) -> None:
-        self.embedding = _param(self, "embedding", nn.initializers.normal(stddev=0.02),
+        self.embedding = param(self, "embedding", nn.initializers.normal(stddev=0.02),
                                 (self.num_embeddings, self.features), ("vocab", "embed"), self.param_dtype)
 
     def __call__(self, ids: Array) -> Array:

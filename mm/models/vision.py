@@ -33,22 +33,14 @@ import numpy as np
 
 from mm.attention import attention
 from mm.config import VisionConfig
+from mm.models.partitioning import KERNEL_INIT, constrain, param
 
 Array = jax.Array
 VisionOutput = dict[str, Any]
 
-_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 FEATURE_KINDS = ("patch", "cls_patch")
 
 
-def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple[str | None, ...],
-           dtype: Any) -> Array:
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
-    """Logical sharding constraint on an activation (a no-op outside a rules context)."""
-    return nn.with_logical_constraint(x, axes)
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -109,8 +101,8 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = _param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.param_dtype)
-        bias = _param(self, "bias", nn.initializers.zeros, (self.dim,), ("norm",), self.param_dtype)
+        scale = param(self, "scale", nn.initializers.ones, (self.dim,), ("norm",), self.param_dtype)
+        bias = param(self, "bias", nn.initializers.zeros, (self.dim,), ("norm",), self.param_dtype)
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
@@ -128,8 +120,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = _param(self, "kernel", _KERNEL_INIT, (x.shape[-1], self.features), self.axes, self.param_dtype)
-        b = _param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:], self.param_dtype)
+        w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], self.features), self.axes, self.param_dtype)
+        b = param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:], self.param_dtype)
         return jnp.einsum("...d,df->...f", x.astype(self.dtype), w.astype(self.dtype)) + b.astype(self.dtype)
 
 
@@ -144,9 +136,9 @@ class _HeadProj(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         shape = (self.heads, self.head_dim)
-        w = _param(self, "kernel", _KERNEL_INIT, (x.shape[-1], *shape), ("embed", "heads", "head_dim"),
+        w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], *shape), ("embed", "heads", "head_dim"),
                    self.param_dtype)
-        b = _param(self, "bias", nn.initializers.zeros, shape, ("heads", "head_dim"), self.param_dtype)
+        b = param(self, "bias", nn.initializers.zeros, shape, ("heads", "head_dim"), self.param_dtype)
         return jnp.einsum("btd,dhk->bthk", x, w.astype(self.dtype)) + b.astype(self.dtype)
 
 
@@ -159,9 +151,9 @@ class _OutProj(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = _param(self, "kernel", _KERNEL_INIT, (*x.shape[-2:], self.features), ("heads", "head_dim", "embed"),
+        w = param(self, "kernel", KERNEL_INIT, (*x.shape[-2:], self.features), ("heads", "head_dim", "embed"),
                    self.param_dtype)
-        b = _param(self, "bias", nn.initializers.zeros, (self.features,), ("embed",), self.param_dtype)
+        b = param(self, "bias", nn.initializers.zeros, (self.features,), ("embed",), self.param_dtype)
         return jnp.einsum("bthk,hkd->btd", x, w.astype(self.dtype)) + b.astype(self.dtype)
 
 
@@ -249,7 +241,7 @@ class Embeddings(nn.Module):
         patches = _PatchConv(c, name="patch_embedding")(pixels, gh, gw)
         pos_table = _PositionTable(c.num_positions, c.hidden_size, c.params_dtype, name="position_embedding")()
         if c.has_class_token:
-            cls = _param(self, "class_embedding", _KERNEL_INIT, (c.hidden_size,), ("embed",), c.params_dtype)
+            cls = param(self, "class_embedding", KERNEL_INIT, (c.hidden_size,), ("embed",), c.params_dtype)
             cls_tok = jnp.broadcast_to(cls.astype(c.compute_dtype), (b, 1, c.hidden_size))
             x = jnp.concatenate([cls_tok, patches], axis=1)
             pos = jnp.concatenate([pos_table[:1], interpolate_positions(pos_table[1:], c.grid_size, (gh, gw))])
@@ -269,7 +261,7 @@ class _PositionTable(nn.Module):
 
     @nn.compact
     def __call__(self) -> Array:
-        return _param(self, "embedding", _KERNEL_INIT, (self.num, self.dim), (None, "embed"), self.param_dtype)
+        return param(self, "embedding", KERNEL_INIT, (self.num, self.dim), (None, "embed"), self.param_dtype)
 
 
 class _PatchConv(nn.Module):
@@ -281,13 +273,13 @@ class _PatchConv(nn.Module):
     def __call__(self, x: Array, gh: int, gw: int) -> Array:
         c = self.config
         p = c.patch_size
-        k = _param(self, "kernel", _KERNEL_INIT, (p, p, c.num_channels, c.hidden_size), (None, None, None, "embed"),
+        k = param(self, "kernel", KERNEL_INIT, (p, p, c.num_channels, c.hidden_size), (None, None, None, "embed"),
                    c.params_dtype)
         b = x.shape[0]
         xp = x.reshape(b, c.num_channels, gh, p, gw, p)
         y = jnp.einsum("bcipjq,pqcd->bijd", xp, k.astype(c.compute_dtype)).reshape(b, gh * gw, c.hidden_size)
         if not c.has_class_token:
-            y = y + _param(self, "bias", nn.initializers.zeros, (c.hidden_size,), ("embed",),
+            y = y + param(self, "bias", nn.initializers.zeros, (c.hidden_size,), ("embed",),
                            c.params_dtype).astype(c.compute_dtype)
         return y
 
@@ -302,9 +294,9 @@ class _FusedInProj(nn.Module):
     def __call__(self, q_in: Array, kv_in: Array) -> tuple[Array, Array, Array]:
         c = self.config
         dt, shape = c.compute_dtype, (3, c.num_heads, c.head_dim)
-        w = _param(self, "kernel", _KERNEL_INIT, (c.hidden_size, *shape), ("embed", None, "heads", "head_dim"),
+        w = param(self, "kernel", KERNEL_INIT, (c.hidden_size, *shape), ("embed", None, "heads", "head_dim"),
                    c.params_dtype).astype(dt)
-        b = _param(self, "bias", nn.initializers.zeros, shape, (None, "heads", "head_dim"), c.params_dtype).astype(dt)
+        b = param(self, "bias", nn.initializers.zeros, shape, (None, "heads", "head_dim"), c.params_dtype).astype(dt)
         q = jnp.einsum("btd,dhk->bthk", q_in, w[:, 0]) + b[0]
         k = jnp.einsum("btd,dhk->bthk", kv_in, w[:, 1]) + b[1]
         v = jnp.einsum("btd,dhk->bthk", kv_in, w[:, 2]) + b[2]
@@ -332,7 +324,7 @@ class PoolingHead(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        probe = _param(self, "probe", _KERNEL_INIT, (1, 1, c.hidden_size), (None, None, "embed"), c.params_dtype)
+        probe = param(self, "probe", KERNEL_INIT, (1, 1, c.hidden_size), (None, None, "embed"), c.params_dtype)
         q = jnp.broadcast_to(probe.astype(c.compute_dtype), (x.shape[0], 1, c.hidden_size))
         h = _PoolingAttention(c, name="attention")(q, x)
         ln = LayerNorm(c.hidden_size, c.layer_norm_eps, dtype=c.compute_dtype, param_dtype=c.params_dtype,
