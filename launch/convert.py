@@ -1,4 +1,8 @@
-"""`mm-convert`: HuggingFace <-> mm checkpoint conversion of decoder LLMs (Llama family, Qwen2).
+"""`mm-convert`: HuggingFace <-> mm checkpoint conversion (decoder LLMs, vision towers, VLMs).
+
+`hf-to-mm` recognises the source by its config.json: Llama / Qwen2 causal LMs, CLIP / SigLIP towers (or the
+tower of a full CLIP / SigLIP model), HF Llava, and the original IAA release layout. `mm-to-hf` writes the
+matching HF form back (an mm "vlm" IAA checkpoint becomes the release layout with its tower beside it).
 
   mm-convert hf-to-mm --src HF_DIR --dst MM_DIR [--dtype keep|float32|bfloat16|float16] [--overwrite]
   mm-convert mm-to-hf --src MM_DIR --dst HF_DIR [--dtype ...] [--shard-size 5GB] [--overwrite]

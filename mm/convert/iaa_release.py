@@ -177,12 +177,28 @@ def load_release(src: str | Path, positions: Sequence[int] | None = None,
 
 
 # ------------------------------------------------------------------------------------------- export
-def export_release(config: IAAConfig, params: Mapping[str, Any], dst: str | Path, *, vision_tower: str,
+def export_release(config: IAAConfig, params: Mapping[str, Any], dst: str | Path, *, vision_tower: str | None = None,
                    dtype: str | None = None, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                   tokenizer_dir: str | Path | None = None) -> Path:
-    """Writes `params` in the release layout (config.json + safetensors [+ index] + tokenizer files)."""
+                   tokenizer_dir: str | Path | None = None, vision: tuple[Any, Any] | None = None) -> Path:
+    """Writes `params` in the release layout (config.json + safetensors [+ index] + tokenizer files).
+
+    `vision=(VisionConfig, tower params)` also writes the tower as an HF directory `dst/vision_tower/` and
+    points `mm_vision_tower` at it (absolute path), which is where the reference loader reads CLIP from;
+    otherwise `vision_tower` (e.g. a hub id) is recorded as given.
+    """
     name_map = release_name_map(config)
+    if vision is None and vision_tower is None:
+        raise ConversionError("export_release needs vision_tower= (a path or hub id) or vision=(config, params)")
+    if vision is not None:
+        vision_tower = str(Path(dst).absolute() / "vision_tower")
     with staged_output(dst, overwrite) as stage:
+        if vision is not None:
+            from mm.convert.hf_vision import vision_name_map
+
+            vcfg, vparams = vision
+            (stage / "vision_tower").mkdir()
+            (stage / "vision_tower" / "config.json").write_text(json.dumps(vcfg.to_hf_dict(), indent=2))
+            write_hf_tensors(stage / "vision_tower", vision_name_map(vcfg), vparams, dtype, max_shard_bytes)
         torch_dtype = str(np.dtype(dtype or np.asarray(params["base"]["norm"]["scale"]).dtype))
         (stage / "config.json").write_text(json.dumps(release_hf_config(config, vision_tower,
                                                                          torch_dtype=torch_dtype), indent=2))

@@ -129,6 +129,9 @@ def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
 
     if hf_vision.hf_dir_is_vision(src):
         return hf_vision.hf_vision_to_mm(src, dst, dtype=dtype, overwrite=overwrite, progress=progress)
+    model_type = read_json(src / "config.json").get("model_type") if (src / "config.json").exists() else None
+    if model_type in ("llava", "IAA"):
+        return vlm_hf_to_mm(src, dst, model_type, dtype=dtype, overwrite=overwrite)
     config = read_hf_llm_config(src)
     name_map = llm_name_map(config)
     return stream_hf_to_mm(src, dst, open_hf_checkpoint(src, name_map), name_map, "llm", config, dtype=dtype,
@@ -189,6 +192,8 @@ def mm_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
 
         return mm_vision_to_hf(src, dst, dtype=dtype, overwrite=overwrite, progress=progress,
                                max_shard_bytes=max_shard_bytes)
+    if manifest["kind"] == "vlm":
+        return vlm_mm_to_hf(src, dst, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     if manifest["kind"] != "llm":
         raise ConversionError(f"{src}: kind {manifest['kind']!r} has no HF causal-LM export")
     config = mmd.read_mm_config(src)
@@ -245,3 +250,46 @@ def stream_mm_to_hf(src: Path, dst: Path, name_map: NameMap, hf_config: Any, *, 
                     del arr
         writer.close()
     return dst
+
+
+# ----------------------------------------------------------------------------------- VLMs (in memory)
+def vlm_hf_to_mm(src: Path, dst: Path, model_type: str, *, dtype: str = "keep", overwrite: bool = False) -> Path:
+    """HF Llava or IAA-release directory -> mm "vlm" directory. Loads the model in memory (not streamed):
+    fine for the sizes these models come in on one host; `dtype` "keep" stores float32."""
+    from mm.convert.vlm_dir import save_mm_vlm
+
+    pdt = "float32" if dtype == "keep" else dtype
+    if model_type == "llava":
+        from mm.convert.llava_hf import load_llava
+
+        config, params = load_llava(src, param_dtype=pdt)
+        note = "HF Llava"
+    else:
+        from mm.convert.iaa_release import load_release_vlm
+
+        config, params, note = load_release_vlm(src, param_dtype=pdt)
+        print(f"hf-to-mm: {note}", flush=True)
+    tok = src if any((src / f).exists() for f in mmd.TOKENIZER_FILES) else None
+    return save_mm_vlm(config, params, dst, overwrite=overwrite, tokenizer_dir=tok,
+                       source={"format": model_type, "path": str(src.absolute()), "note": note})
+
+
+def vlm_mm_to_hf(src: Path, dst: Path, *, dtype: str = "keep", overwrite: bool = False,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """mm "vlm" directory -> HF Llava directory (LLaVA-style) or the IAA release layout with its tower in
+    `dst/vision_tower/` (IAA)."""
+    from mm.convert.vlm_dir import load_mm_vlm
+
+    config, params = load_mm_vlm(src)
+    out_dtype_name = None if dtype == "keep" else dtype
+    tok = src / mmd.TOKENIZER_DIR if (src / mmd.TOKENIZER_DIR).is_dir() else None
+    if config.is_iaa:
+        from mm.convert.iaa_release import export_release
+
+        lm = {k: v for k, v in params.items() if k != "vision"}
+        return export_release(config.lm, lm, dst, dtype=out_dtype_name, overwrite=overwrite, tokenizer_dir=tok,
+                              max_shard_bytes=max_shard_bytes, vision=(config.vision, params["vision"]))
+    from mm.convert.llava_hf import export_llava
+
+    return export_llava(config, params, dst, dtype=out_dtype_name, overwrite=overwrite, tokenizer_dir=tok,
+                        max_shard_bytes=max_shard_bytes)

@@ -221,3 +221,23 @@ def test_hub_id_without_tensors_says_what_to_pass(release, tmp_path):
     out = rel.export_release(config, params, tmp_path / "no_tower", vision_tower="openai/clip-vit-large-patch14-336")
     with pytest.raises(ConversionError, match="pass vision="):
         rel.load_release_vlm(out)
+
+
+def test_cli_release_to_mm_and_back(release, tmp_path):
+    from launch.convert import main as mm_convert
+
+    d, _ = release
+    assert mm_convert(["hf-to-mm", "--src", str(d), "--dst", str(tmp_path / "mm"), "--no-progress"]) == 0
+    assert mm_convert(["mm-to-hf", "--src", str(tmp_path / "mm"), "--dst", str(tmp_path / "back"),
+                       "--no-progress"]) == 0
+    orig, back = {}, {}
+    for f in d.glob("*.safetensors"):
+        orig.update(load_file(str(f)))
+    for f in (tmp_path / "back").glob("*.safetensors"):
+        back.update(load_file(str(f)))
+    lm = {k: v for k, v in orig.items() if not k.startswith(rel.RELEASE_VISION_PREFIX)}
+    assert set(lm) == set(back) and all(np.array_equal(lm[k], back[k]) for k in lm)
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["mm_vision_tower"] == str((tmp_path / "back" / "vision_tower").absolute())
+    _, _, used = rel.load_release_vlm(tmp_path / "back")  # the reference loader's path: mm_vision_tower, local
+    assert "mm_vision_tower" in used

@@ -130,3 +130,22 @@ def test_legacy_vision_prefix_imports_the_same(hf, tmp_path):
 
     fa, fb = flatten(a), flatten(b)
     assert set(fa) == set(fb) and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_cli_round_trip_through_an_mm_vlm_dir(hf, tmp_path):
+    import mm
+    from launch.convert import main as mm_convert
+
+    d, model = hf
+    assert mm_convert(["hf-to-mm", "--src", str(d), "--dst", str(tmp_path / "mm"), "--no-progress"]) == 0
+    handle = mm.from_pretrained(tmp_path / "mm")
+    ids, pix, _ = _inputs()
+    prompts = [[t for i, t in enumerate(r) if not (t == IMG and i > 0 and r[i - 1] == IMG)] for r in ids.tolist()]
+    per_row = [pix[:2], pix[2:]]  # one placeholder per image in the prompt; the handle expands it
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix)).logits.numpy()
+    got = handle.logits(prompts, pixel_values=per_row)
+    assert float(np.abs(got - want).max()) <= 1e-4
+    assert mm_convert(["mm-to-hf", "--src", str(tmp_path / "mm"), "--dst", str(tmp_path / "hf"), "--no-progress"]) == 0
+    orig, new = load_file(str(d / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(orig) == set(new) and all(np.array_equal(orig[k], new[k]) for k in orig)
