@@ -7,7 +7,7 @@ matching HF form back (an mm "vlm" IAA checkpoint becomes the release layout wit
   mm-convert hf-to-mm --src HF_DIR --dst MM_DIR [--dtype keep|float32|bfloat16|float16] [--overwrite]
   mm-convert mm-to-hf --src MM_DIR --dst HF_DIR [--dtype ...] [--shard-size 5GB] [--overwrite]
 
-Streams tensor by tensor (peak memory about one decoder layer), checks every name and shape before
+LLMs and towers stream tensor by tensor (peak memory about one decoder layer; VLMs load in memory), checks every name and shape before
 writing anything, and never leaves a partial `--dst`. Bad input exits with status 2 and a message naming
 the file / tensor at fault.
 """
