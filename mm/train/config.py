@@ -248,9 +248,10 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
 
 def _check_llava_json(cfg: Any) -> None:
     d = cfg.data
-    if cfg.model.kind != "vlm":
-        raise ConfigError(f"config key data.kind = 'llava_json' needs model.kind = 'vlm' (the ViT runs on the "
-                          f"pipeline's pixel tiles); model.kind = {cfg.model.kind!r} takes precomputed features")
+    if cfg.model.kind not in ("vlm", "llava", "iaa"):
+        raise ConfigError(f"config key data.kind = 'llava_json' needs a multimodal model.kind (vlm, llava, iaa); "
+                          f"got {cfg.model.kind!r}")
+    vision_config_from(cfg)  # the ViT (model.vision) runs on the pipeline's pixel tiles in the step
     for key in ("path", "tokenizer"):
         if not d[key]:
             raise ConfigError(f"config key data.{key} must be set for data.kind = 'llava_json'")

@@ -246,18 +246,18 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
     timer = Timer()
     losses: dict[int, float] = {}
     recent_ids: collections.deque = collections.deque(maxlen=max(int(t.max_consecutive_nonfinite), 1))
-    pending: tuple[int, Any, np.ndarray] | None = None
+    pending: tuple[int, Any, np.ndarray, dict[str, float]] | None = None
     consecutive = 0
     tokens_per_step = int(t.batch_size) * int(t.seq_len)
     preempted = False
     tracing = False
     every = int(cfg.checkpoint.every)
 
-    def finish(pend: tuple[int, Any, np.ndarray] | None) -> None:
+    def finish(pend: tuple[int, Any, np.ndarray, dict[str, float]] | None) -> None:
         nonlocal consecutive
         if pend is None:
             return
-        s, metrics, ids = pend
+        s, metrics, ids, data_metrics = pend
         m = jax.device_get(metrics)
         losses[s] = float(m["loss"])
         recent_ids.append((s, ids))
@@ -269,7 +269,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
         if s % int(t.log_every) == 0 or s == int(t.steps):
             dt = timer.mean()
             tps = tokens_per_step / dt if dt > 0 else 0.0
-            row = dict(data.metrics()) if hasattr(data, "metrics") else {}  # data-pipeline skip counters
+            row = dict(data_metrics)  # data-pipeline skip counters as of this step's batch
             row.update({"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                         "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_dev,
                         "tflops_per_device": b.flops["total"] / max(dt, 1e-9) / n_dev / 1e12,
@@ -286,6 +286,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                     jax.profiler.start_trace(str(workdir / "profile" / f"process_{jax.process_index()}"))
                     tracing = True
                 local = next(data)
+                data_metrics = data.metrics() if hasattr(data, "metrics") else {}
                 ids = local.pop("example_id")
                 batch = _to_global(local, b.batch_sharding, jax.process_count())
                 with jax.profiler.StepTraceAnnotation("train", step_num=s + 1):
@@ -293,7 +294,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                     if tracing:  # inside the annotation, so the step's window covers its device work
                         jax.block_until_ready(state)
                 finish(pending)
-                pending = (s + 1, metrics, ids)
+                pending = (s + 1, metrics, ids, data_metrics)
                 if tracing and s + 1 >= prof[1]:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()

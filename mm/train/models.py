@@ -2,7 +2,9 @@
 
 One adapter per model kind (`llm` as a text LM, `llava`, `iaa`); the loop, the step and the checkpoints are
 generic over them. Multimodal models take precomputed vision features (the vision tower is frozen in every
-stage trained here, so its forward runs once per image outside the step).
+stage trained here, so its forward runs once per image outside the step). With the Grain pipeline
+(`data.kind = "llava_json"`, pixel tiles in the batch) they get a `vision` ViT subtree run in the step
+(freeze it with a `("vision/.*", "frozen")` param group), as the `vlm` kind always does.
 
 FLOPs stages list, in forward order, the matmul weights used once per token (parallel weights share a stage)
 and the attention-core FLOPs per token; `mm.train.flops` turns them into per-step model FLOPs given which
@@ -109,10 +111,75 @@ def _llm_model(cfg: Any) -> TrainModel:
                       {"text": loss}, stages)
 
 
+def tile_features(vc: Any, layer: int) -> Callable[[Any, Array], Array]:
+    """(ViT params, pixels) -> features `[B, tiles * patches, D]` (class token dropped), in the order the splice
+    fills a row's image positions. Pixels are `[B, C, H, W]` (one image a row) or `[B, tiles, C, H, W]` (the
+    Grain pipeline: a row's tiles in order, padding tiles last - their features are never spliced)."""
+    from mm.models import vision
+
+    def features(vparams: Any, pixels: Array) -> Array:
+        if pixels.ndim == 4:
+            return vision.image_features(vparams, vc, pixels, layer=layer, feature="patch")
+        bsz, tiles = pixels.shape[:2]
+        f = vision.image_features(vparams, vc, pixels.reshape((bsz * tiles,) + pixels.shape[2:]), layer=layer,
+                                  feature="patch")
+        return f.reshape(bsz, tiles * f.shape[1], f.shape[2])
+
+    return features
+
+
+@dataclasses.dataclass
+class _Tower:
+    """The ViT a `llava` / `iaa` model runs in the step when the data gives pixels (`data.kind = llava_json`)."""
+
+    vc: Any
+    layer: int
+    features: Callable[[Any, Array], Array]
+
+    def init(self, rng: Array) -> Any:
+        from mm.models import vision
+
+        return nn.unbox(vision.VisionTower(self.vc).init(rng, vision._dummy_pixels(self.vc)))["params"]
+
+    def abstract(self) -> Any:
+        from mm.models import vision
+
+        return vision.abstract_params(self.vc)
+
+    def stages(self, seq_len: int) -> list[Stage]:
+        from mm.models import vision
+
+        n_vis = self.vc.grid_size ** 2 + (1 if self.vc.has_class_token else 0)
+        return _vit_stages("vision", self.vc, n_vis, n_vis / seq_len, vision.select_layer_index(self.layer,
+                                                                                               self.vc.num_layers))
+
+
+def _tower(cfg: Any) -> _Tower | None:
+    if cfg.data.kind != "llava_json":
+        return None
+    from mm.train.config import vision_config_from
+
+    vc = vision_config_from(cfg)
+    layer = int(cfg.model.vision_select_layer)
+    return _Tower(vc, layer, tile_features(vc, layer))
+
+
+def _image_inputs(tower: _Tower | None, params: Any, b: dict[str, Array]) -> Any:
+    if tower is not None and "pixel_values" in b:
+        return tower.features(params["vision"], b["pixel_values"])
+    return b.get("image_features")
+
+
+def _without_vision(params: Any) -> Any:
+    return {k: v for k, v in params.items() if k != "vision"}
+
+
 def _projector_config(cfg: Any, c: LLMConfig) -> Any:
     from mm.models.connectors import ProjectorConfig
 
-    return ProjectorConfig(kind=cfg.model.projector, in_dim=int(cfg.model.vision_width), out_dim=c.hidden_size,
+    tower = _tower(cfg)
+    width = tower.vc.hidden_size if tower is not None else int(cfg.model.vision_width)
+    return ProjectorConfig(kind=cfg.model.projector, in_dim=width, out_dim=c.hidden_size,
                            dtype=c.dtype, param_dtype=c.param_dtype)
 
 
@@ -122,24 +189,32 @@ def _llava_model(cfg: Any) -> TrainModel:
     c = llm_config_from(cfg)
     lc = llava.LLaVAConfig(llm=c, projector=_projector_config(cfg, c))
     model = llava.LLaVA(lc)
+    tower = _tower(cfg)
 
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-        logits, _ = model.apply({"params": params}, b["input_ids"], b["positions"],
-                                image_features=b.get("image_features"), image_mask=b.get("image_mask"),
+        logits, _ = model.apply({"params": _without_vision(params)}, b["input_ids"], b["positions"],
+                                image_features=_image_inputs(tower, params, b), image_mask=b.get("image_mask"),
                                 segment_ids=b["segment_ids"])
         return cross_entropy(logits, b["labels"], _mask(b))
 
     def init(rng: Array) -> Any:
-        k1, k2 = jax.random.split(rng)
-        return llava.init_params(lc, llm_lib.init_params(c, k1), k2)
+        k1, k2, k3 = jax.random.split(rng, 3)
+        out = llava.init_params(lc, llm_lib.init_params(c, k1), k2)
+        if tower is not None:
+            out["vision"] = tower.init(k3)
+        return out
 
     def stages(seq_len: int) -> list[Stage]:
-        out = _projector_stages("projector", cfg.model.projector) + [Stage((), 0.0, ("llm/embed_tokens/embedding",))]
+        out = tower.stages(seq_len) if tower is not None else []
+        out += _projector_stages("projector", cfg.model.projector) + [Stage((), 0.0, ("llm/embed_tokens/embedding",))]
         for i in range(c.num_layers):
             out += _layer_stages(f"llm/layers_{i}", c, seq_len)
         return out + [_head_stage("llm", c)]
 
-    return TrainModel("llava", c, llava.abstract_params(lc), init, loss, {"mm": loss}, stages, "llm")
+    abstract = dict(llava.abstract_params(lc))
+    if tower is not None:
+        abstract["vision"] = tower.abstract()
+    return TrainModel("llava", c, abstract, init, loss, {"mm": loss}, stages, "llm")
 
 
 def _iaa_model(cfg: Any) -> TrainModel:
@@ -151,24 +226,29 @@ def _iaa_model(cfg: Any) -> TrainModel:
     ic = iaa.IAAConfig(llm=c, branches=branches)
     model = iaa.IAA(ic)
     wf = cfg.model.iaa_workflow
+    tower = _tower(cfg)
 
     def make_loss(workflow: str) -> Callable[[Any, dict[str, Array]], tuple[Array, Array]]:
         def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
             mm_in = workflow != iaa.TEXT
             ids = b["input_ids"] if mm_in else jnp.maximum(b["input_ids"], 0)
-            logits, _ = model.apply({"params": params}, ids, b["positions"], workflow=workflow,
-                                    image_features=b.get("image_features") if mm_in else None,
+            logits, _ = model.apply({"params": _without_vision(params)}, ids, b["positions"], workflow=workflow,
+                                    image_features=_image_inputs(tower, params, b) if mm_in else None,
                                     image_mask=b.get("image_mask") if mm_in else None, segment_ids=b["segment_ids"])
             return cross_entropy(logits, b["labels"], _mask(b))
         return loss
 
     def init(rng: Array) -> Any:
-        k1, k2 = jax.random.split(rng)
-        return iaa.init_params(ic, llm_lib.init_params(c, k1), k2)
+        k1, k2, k3 = jax.random.split(rng, 3)
+        out = iaa.init_params(ic, llm_lib.init_params(c, k1), k2)
+        if tower is not None:
+            out["vision"] = tower.init(k3)
+        return out
 
     def stages(seq_len: int) -> list[Stage]:
         positions = list(cfg.model.iaa_positions)
-        out = _projector_stages(f"{wf}/projector", cfg.model.projector) + [Stage((), 0.0, (f"{wf}/embed_tokens/embedding",))]
+        out = tower.stages(seq_len) if tower is not None else []
+        out += _projector_stages(f"{wf}/projector", cfg.model.projector) + [Stage((), 0.0, (f"{wf}/embed_tokens/embedding",))]
         for i in range(c.num_layers):
             out += _layer_stages(f"base/layers_{i}", c, seq_len)
             if i in positions:
@@ -176,7 +256,10 @@ def _iaa_model(cfg: Any) -> TrainModel:
         return out + [_head_stage(wf, c)]
 
     evals = {wf: make_loss(wf), "text": make_loss(iaa.TEXT)}
-    return TrainModel("iaa", c, iaa.abstract_params(ic), init, make_loss(wf), evals, stages, "base")
+    abstract = dict(iaa.abstract_params(ic))
+    if tower is not None:
+        abstract["vision"] = tower.abstract()
+    return TrainModel("iaa", c, abstract, init, make_loss(wf), evals, stages, "base")
 
 
 def _vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) -> list[Stage]:
@@ -209,18 +292,10 @@ def _vlm_model(cfg: Any) -> TrainModel:
     model = llava.LLaVA(lc)
     layer = int(cfg.model.vision_select_layer)
 
-    def features(params: Any, pixels: Array) -> Array:
-        """`[B, C, H, W]` (one image a row) or `[B, tiles, C, H, W]` (the Grain pipeline: a row's tiles in
-        order, padding tiles last) -> `[B, tiles * patches, D]`, the order the splice fills image positions."""
-        if pixels.ndim == 4:
-            return vision.image_features(params["vision"], vc, pixels, layer=layer, feature="patch")
-        bsz, tiles = pixels.shape[:2]
-        f = vision.image_features(params["vision"], vc, pixels.reshape((bsz * tiles,) + pixels.shape[2:]),
-                                  layer=layer, feature="patch")
-        return f.reshape(bsz, tiles * f.shape[1], f.shape[2])
+    features = tile_features(vc, layer)
 
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-        feats = features(params, b["pixel_values"])
+        feats = features(params["vision"], b["pixel_values"])
         logits, _ = model.apply({"params": {"llm": params["llm"], "projector": params["projector"]}},
                                 b["input_ids"], b["positions"], image_features=feats, image_mask=b["image_mask"],
                                 segment_ids=b["segment_ids"])

@@ -1,4 +1,4 @@
-"""Training from the Grain pipeline (`data.kind = "llava_json"`): a tiny ViT-in-the-step LLaVA model learns
+"""Training from the Grain pipeline (`data.kind = "llava_json"`): a tiny IAA model (ViT in the step) learns
 from a generated LLaVA dataset with a planted corrupt image (counted in metrics.jsonl), and a run resumed from a
 mid-run checkpoint gives the losses of the uninterrupted run (the pipeline's iterator state is checkpointed)."""
 
@@ -37,7 +37,9 @@ def dataset(tmp_path_factory):
 def _cfg(dataset, **over):
     path, root, tok = dataset
     c = tiny("full")
-    c.model.kind = "vlm"
+    c.model.kind = "iaa"  # IAA instruction stage: the mm branch trains; base LLM and ViT (in the step) frozen
+    c.model.iaa_branches = ["mm"]
+    c.param_groups = [("mm/.*", 1.0), ("(base|vision)/.*", "frozen")]
     c.data.update(dict(kind="llava_json", path=path, image_root=root, tokenizer=tok, template="chat",
                        max_tiles_per_row=4))
     c.train.update(dict(steps=STEPS, batch_size=4, seq_len=96, log_every=1))
@@ -91,10 +93,31 @@ def test_llava_json_config_errors_name_the_key(dataset):
     with pytest.raises(ConfigError, match="data.path"):
         tcfg.validate(c)
     c = _cfg(dataset)
-    c.model.kind = "llava"
+    c.model.kind = "llm"
     with pytest.raises(ConfigError, match="model.kind"):
         tcfg.validate(c)
     c = _cfg(dataset)
     c.data.tokenizer = ""
     with pytest.raises(ConfigError, match="data.tokenizer"):
         tcfg.validate(c)
+
+
+def test_tile_features_are_each_tiles_vit_features_in_row_order():
+    """`[B, tiles, C, H, W]` -> `[B, tiles * patches, D]`: row r's k-th block is the ViT on tile (r, k)."""
+    import jax
+
+    from mm.models import vision
+    from mm.train.config import base_config, vision_config_from
+    from mm.train.models import tile_features
+
+    vc = vision_config_from(base_config())
+    params = vision.init_params(vc, jax.random.key(0))
+    px = np.random.default_rng(0).standard_normal((2, 3, vc.num_channels, vc.image_size, vc.image_size))
+    px = px.astype(np.float32)
+    got = np.asarray(tile_features(vc, -2)(params, px))
+    p = vc.grid_size ** 2
+    assert got.shape == (2, 3 * p, vc.hidden_size)
+    for r in range(2):
+        for k in range(3):
+            want = np.asarray(vision.image_features(params, vc, px[r, k][None], layer=-2, feature="patch"))[0]
+            np.testing.assert_allclose(got[r, k * p:(k + 1) * p], want, rtol=1e-5, atol=1e-5)
