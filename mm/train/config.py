@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=100, batch_size=8, seq_len=64, log_every=10, eval_every=0, eval_batches=2,
+        eval_samples=2, eval_max_new_tokens=16,  # greedy samples per workflow at each eval (data.kind llava_json)
         max_consecutive_nonfinite=5,
         loss_chunk=0,  # > 0: chunked cross-entropy (mm.losses) with this many tokens per chunk (model.kind llm)
     ))

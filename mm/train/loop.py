@@ -307,6 +307,9 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                     for name, value in evaluator.run(state).items():
                         writer.write(done, {"loss": value}, kind=f"eval_{name}")
                         _log(f"eval step {done}: {name} loss {value:.6f}")
+                    for name, text in evaluator.samples(state).items():
+                        writer.text(done, f"samples/{name}", text)
+                        _log(f"eval step {done}: {name} samples:\n{text}")
                     timer.last = time.perf_counter()  # evaluation time is not step time
                 if pre.requested:
                     finish(pending)
@@ -350,10 +353,68 @@ class _Evaluator:
             else:  # the Grain pipeline in eval_seed's order: the first eval_batches steps, fixed
                 batches = [next(src) for _ in range(int(cfg.train.eval_batches))]
                 src.close()
+                self.sample_rows = {k: v[0] for k, v in batches[0].items()}  # first micro batch, this process
             for x in batches:
                 x.pop("example_id")
             self.batches[name] = [_to_global(x, b.batch_sharding, jax.process_count()) for x in batches]
             self.fns[name] = shd.sharded_jit(make_eval_step(loss), b.mesh, b.rules)
+
+    def samples(self, state: dict[str, Any]) -> dict[str, str]:
+        """Greedy continuations of held-out prompts per workflow (`data.kind = llava_json`, one process):
+        each row's first conversation up to its first answer token, with its images; text shows the
+        prompt's tail, the model's answer and the reference answer."""
+        rows = getattr(self, "sample_rows", None)
+        m = self.b.model
+        if rows is None or not m.decode or jax.process_count() > 1:
+            return {}
+        from mm.generate import Generator
+        from mm.train.step import merge
+
+        params = merge(state["params"], self.b.frozen)
+        lm_params = {k: v for k, v in params.items() if k != "vision"}
+        if not hasattr(self, "_gens"):
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(self.b.cfg.data.tokenizer))
+            self._gens = {w: Generator(fns, pad_id=int(self._tok.pad_token_id or 0)) for w, fns in m.decode.items()}
+        cfg, tok = self.b.cfg, self._tok
+        n = min(int(cfg.train.eval_samples), rows["input_ids"].shape[0])
+        stops = sorted({int(x) for x in (cfg.model.llm.eos_token_id or [])} | {int(tok.eos_token_id or 0)})
+        out = {}
+        for w, gen in self._gens.items():
+            prompts, masks, refs, idx = [], [], [], []
+            for r in range(n):
+                seg = rows["segment_ids"][r] == 1
+                sup = np.flatnonzero(seg & (rows["loss_mask"][r] > 0))
+                if not len(sup):
+                    continue
+                t = end = int(sup[0])
+                while end + 1 < len(seg) and seg[end + 1] and rows["loss_mask"][r, end + 1] > 0:
+                    end += 1  # the first answer: the run of supervised labels from t
+                ans = np.arange(t, end + 1)
+                mask = rows["image_mask"][r, :t + 1].astype(bool)
+                ids = rows["input_ids"][r, :t + 1]
+                if w == "text":  # text workflow: the prompt without its image positions
+                    ids, mask = ids[~mask], mask[~mask]
+                prompts.append(ids.tolist())
+                masks.append(mask)
+                refs.append(tok.decode(rows["labels"][r, ans].tolist(), skip_special_tokens=True))
+                idx.append(r)
+            if not prompts:
+                continue
+            extra = None
+            if w != "text" and m.pixel_features is not None and any(x.any() for x in masks):
+                feats = m.pixel_features(params, jax.numpy.asarray(rows["pixel_values"][idx]))
+                extra = {"image_features": feats, "image_mask": masks}
+            toks, lens = gen(lm_params, prompts, max_new_tokens=int(cfg.train.eval_max_new_tokens),
+                             stop_tokens=stops, extra=extra)
+            lines = []
+            for p, tk, ln, ref in zip(prompts, toks, lens, refs):
+                lines.append(f"prompt ...{tok.decode(p[-12:], skip_special_tokens=True)!r} -> "
+                             f"{tok.decode(tk[:int(ln)].tolist(), skip_special_tokens=True)!r} "
+                             f"(reference {ref!r})")
+            out[w] = "\n".join(lines)
+        return out
 
     def run(self, state: dict[str, Any]) -> dict[str, float]:
         out = {}

@@ -45,6 +45,10 @@ class TrainModel:
     eval_losses: dict[str, Callable[[Any, dict[str, Array]], tuple[Array, Array]]]
     stages: Callable[[int], list[Stage]]  # seq_len -> forward-ordered stages
     base_prefix: str = ""  # where the base LLM lives in the tree ("" for llm, "llm" llava, "base" iaa)
+    # generation during eval: workflow -> `mm.generate.DecodeFns` over the params without `vision`, and
+    # (full params, pixels [B, tiles, C, H, W]) -> image features for prefill (None: no ViT in this model)
+    decode: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pixel_features: Callable[[Any, Array], Array] | None = None
 
 
 def cross_entropy(logits: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
@@ -214,7 +218,9 @@ def _llava_model(cfg: Any) -> TrainModel:
     abstract = dict(llava.abstract_params(lc))
     if tower is not None:
         abstract["vision"] = tower.abstract()
-    return TrainModel("llava", c, abstract, init, loss, {"mm": loss}, stages, "llm")
+    feats = (lambda p, px: tower.features(p["vision"], px)) if tower is not None else None
+    return TrainModel("llava", c, abstract, init, loss, {"mm": loss}, stages, "llm",
+                      {"mm": llava.decode_fns(lc)}, feats)
 
 
 def _iaa_model(cfg: Any) -> TrainModel:
@@ -259,7 +265,9 @@ def _iaa_model(cfg: Any) -> TrainModel:
     abstract = dict(iaa.abstract_params(ic))
     if tower is not None:
         abstract["vision"] = tower.abstract()
-    return TrainModel("iaa", c, abstract, init, make_loss(wf), evals, stages, "base")
+    feats = (lambda p, px: tower.features(p["vision"], px)) if tower is not None else None
+    return TrainModel("iaa", c, abstract, init, make_loss(wf), evals, stages, "base",
+                      {w: iaa.decode_fns(ic, w) for w in evals}, feats)
 
 
 def _vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) -> list[Stage]:
@@ -321,7 +329,8 @@ def _vlm_model(cfg: Any) -> TrainModel:
             out += _layer_stages(f"llm/layers_{i}", c, seq_len)
         return out + [_head_stage("llm", c)]
 
-    return TrainModel("vlm", c, abstract(), init, loss, {"mm": loss}, stages, "llm")
+    return TrainModel("vlm", c, abstract(), init, loss, {"mm": loss}, stages, "llm", {"mm": llava.decode_fns(lc)},
+                      lambda p, px: features(p["vision"], px))
 
 
 def build(cfg: Any) -> TrainModel:

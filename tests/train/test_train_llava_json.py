@@ -42,7 +42,8 @@ def _cfg(dataset, **over):
     c.param_groups = [("mm/.*", 1.0), ("(base|vision)/.*", "frozen")]
     c.data.update(dict(kind="llava_json", path=path, image_root=root, tokenizer=tok, template="chat",
                        max_tiles_per_row=4))
-    c.train.update(dict(steps=STEPS, batch_size=4, seq_len=96, log_every=1))
+    c.train.update(dict(steps=STEPS, batch_size=4, seq_len=96, log_every=1, eval_every=STEPS, eval_batches=1,
+                        eval_samples=2, eval_max_new_tokens=6))
     c.optim.update(dict(lr=3e-3, warmup_frac=0.0, grad_accum=2))
     c.checkpoint.update(dict(every=3, keep=10, use_async=False))
     for k, v in over.items():
@@ -71,6 +72,13 @@ def test_trains_counts_skips_and_resumes_exactly(dataset, tmp_path):
     assert last["data/skipped/corrupt_image"] >= 1, last  # the planted row, seen in the first epoch
     assert last["data/used"] > 0 and last["data/skipped"] >= last["data/skipped/corrupt_image"]
     assert all("data/used" in r for r in rows)
+    # evaluation: held-out losses and greedy samples per IAA workflow, written to metrics.jsonl
+    all_rows = _rows(ref)
+    assert {r["kind"] for r in all_rows} >= {"eval_mm", "eval_text", "text"}
+    texts = {r["tag"]: r["text"] for r in all_rows if r["kind"] == "text"}
+    assert set(texts) == {"samples/mm", "samples/text"}, texts
+    for t in texts.values():
+        assert t.count("prompt ...") == 2 and "reference" in t, t
 
     # "killed" after the step-3 checkpoint: later checkpoints gone, restart runs steps 4.. from the saved
     # Grain iterator state and counters
