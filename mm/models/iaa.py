@@ -126,11 +126,13 @@ class IAA(nn.Module):
     def __call__(self, input_ids: Array, positions: Array | None = None, *, workflow: str = TEXT,
                  image_features: Array | None = None, image_mask: Array | None = None,
                  segment_ids: Array | None = None, kv_segment_ids: Array | None = None,
-                 cache: Any = None, cache_index: Array | None = None) -> tuple[Array, Any]:
-        """Logits `[B, T, V]` (float32) and the workflow's updated cache."""
+                 cache: Any = None, cache_index: Array | None = None,
+                 return_hidden: bool = False) -> tuple[Array, Any]:
+        """Logits `[B, T, V]` (float32) and the workflow's updated cache; `return_hidden` gives the workflow's
+        final-normed hidden states instead (for a loss that applies the head in chunks)."""
         if workflow == TEXT:
             return self.base(input_ids, positions, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                             cache=cache, cache_index=cache_index)
+                             cache=cache, cache_index=cache_index, return_hidden=return_hidden)
         branch = self.branch_modules[workflow]
         positions_list = self.config.branch(workflow).positions
         x = branch.embed(input_ids)
@@ -157,6 +159,8 @@ class IAA(nn.Module):
                 if cache is not None:
                     new_cache["branch"].append(lc)
                 k += 1
+        if return_hidden:
+            return branch.norm(x), new_cache
         return branch.head(x), new_cache
 
     def init_all(self, input_ids: Array, image_features: Array) -> dict[str, Array]:

@@ -44,8 +44,9 @@ class LLaVA(nn.Module):
     def __call__(self, input_ids: Array, positions: Array | None = None, *, image_features: Array | None = None,
                  image_mask: Array | None = None, segment_ids: Array | None = None,
                  kv_segment_ids: Array | None = None, cache: Any = None,
-                 cache_index: Array | None = None) -> tuple[Array, Any]:
-        """Logits `[B, T, V]` (float32) and the updated cache."""
+                 cache_index: Array | None = None, return_hidden: bool = False) -> tuple[Array, Any]:
+        """Logits `[B, T, V]` (float32) and the updated cache; `return_hidden` gives the final-normed hidden
+        states instead (for a loss that applies the head in chunks)."""
         x = self.llm.embed(jnp.maximum(input_ids, 0))
         if image_features is not None:
             x = splice_image_features(x, self.projector(image_features), image_mask)
@@ -53,7 +54,7 @@ class LLaVA(nn.Module):
         if self.config.bidirectional_image_attention and image_mask is not None:
             bidir = image_span_ids(image_mask)
         return self.llm(None, positions, inputs_embeds=x, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                        bidirectional_ids=bidir, cache=cache, cache_index=cache_index)
+                        bidirectional_ids=bidir, cache=cache, cache_index=cache_index, return_hidden=return_hidden)
 
 
 def init_params(config: LLaVAConfig, llm_params: Mapping[str, Any], rng: Array) -> dict[str, Any]:

@@ -63,6 +63,23 @@ def _mask(batch: dict[str, Array]) -> Array:
     return batch["loss_mask"] * batch["loss_weight"][:, None]
 
 
+def token_loss(b: dict[str, Array], forward: Callable[..., Array], head_params: Any, tied: bool,
+               chunk: int) -> tuple[Array, Array]:
+    """(summed NLL, supervised tokens) of one micro batch. `forward(return_hidden=)` runs the model;
+    with `chunk > 0` the head is applied by `mm.losses.chunked_cross_entropy`, so `[tokens, vocab]` logits
+    are never materialised (for the loss or its gradient); `head_params` holds `lm_head` or, when tied,
+    `embed_tokens`."""
+    if chunk <= 0:
+        return cross_entropy(forward(return_hidden=False), b["labels"], _mask(b))
+    from mm.losses import chunked_cross_entropy
+
+    h = forward(return_hidden=True)
+    kernel = head_params["embed_tokens"]["embedding"].T if tied else head_params["lm_head"]["kernel"]
+    d = h.shape[-1]
+    return chunked_cross_entropy(h.reshape(-1, d), kernel.astype(h.dtype), b["labels"].reshape(-1),
+                                 _mask(b).reshape(-1), reduction="sum", return_count=True, chunk_size=chunk)
+
+
 def _layer_stages(prefix: str, c: LLMConfig, seq_len: int) -> list[Stage]:
     p = f"{prefix}/" if prefix else ""
     attn = 0.5 * 4.0 * seq_len * c.num_heads * c.head_dim
@@ -91,19 +108,10 @@ def _llm_model(cfg: Any) -> TrainModel:
     chunk = int(cfg.train.loss_chunk)
 
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-        if chunk > 0:  # memory-lean: never materialise [tokens, vocab] logits (mm.losses)
-            from mm.losses import chunked_cross_entropy
-
-            h, _ = model.apply({"params": params}, b["input_ids"], b["positions"], segment_ids=b["segment_ids"],
-                               return_hidden=True)
-            kernel = params["embed_tokens"]["embedding"].T if c.tie_word_embeddings else params["lm_head"]["kernel"]
-            d = h.shape[-1]
-            total, count = chunked_cross_entropy(
-                h.reshape(-1, d), kernel.astype(h.dtype), b["labels"].reshape(-1), _mask(b).reshape(-1),
-                reduction="sum", return_count=True, chunk_size=chunk)
-            return total, count
-        logits, _ = model.apply({"params": params}, b["input_ids"], b["positions"], segment_ids=b["segment_ids"])
-        return cross_entropy(logits, b["labels"], _mask(b))
+        def forward(return_hidden: bool) -> Array:
+            return model.apply({"params": params}, b["input_ids"], b["positions"], segment_ids=b["segment_ids"],
+                               return_hidden=return_hidden)[0]
+        return token_loss(b, forward, params, c.tie_word_embeddings, chunk)
 
     def stages(seq_len: int) -> list[Stage]:
         out = [Stage((), 0.0, ("embed_tokens/embedding",))]
@@ -195,11 +203,14 @@ def _llava_model(cfg: Any) -> TrainModel:
     model = llava.LLaVA(lc)
     tower = _tower(cfg)
 
+    chunk = int(cfg.train.loss_chunk)
+
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-        logits, _ = model.apply({"params": _without_vision(params)}, b["input_ids"], b["positions"],
-                                image_features=_image_inputs(tower, params, b), image_mask=b.get("image_mask"),
-                                segment_ids=b["segment_ids"])
-        return cross_entropy(logits, b["labels"], _mask(b))
+        def forward(return_hidden: bool) -> Array:
+            return model.apply({"params": _without_vision(params)}, b["input_ids"], b["positions"],
+                               image_features=_image_inputs(tower, params, b), image_mask=b.get("image_mask"),
+                               segment_ids=b["segment_ids"], return_hidden=return_hidden)[0]
+        return token_loss(b, forward, params["llm"], c.tie_word_embeddings, chunk)
 
     def init(rng: Array) -> Any:
         k1, k2, k3 = jax.random.split(rng, 3)
@@ -234,14 +245,20 @@ def _iaa_model(cfg: Any) -> TrainModel:
     wf = cfg.model.iaa_workflow
     tower = _tower(cfg)
 
+    chunk = int(cfg.train.loss_chunk)
+
     def make_loss(workflow: str) -> Callable[[Any, dict[str, Array]], tuple[Array, Array]]:
         def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
             mm_in = workflow != iaa.TEXT
             ids = b["input_ids"] if mm_in else jnp.maximum(b["input_ids"], 0)
-            logits, _ = model.apply({"params": _without_vision(params)}, ids, b["positions"], workflow=workflow,
-                                    image_features=_image_inputs(tower, params, b) if mm_in else None,
-                                    image_mask=b.get("image_mask") if mm_in else None, segment_ids=b["segment_ids"])
-            return cross_entropy(logits, b["labels"], _mask(b))
+
+            def forward(return_hidden: bool) -> Array:
+                return model.apply({"params": _without_vision(params)}, ids, b["positions"], workflow=workflow,
+                                   image_features=_image_inputs(tower, params, b) if mm_in else None,
+                                   image_mask=b.get("image_mask") if mm_in else None, segment_ids=b["segment_ids"],
+                                   return_hidden=return_hidden)[0]
+            head = params["base"] if workflow == iaa.TEXT else params[workflow]
+            return token_loss(b, forward, head, c.tie_word_embeddings, chunk)
         return loss
 
     def init(rng: Array) -> Any:

@@ -105,3 +105,23 @@ def test_chunked_cross_entropy_loss_matches_materialised_logits():
     for a, b in zip(m1, m2):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["configs/llava.py:stage2", "configs/iaa.py:stage2"])
+def test_chunked_loss_for_multimodal_heads_matches_materialised_logits(spec):
+    """LLaVA's LLM head and an IAA branch's MM-LH go through the chunked loss too (IAA's text eval as well)."""
+    from mm.config import load_config_file
+
+    runs = []
+    for chunk in (0, 24):
+        c = load_config_file(spec)
+        c.unlock()
+        c.init.prng_impl = "unsafe_rbg"
+        c.train.loss_chunk = chunk
+        b = loop.build(c, log=False, devices=_one())
+        x = SyntheticSource(c).batch_at(0)
+        x.pop("example_id")
+        state, m = b.step_fn(b.state, b.frozen, loop._to_global(x, b.batch_sharding, 1))
+        runs.append(jax.device_get(m))
+    assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-5)
+    assert runs[0]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-4)
