@@ -28,6 +28,7 @@ Array = jax.Array
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_k=64)
 _MIN_BLOCK = 16  # tl.dot needs at least 16 along every dimension
 
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     spec: MaskSpec

@@ -29,6 +29,7 @@ Array = jax.Array
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_k=128)
 _SUBLANES, _LANES = 8, 128
 
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     spec: MaskSpec
