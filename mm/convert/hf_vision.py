@@ -164,12 +164,6 @@ def vision_config_from_hf(d: Mapping, source: str = "config.json", **runtime) ->
 
 
 # ------------------------------------------------------------------------------ in-memory helpers
-def _set(tree: dict, path: MMPath, value: np.ndarray) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
 def _get(tree: Mapping, path: MMPath) -> np.ndarray:
     for k in path:
         tree = tree[k]
@@ -179,6 +173,7 @@ def _get(tree: Mapping, path: MMPath) -> np.ndarray:
 def hf_state_to_params(config: VisionConfig, tensors: Mapping[str, np.ndarray], source: str = "checkpoint",
                        hf_prefix: str | None = None) -> dict:
     """An in-memory HF state dict (numpy arrays) -> mm params, with names and shapes checked first."""
+    from mm.convert.mm_dir import set_path
     from mm.convert.name_map import check_names_and_shapes
 
     prefix = detect_vision_prefix(tensors, source) if hf_prefix is None else hf_prefix
@@ -186,7 +181,7 @@ def hf_state_to_params(config: VisionConfig, tensors: Mapping[str, np.ndarray], 
     check_names_and_shapes({k: tuple(v.shape) for k, v in tensors.items()}, nm, source)
     params: dict = {}
     for e in nm.entries:
-        _set(params, e.mm_path, e.transform.to_mm(np.asarray(tensors[e.hf_name])))
+        set_path(params, e.mm_path, e.transform.to_mm(np.asarray(tensors[e.hf_name])))
     return params
 
 
@@ -242,16 +237,12 @@ def _open(hf_dir: str | Path, config: VisionConfig) -> tuple[NameMap, Any]:
 def load_hf_vision(hf_dir: str | Path, **runtime: Any) -> tuple[VisionConfig, dict[str, Any]]:
     """An HF CLIP / SigLIP checkpoint directory straight into `(VisionConfig, params)` (numpy, in the
     config's `param_dtype`). What `mm.from_pretrained` needs for a vision tower."""
-    from mm.convert.pipeline import cast_and_map
+    from mm.convert.pipeline import read_params
 
     config = read_hf_vision_config(hf_dir, **runtime)
     name_map, ckpt = _open(hf_dir, config)
-    dtype = np.dtype(config.param_dtype)
-    params: dict[str, Any] = {}
     with ckpt:
-        for e in name_map.entries:
-            _set(params, e.mm_path, cast_and_map(ckpt.read(e.hf_name), dtype, e.transform.to_mm))
-    return config, params
+        return config, read_params(ckpt, name_map, config.param_dtype)
 
 
 def hf_vision_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,

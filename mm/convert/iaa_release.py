@@ -31,8 +31,8 @@ from mm.config import ConfigError, LLMConfig, read_json
 from mm.convert import mm_dir as mmd
 from mm.convert.errors import ConversionError
 from mm.convert.llm_map import llm_entries, llm_ignorable
-from mm.convert.name_map import IDENTITY, TRANSPOSE, Entry, NameMap, check_names_and_shapes
-from mm.convert.pipeline import open_hf_checkpoint, staged_output
+from mm.convert.name_map import IDENTITY, TRANSPOSE, Entry, NameMap
+from mm.convert.pipeline import open_hf_checkpoint, read_params, staged_output
 from mm.convert.export import write_hf_tensors
 from mm.models.connectors import ProjectorConfig
 from mm.models.iaa import IAA_14, BranchConfig, IAAConfig
@@ -168,12 +168,8 @@ def load_release(src: str | Path, positions: Sequence[int] | None = None,
     config, vision = read_release_config(src, names, positions)
     config = dataclasses.replace(config, llm=config.llm.replace(param_dtype=param_dtype))
     name_map = release_name_map(config)
-    dtype = np.dtype(param_dtype)
-    params: dict[str, Any] = {}
     with open_hf_checkpoint(src, name_map) as ckpt:
-        for e in name_map.entries:
-            mmd.set_path(params, e.mm_path, e.transform.to_mm(ckpt.read(e.hf_name)).astype(dtype))
-    return config, params, vision
+        return config, read_params(ckpt, name_map, param_dtype), vision
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -235,7 +231,6 @@ def export_base_and_adapter(config: IAAConfig, params: Mapping[str, Any], dst: s
 def load_base_and_adapter(src: str | Path, param_dtype: str = "float32") -> tuple[IAAConfig, dict[str, Any]]:
     """Reads what `export_base_and_adapter` wrote (the base may be any HF Llama directory)."""
     from mm.convert.pipeline import load_hf_llm
-    from mm.convert.safetensors_io import SafetensorsCheckpoint
 
     src = Path(src)
     meta = read_json(src / "adapter" / ADAPTER_CONFIG)
@@ -245,12 +240,8 @@ def load_base_and_adapter(src: str | Path, param_dtype: str = "float32") -> tupl
     branches = tuple(BranchConfig(n, tuple(v["positions"]), proj) for n, v in meta["iaa_branches"].items())
     config = IAAConfig(llm=llm, branches=branches)
     name_map = release_name_map(config, with_base=False)
-    params: dict[str, Any] = {"base": base}
-    with SafetensorsCheckpoint(src / "adapter") as ckpt:
-        check_names_and_shapes({n: t.shape for n, t in ckpt.tensors.items()}, name_map, str(src / "adapter"))
-        for e in name_map.entries:
-            mmd.set_path(params, e.mm_path, e.transform.to_mm(ckpt.read(e.hf_name)).astype(param_dtype))
-    return config, params
+    with open_hf_checkpoint(src / "adapter", name_map) as ckpt:
+        return config, {"base": base, **read_params(ckpt, name_map, param_dtype)}
 
 
 # --------------------------------------------------------------------------------- with the tower
@@ -292,10 +283,7 @@ def load_release_vlm(src: str | Path, *, vision: str | Path | None = None, posit
         with SafetensorsCheckpoint(src) as ckpt:
             shapes = {n: t.shape for n, t in ckpt.tensors.items() if n.startswith(RELEASE_VISION_PREFIX)}
             vcfg = _infer_clip_config(shapes, RELEASE_VISION_PREFIX).replace(param_dtype=param_dtype)
-            nm = vision_name_map(vcfg, RELEASE_VISION_PREFIX)
-            vparams = {}
-            for e in nm.entries:
-                mmd.set_path(vparams, e.mm_path, e.transform.to_mm(ckpt.read(e.hf_name)).astype(param_dtype))
+            vparams = read_params(ckpt, vision_name_map(vcfg, RELEASE_VISION_PREFIX), param_dtype)
         used = (f"vision tower from the checkpoint's {RELEASE_VISION_PREFIX}* tensors (config inferred from "
                 f"shapes, {vcfg.num_heads} heads of 64 assumed)")
     else:

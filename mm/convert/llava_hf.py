@@ -25,7 +25,7 @@ from mm.convert.hf_vision import vision_config_from_hf, vision_entries
 from mm.convert.export import write_hf_tensors
 from mm.convert.llm_map import llm_entries, llm_ignorable
 from mm.convert.name_map import IDENTITY, TRANSPOSE, Entry, NameMap
-from mm.convert.pipeline import open_hf_checkpoint, staged_output
+from mm.convert.pipeline import open_hf_checkpoint, read_params, staged_output
 from mm.models.connectors import ProjectorConfig
 from mm.models.llava import LLaVAConfig
 from mm.models.vlm import VLMConfig
@@ -85,11 +85,8 @@ def load_llava(src: str | Path, param_dtype: str = "float32") -> tuple[VLMConfig
     with SafetensorsCheckpoint(src) as probe:
         legacy = any(n.startswith(LEGACY_VISION_PREFIX) for n in probe.tensors)
     name_map = llava_name_map(config, LEGACY_VISION_PREFIX if legacy else VISION_PREFIX)
-    params: dict[str, Any] = {}
     with open_hf_checkpoint(src, name_map) as ckpt:
-        for e in name_map.entries:
-            mmd.set_path(params, e.mm_path, e.transform.to_mm(ckpt.read(e.hf_name)).astype(param_dtype))
-    return config, params
+        return config, read_params(ckpt, name_map, param_dtype)
 
 
 def llava_hf_config(config: VLMConfig, torch_dtype: str = "float32") -> dict[str, Any]:

@@ -109,12 +109,18 @@ def load_hf_llm(hf_dir: str | Path, **runtime: Any) -> tuple[LLMConfig, dict[str
     """Reads an HF Llama/Qwen2 checkpoint straight into an mm param tree (numpy, in `param_dtype`)."""
     config = read_hf_llm_config(hf_dir, **runtime)
     name_map = llm_name_map(config)
-    dtype = np.dtype(config.param_dtype)
-    params: dict[str, Any] = {}
     with open_hf_checkpoint(hf_dir, name_map) as ckpt:
-        for e in name_map.entries:
-            mmd.set_path(params, e.mm_path, cast_and_map(ckpt.read(e.hf_name), dtype, e.transform.to_mm))
-    return config, params
+        return config, read_params(ckpt, name_map, config.param_dtype)
+
+
+def read_params(ckpt: SafetensorsCheckpoint, name_map: NameMap, dtype: Any) -> dict[str, Any]:
+    """Every entry of `name_map` from an open (already checked) checkpoint into a nested numpy param tree in
+    `dtype`. The one in-memory reader every family's `load_*` uses."""
+    dtype = np.dtype(dtype)
+    params: dict[str, Any] = {}
+    for e in name_map.entries:
+        mmd.set_path(params, e.mm_path, cast_and_map(ckpt.read(e.hf_name), dtype, e.transform.to_mm))
+    return params
 
 
 def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
