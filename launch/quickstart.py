@@ -48,6 +48,7 @@ def run(workdir: Path, seed: int = 0) -> dict[str, Any]:
 
     import mm
     from launch.convert import main as mm_convert
+    from mm.generate import left_pad
 
     t0 = time.time()
     if workdir.exists():
@@ -71,12 +72,9 @@ def run(workdir: Path, seed: int = 0) -> dict[str, Any]:
     prompts = [tok(t)["input_ids"] for t in ("The red circle is", "What is 3 plus", "There are 4 stars in")]
     ours = model.generate(prompts, max_new_tokens=24, stop_tokens=())
     width = max(map(len, prompts))
-    pad = np.full((3, width), tok.pad_token_id)
-    att = np.zeros((3, width), np.int64)
-    for i, p in enumerate(prompts):
-        pad[i, width - len(p):], att[i, width - len(p):] = p, 1
+    pad, att = left_pad(prompts, width, tok.pad_token_id)
     with torch.no_grad():
-        theirs = ref.generate(torch.tensor(pad), attention_mask=torch.tensor(att), max_new_tokens=24,
+        theirs = ref.generate(torch.tensor(pad).long(), attention_mask=torch.tensor(att).long(), max_new_tokens=24,
                               do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)[:, width:].numpy()
     same_tokens = bool((ours == theirs).all())
 

@@ -8,6 +8,7 @@ import torch
 import mm
 from mm import sharding as sh
 from mm.convert import hf_to_mm
+from mm.generate import left_pad
 from tests.helpers import hf_models
 
 VARIANTS = ["llama-gqa", "llama-mha", "llama-llama3", "qwen2-tied", "qwen2-untied"]
@@ -45,12 +46,9 @@ def test_greedy_generation_matches_transformers_on_a_left_padded_batch(checkpoin
     model = mm.from_pretrained(mm_dir)
     got = model.generate(prompts, max_new_tokens=20, stop_tokens=())
     t = max(map(len, prompts))
-    ids = np.zeros((3, t), np.int64)
-    mask = np.zeros((3, t), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    ids, mask = left_pad(prompts, t, 0)
     with torch.no_grad():
-        out = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=20,
+        out = ref.generate(torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(), max_new_tokens=20,
                            do_sample=False, eos_token_id=None, pad_token_id=0)
     assert got.tolist() == out[:, t:].tolist()
 
