@@ -195,6 +195,24 @@ def _projector_config(cfg: Any, c: LLMConfig) -> Any:
                            dtype=c.dtype, param_dtype=c.param_dtype)
 
 
+def _with_tower(tower: Any, init_lm: Callable[[Array, Array], Any], abstract_lm: Any
+                ) -> tuple[Callable[[Array], Any], Any, Callable[[Any, Array], Array] | None]:
+    """init / abstract params / pixel-features of an LLM-side model (LLaVA, IAA), with the ViT under `vision`
+    when the config runs one in the step."""
+    def init(rng: Array) -> Any:
+        k1, k2, k3 = jax.random.split(rng, 3)
+        out = init_lm(k1, k2)
+        if tower is not None:
+            out["vision"] = tower.init(k3)
+        return out
+
+    abstract = dict(abstract_lm)
+    if tower is not None:
+        abstract["vision"] = tower.abstract()
+    feats = (lambda p, px: tower.features(p["vision"], px)) if tower is not None else None
+    return init, abstract, feats
+
+
 def _llava_model(cfg: Any) -> TrainModel:
     from mm.models import llava
 
@@ -212,12 +230,8 @@ def _llava_model(cfg: Any) -> TrainModel:
                                segment_ids=b["segment_ids"], return_hidden=return_hidden)[0]
         return token_loss(b, forward, params["llm"], c.tie_word_embeddings, chunk)
 
-    def init(rng: Array) -> Any:
-        k1, k2, k3 = jax.random.split(rng, 3)
-        out = llava.init_params(lc, llm_lib.init_params(c, k1), k2)
-        if tower is not None:
-            out["vision"] = tower.init(k3)
-        return out
+    init, abstract, feats = _with_tower(tower, lambda k1, k2: llava.init_params(lc, llm_lib.init_params(c, k1), k2),
+                                        llava.abstract_params(lc))
 
     def stages(seq_len: int) -> list[Stage]:
         out = tower.stages(seq_len) if tower is not None else []
@@ -226,10 +240,6 @@ def _llava_model(cfg: Any) -> TrainModel:
             out += _layer_stages(f"llm/layers_{i}", c, seq_len)
         return out + [_head_stage("llm", c)]
 
-    abstract = dict(llava.abstract_params(lc))
-    if tower is not None:
-        abstract["vision"] = tower.abstract()
-    feats = (lambda p, px: tower.features(p["vision"], px)) if tower is not None else None
     return TrainModel("llava", c, abstract, init, loss, {"mm": loss}, stages, "llm",
                       {"mm": llava.decode_fns(lc)}, feats)
 
@@ -261,12 +271,8 @@ def _iaa_model(cfg: Any) -> TrainModel:
             return token_loss(b, forward, head, c.tie_word_embeddings, chunk)
         return loss
 
-    def init(rng: Array) -> Any:
-        k1, k2, k3 = jax.random.split(rng, 3)
-        out = iaa.init_params(ic, llm_lib.init_params(c, k1), k2)
-        if tower is not None:
-            out["vision"] = tower.init(k3)
-        return out
+    init, abstract, feats = _with_tower(tower, lambda k1, k2: iaa.init_params(ic, llm_lib.init_params(c, k1), k2),
+                                        iaa.abstract_params(ic))
 
     def stages(seq_len: int) -> list[Stage]:
         positions = list(cfg.model.iaa_positions)
@@ -279,10 +285,6 @@ def _iaa_model(cfg: Any) -> TrainModel:
         return out + [_head_stage(wf, c)]
 
     evals = {wf: make_loss(wf), "text": make_loss(iaa.TEXT)}
-    abstract = dict(iaa.abstract_params(ic))
-    if tower is not None:
-        abstract["vision"] = tower.abstract()
-    feats = (lambda p, px: tower.features(p["vision"], px)) if tower is not None else None
     return TrainModel("iaa", c, abstract, init, make_loss(wf), evals, stages, "base",
                       {w: iaa.decode_fns(ic, w) for w in evals}, feats)
 
