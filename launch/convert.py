@@ -6,6 +6,7 @@ matching HF form back (an mm "vlm" IAA checkpoint becomes the release layout wit
 
   mm-convert hf-to-mm --src HF_DIR --dst MM_DIR [--dtype keep|float32|bfloat16|float16] [--overwrite]
   mm-convert mm-to-hf --src MM_DIR --dst HF_DIR [--dtype ...] [--shard-size 5GB] [--overwrite]
+  mm-convert export-run --src TRAIN_WORKDIR --dst MM_DIR [--step N] [--overwrite]   # an mm-train run's model
 
 LLMs and towers stream tensor by tensor (peak memory about one decoder layer; VLMs load in memory), checks every name and shape before
 writing anything, and never leaves a partial `--dst`. Bad input exits with status 2 and a message naming
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "mm-to-hf":
             s.add_argument("--shard-size", type=parse_size, default="5GB",
                            help="largest safetensors shard (default 5GB)")
+    s = sub.add_parser("export-run", help="an mm-train workdir's finished checkpoint -> mm checkpoint directory")
+    s.add_argument("--src", required=True, help="mm-train workdir (config.json + checkpoints/)")
+    s.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
+    s.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest finished)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     return p
 
 
@@ -54,14 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mm.convert import ConversionError, hf_to_mm, mm_to_hf
 
+    from mm.config import ConfigError
+
     try:
-        if args.command == "hf-to-mm":
+        if args.command == "export-run":
+            from mm.train.export import export_run
+
+            out = export_run(args.src, args.dst, step=args.step, overwrite=args.overwrite)
+        elif args.command == "hf-to-mm":
             out = hf_to_mm(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                            progress=not args.no_progress)
         else:
             out = mm_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                            progress=not args.no_progress, max_shard_bytes=args.shard_size)
-    except ConversionError as e:
+    except (ConversionError, ConfigError) as e:
         print(f"mm-convert {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -2,8 +2,9 @@
 
 The config is resolved (file + overrides), validated before anything heavy (errors name the key, exit status
 2), printed and saved as `DIR/config.json`. Runs resume automatically from the newest finished checkpoint in
-DIR. Multi-process: set `--config.distributed.coordinator=host:port --config.distributed.num_processes=N
---config.distributed.process_id=i` (or use `python -m launch.local_cluster`).
+DIR. A config with a top-level `pipeline` key (`configs/demo.py`, the main job) runs that multi-stage pipeline
+instead of one stage. Multi-process: set `--config.distributed.coordinator=host:port
+--config.distributed.num_processes=N --config.distributed.process_id=i` (or use `python -m launch.local_cluster`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def _run(argv: list[str]) -> int:
     if cfg is None or not _WORKDIR.value:
         sys.stderr.write("mm-train: --config and --workdir are required\n")
         return 2
+    if "pipeline" in cfg:
+        return _run_pipeline(cfg, _WORKDIR.value)
     try:
         tcfg.validate(cfg)  # no jax yet: schema, types, paths
     except ConfigError as e:
@@ -53,6 +56,26 @@ def _run(argv: list[str]) -> int:
         return 3
     sys.stdout.write(f"mm-train: {'preempted' if result.preempted else 'finished'} at step {result.last_step} "
                      f"(skipped updates: {result.skipped})\n")
+    return 0
+
+
+PIPELINES = ("demo",)  # values of a config's `pipeline` key; each names a module with check() and run()
+
+
+def _run_pipeline(cfg, workdir: str) -> int:
+    from mm.config import ConfigError
+
+    if cfg.pipeline not in PIPELINES:
+        sys.stderr.write(f"mm-train: config error: pipeline={cfg.pipeline!r}; known: {list(PIPELINES)}\n")
+        return 2
+    from mm.demo import pipeline as mod
+
+    try:
+        mod.check(cfg, workdir)  # every stage's config, before any work
+        mod.run(cfg, workdir)
+    except ConfigError as e:
+        sys.stderr.write(f"mm-train: config error: {e}\n")
+        return 2
     return 0
 
 

@@ -266,7 +266,9 @@ class VLMHandle:
         """New tokens `[B, max_new_tokens]`; cached decoding in the chosen workflow."""
         rows, pix, masks = self._prepare(input_ids, pixel_values, workflow)
         if workflow not in self._generators:
-            self._generators[workflow] = Generator(self._vlm.decode_fns(self.config, workflow), pad_id=0)
+            pad = self.config.lm.llm.pad_token_id
+            self._generators[workflow] = Generator(self._vlm.decode_fns(self.config, workflow),
+                                                   pad_id=0 if pad is None else pad)
         extra = {} if pix is None else {"pixel_values": pix, "image_mask": masks}
         llm_cfg = self.config.lm.llm
         stops = llm_cfg.eos_token_id if stop_tokens is None else tuple(stop_tokens)

@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
         prng_impl="threefry2x32",
         llm_checkpoint="",  # HF dir (config.json + safetensors) or mm dir for the base LLM; "" = random init
         checkpoint="",  # a previous stage's workdir or mm checkpoint dir to start from; "" = none
+        # HF CLIP / SigLIP dir or mm "vision" dir for the ViT run in the step (data.kind llava_json, or
+        # model.kind vlm); "" = seeded random init. Its shapes must equal model.vision's.
+        vision_checkpoint="",
     ))
     # Ordered (regex over '/'-joined param paths, lr multiplier | "frozen"); first match wins.
     c.param_groups = ((".*", 1.0),)
@@ -212,7 +215,10 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
     steps = list(cfg.profile.steps)
     if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
         raise ConfigError(f"config key profile.steps = {steps}: expected [first, last) with first < last")
-    for key in ("llm_checkpoint", "checkpoint"):
+    if cfg.init.vision_checkpoint and not has_tower(cfg):
+        raise ConfigError(f"config key init.vision_checkpoint = {cfg.init.vision_checkpoint!r}: this run has no ViT "
+                          "in the step (needs data.kind = 'llava_json' with model.kind llava / iaa, or model.kind vlm)")
+    for key in ("llm_checkpoint", "checkpoint", "vision_checkpoint"):
         path = cfg.init[key]
         if path and not Path(path).exists():
             raise ConfigError(f"config key init.{key} = {path!r}: no such file or directory")
@@ -247,12 +253,18 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
         raise ConfigError("config key optim.lr is NaN")
 
 
+def has_tower(cfg: Any) -> bool:
+    """Whether the step runs a ViT (`vision/` params): kind vlm, or llava / iaa on pixel data."""
+    return cfg.model.kind == "vlm" or (cfg.model.kind in ("llava", "iaa") and cfg.data.kind == "llava_json")
+
+
 def _check_llava_json(cfg: Any) -> None:
     d = cfg.data
-    if cfg.model.kind not in ("vlm", "llava", "iaa"):
-        raise ConfigError(f"config key data.kind = 'llava_json' needs a multimodal model.kind (vlm, llava, iaa); "
-                          f"got {cfg.model.kind!r}")
-    vision_config_from(cfg)  # the ViT (model.vision) runs on the pipeline's pixel tiles in the step
+    if cfg.model.kind not in ("vlm", "llava", "iaa", "llm"):
+        raise ConfigError(f"config key data.kind = 'llava_json' needs model.kind llm (text-only rows) or a "
+                          f"multimodal one (vlm, llava, iaa); got {cfg.model.kind!r}")
+    if cfg.model.kind != "llm":
+        vision_config_from(cfg)  # the ViT (model.vision) runs on the pipeline's pixel tiles in the step
     for key in ("path", "tokenizer"):
         if not d[key]:
             raise ConfigError(f"config key data.{key} must be set for data.kind = 'llava_json'")

@@ -99,6 +99,37 @@ def _load_base_llm(cfg: Any, model: models.TrainModel, flat_sh: dict[str, Any]) 
     return out
 
 
+VISION_SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size",
+                       "patch_size", "num_channels", "hidden_act", "use_head")
+
+
+def _load_vision(cfg: Any, flat_sh: dict[str, Any]) -> dict[str, Any]:
+    """Flat `vision/...` params from `init.vision_checkpoint` (HF CLIP / SigLIP dir or mm vision dir), placed on
+    their shardings; its config must equal `model.vision` on every field that shapes or computes the tower."""
+    from mm.convert import hf_vision
+
+    path = Path(cfg.init.vision_checkpoint)
+    want = tcfg.vision_config_from(cfg)
+    if (path / "mm_config.json").exists():
+        got, tree = hf_vision.load_mm_vision(path)
+    else:
+        got, tree = hf_vision.load_hf_vision(path, param_dtype=want.param_dtype)
+    for f in VISION_SHAPE_FIELDS:
+        if getattr(got, f) != getattr(want, f):
+            raise ConfigError(f"init.vision_checkpoint={path}: {f}={getattr(got, f)!r} but model.vision.{f}="
+                              f"{getattr(want, f)!r}")
+    out = {}
+    for p, v in pg.flatten(tree).items():
+        key = f"vision/{p}"
+        if key not in flat_sh:
+            raise ConfigError(f"init.vision_checkpoint={path}: param {p} has no place in model.vision")
+        out[key] = jax.device_put(np.asarray(v, np.dtype(want.param_dtype)), flat_sh[key])
+    missing = sorted(k for k in flat_sh if k.startswith("vision/") and k not in out)
+    if missing:
+        raise ConfigError(f"init.vision_checkpoint={path}: missing params {missing[:5]}")
+    return out
+
+
 def _restore_partial(state_dir: Path, target_flat: dict[str, Any]) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
@@ -132,6 +163,8 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     flat = pg.flatten(params)
     if cfg.init.llm_checkpoint:
         flat.update(_load_base_llm(cfg, model, flat_sh))
+    if cfg.init.vision_checkpoint:
+        flat.update(_load_vision(cfg, flat_sh))
     if cfg.init.checkpoint:
         flat.update(_restore_partial_from_stage(cfg, flat_sh, flat_abstract))
     trainable, frozen = pg.split(pg.unflatten(flat), assignment)
@@ -226,7 +259,8 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
     data = make_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     ckpt = Checkpointer(workdir, keep=int(cfg.checkpoint.keep), use_async=bool(cfg.checkpoint.use_async))
     meta = {"trainable_paths": b.assignment.trainable_paths, "frozen_source": {
-        "llm_checkpoint": cfg.init.llm_checkpoint, "checkpoint": cfg.init.checkpoint, "seed": int(cfg.init.seed)},
+        "llm_checkpoint": cfg.init.llm_checkpoint, "checkpoint": cfg.init.checkpoint,
+        "vision_checkpoint": cfg.init.vision_checkpoint, "seed": int(cfg.init.seed)},
         "model_kind": cfg.model.kind}
     state = b.state
     latest = ckpt.latest_step()

@@ -120,7 +120,7 @@ def _llm_model(cfg: Any) -> TrainModel:
         return out + [_head_stage("", c)]
 
     return TrainModel("llm", c, llm_lib.abstract_params(c), lambda rng: llm_lib.init_params(c, rng), loss,
-                      {"text": loss}, stages)
+                      {"text": loss}, stages, decode={"text": llm_lib.decode_fns(c)})
 
 
 def tile_features(vc: Any, layer: int) -> Callable[[Any, Array], Array]:
@@ -213,11 +213,29 @@ def _with_tower(tower: Any, init_lm: Callable[[Array, Array], Any], abstract_lm:
     return init, abstract, feats
 
 
-def _llava_model(cfg: Any) -> TrainModel:
+def llava_config(cfg: Any) -> Any:
+    """The `LLaVAConfig` a `llava` run trains (also what `mm.train.export` writes)."""
     from mm.models import llava
 
     c = llm_config_from(cfg)
-    lc = llava.LLaVAConfig(llm=c, projector=_projector_config(cfg, c))
+    return llava.LLaVAConfig(llm=c, projector=_projector_config(cfg, c))
+
+
+def iaa_config(cfg: Any) -> Any:
+    """The `IAAConfig` an `iaa` run trains: one branch per `model.iaa_branches`, all at `model.iaa_positions`."""
+    from mm.models import iaa
+
+    c = llm_config_from(cfg)
+    proj = _projector_config(cfg, c)
+    branches = tuple(iaa.BranchConfig(n, tuple(cfg.model.iaa_positions), proj) for n in cfg.model.iaa_branches)
+    return iaa.IAAConfig(llm=c, branches=branches)
+
+
+def _llava_model(cfg: Any) -> TrainModel:
+    from mm.models import llava
+
+    lc = llava_config(cfg)
+    c = lc.llm
     model = llava.LLaVA(lc)
     tower = _tower(cfg)
 
@@ -247,10 +265,8 @@ def _llava_model(cfg: Any) -> TrainModel:
 def _iaa_model(cfg: Any) -> TrainModel:
     from mm.models import iaa
 
-    c = llm_config_from(cfg)
-    proj = _projector_config(cfg, c)
-    branches = tuple(iaa.BranchConfig(n, tuple(cfg.model.iaa_positions), proj) for n in cfg.model.iaa_branches)
-    ic = iaa.IAAConfig(llm=c, branches=branches)
+    ic = iaa_config(cfg)
+    c = ic.llm
     model = iaa.IAA(ic)
     wf = cfg.model.iaa_workflow
     tower = _tower(cfg)

@@ -1,0 +1,119 @@
+"""A finished training run -> an mm checkpoint directory that `mm.from_pretrained` loads.
+
+Training checkpoints hold only what trained (frozen weights are referenced, see `mm.train.checkpoint`), so
+the export rebuilds the run from its `config.json` exactly as training did (`mm.train.loop.build`: init,
+`init.llm_checkpoint`, `init.vision_checkpoint`, `init.checkpoint`), restores the trained params of the chosen
+step and writes the whole model: kind "llm" for a plain LLM, kind "vlm" (ViT + IAA or LLaVA-style) when the
+run has a ViT in the step. The tokenizer the run read (`data.tokenizer`) is copied in. Written atomically:
+a failed export leaves no partial directory and never touches an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mm.config import ConfigError
+from mm.train import config as tcfg
+
+
+def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{workdir}: no config.json (not an mm-train workdir)")
+    cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+    cfg.param_groups = [tuple(g) for g in cfg.param_groups]
+    return cfg
+
+
+def trained_params(workdir: str | Path, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+    """(config, full params as numpy, step) of a run's finished checkpoint (the latest unless `step`)."""
+    from mm.train.checkpoint import Checkpointer
+    from mm.train.loop import build
+    from mm.train.param_groups import merge
+
+    cfg = read_run_config(workdir)
+    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    cfg.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
+    ck = Checkpointer(workdir, keep=1000, use_async=False)
+    try:
+        steps = ck.manager.all_steps()
+        if not steps:
+            raise ConfigError(f"{workdir}: no finished training checkpoint to export")
+        step = max(steps) if step is None else int(step)
+        if step not in steps:
+            raise ConfigError(f"{workdir}: no checkpoint for step {step}; finished steps are {sorted(steps)}")
+        b = build(cfg, log=False, devices=jax.devices()[:1])
+        state, _, _ = ck.restore(step, b.state)
+    finally:
+        ck.close()
+    params = jax.tree.map(np.asarray, merge(state["params"], b.frozen))
+    return cfg, params, step
+
+
+def _image_token_id(tokenizer_dir: str) -> int:
+    """The id training put at image positions (`mm.data.conversations.ConversationEncoder`'s choice)."""
+    from transformers import AutoTokenizer
+
+    from mm.data.conversations import ConversationEncoder
+
+    return ConversationEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), "plain").image_token_id
+
+
+def vlm_config(cfg: Any) -> Any:
+    from mm.models.vlm import VLMConfig
+    from mm.train import models
+
+    lm = models.iaa_config(cfg) if cfg.model.kind == "iaa" else models.llava_config(cfg)
+    image_token = _image_token_id(str(cfg.data.tokenizer)) if cfg.data.tokenizer else -200
+    return VLMConfig(vision=tcfg.vision_config_from(cfg), lm=lm, feature_layer=int(cfg.model.vision_select_layer),
+                     feature="patch", image_token_id=image_token)
+
+
+def _tokenizer_source(cfg: Any) -> Path | None:
+    from mm.convert import mm_dir as mmd
+
+    for d in (cfg.data.tokenizer, cfg.init.llm_checkpoint):
+        if d:
+            for p in (Path(d), Path(d) / mmd.TOKENIZER_DIR):
+                if any((p / f).exists() for f in mmd.TOKENIZER_FILES):
+                    return p
+    return None
+
+
+def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, overwrite: bool = False) -> Path:
+    """Writes the run's model at `step` (default: the latest finished) to the mm directory `dst`."""
+    from mm.convert import mm_dir as mmd
+    from mm.convert.llm_map import llm_name_map
+    from mm.convert.pipeline import staged_output
+
+    cfg, params, step = trained_params(workdir, step)
+    source = {"format": "mm-train", "workdir": str(Path(workdir).absolute()), "step": step}
+    tok = _tokenizer_source(cfg)
+    if cfg.model.kind == "llm":
+        c = tcfg.llm_config_from(cfg)
+        name_map = llm_name_map(c)
+        flat = mmd.flatten(params)
+        with staged_output(dst, overwrite) as stage:
+            mmd.write_mm_config(stage, "llm", {"llm": c.to_json_dict()}, source)
+            if tok is not None:
+                mmd.copy_files(tok, stage / mmd.TOKENIZER_DIR, mmd.TOKENIZER_FILES)
+            with mmd.ParamWriter(stage) as writer:
+                for _, entries in name_map.units():
+                    unit: dict[str, Any] = {}
+                    for e in entries:
+                        mmd.set_path(unit, e.mm_path, flat[e.mm_path])
+                    writer.add(unit)
+                writer.finalize()
+        return Path(dst)
+    if not tcfg.has_tower(cfg):
+        raise ConfigError(f"{workdir}: model.kind={cfg.model.kind!r} trained on precomputed image features (data.kind="
+                          f"{cfg.data.kind!r}), so it has no vision tower; nothing loadable can be exported")
+    from mm.convert.vlm_dir import save_mm_vlm
+
+    return save_mm_vlm(vlm_config(cfg), params, dst, overwrite=overwrite, tokenizer_dir=tok, source=source)
