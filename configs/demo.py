@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
                   object_scale=(0.35, 0.5), rounds=(3, 5), vocab_size=512,
                   # captions exist in the data but are left out of training: long answers that dilute the
                   # short QA answers' share of the loss, and not evaluated
-                  train_kinds=("colour", "shape", "count", "position", "grounding"))
+                  train_kinds=("colour", "shape", "count", "position", "grounding"), grounding_rate=0.35)
     c.model = dict(
         llm=dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                  num_kv_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=10000.0),

@@ -56,7 +56,8 @@ def write_demo_data(root: str | Path, d: Any, *, seed: int, tokenizer: str = "",
     sd = shapes.write(root / "shapes", int(d.mm_train_images), int(d.mm_eval_images), seed=seed,
                       min_side=int(d.min_side), max_side=int(d.max_side), max_objects=int(d.max_objects),
                       train_kinds=tuple(d.train_kinds), rounds=tuple(d.rounds),
-                      scale=tuple(d.object_scale), max_aspect=float(d.max_aspect))
+                      scale=tuple(d.object_scale), max_aspect=float(d.max_aspect),
+                      grounding_rate=float(d.grounding_rate))
     log(f"data: shapes {d.mm_train_images} train / {d.mm_eval_images} held-out images, "
         f"{len(sd.eval_items)} held-out questions -> {root / 'shapes'}")
     packed = {}

@@ -154,8 +154,9 @@ class ShapesData:
 def write(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int = 0, min_side: int = 40,
           max_side: int = 96, rounds: tuple[int, int] = (2, 4), max_objects: int = 3,
           train_kinds: tuple[str, ...] = KINDS, scale: tuple[float, float] = (0.3, 0.45),
-          max_aspect: float = 2.0) -> ShapesData:
-    """Writes `images/`, `train.json` (multi-turn rows, shuffled question kinds), `eval.json` and
+          max_aspect: float = 2.0, grounding_rate: float = 1.0) -> ShapesData:
+    """Writes `images/`, `train.json` (multi-turn rows, shuffled question kinds of `train_kinds`; a grounding
+    question in a `grounding_rate` fraction of rows), `eval.json` and
     `eval_items.json` (one single-turn item per kind a held-out scene supports) under `out_dir`."""
     out = Path(out_dir)
     root = out / "images"
@@ -170,6 +171,8 @@ def write(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int = 0, 
             render(scene).save(root / name)
             qs = questions(scene, rng, name)
             kinds = [x for x in qs if x in train_kinds or split == "eval"]
+            if split == "train" and "grounding" in kinds and rng.random() >= grounding_rate:
+                kinds.remove("grounding")  # a box answer is ~9x a one-word answer's tokens: keep its share down
             order = [kinds[j] for j in rng.permutation(len(kinds))]
             k = int(rng.integers(rounds[0], rounds[1] + 1))
             rows[split].append({"id": f"{split}{i:06d}", "image": name,

@@ -82,7 +82,7 @@ def test_demo_data_dir_packs_rows_and_trains_a_tokenizer(tmp_path):
     d = ml_collections.ConfigDict(dict(text_train=50, text_eval=10, mm_train_images=12, mm_eval_images=3,
                                        min_side=40, max_side=80, max_aspect=1.6, max_objects=2,
                                        object_scale=[0.35, 0.5], rounds=[3, 5], vocab_size=512,
-                                       train_kinds=list(shapes.KINDS)))
+                                       train_kinds=list(shapes.KINDS), grounding_rate=1.0))
     out = write_demo_data(tmp_path, d, seed=0, log=lambda m: None)
     assert len(ArrayRecordRows(out.mm_train)) == 12 and len(ArrayRecordRows(out.mm_eval)) == 3
     tok = AutoTokenizer.from_pretrained(out.tokenizer)

@@ -101,8 +101,11 @@ def test_llava_json_config_errors_name_the_key(dataset):
     with pytest.raises(ConfigError, match="data.path"):
         tcfg.validate(c)
     c = _cfg(dataset)
-    c.model.kind = "llm"
-    with pytest.raises(ConfigError, match="model.kind"):
+    c.model.kind = "llm"  # a plain LLM trains on the text-only rows (rows with images are skipped)
+    c.param_groups = [(".*", 1.0)]
+    tcfg.validate(c)
+    c.init.vision_checkpoint = dataset[0]  # ... but it runs no ViT to load a tower into
+    with pytest.raises(ConfigError, match="init.vision_checkpoint"):
         tcfg.validate(c)
     c = _cfg(dataset)
     c.data.tokenizer = ""
