@@ -112,7 +112,7 @@ def run(demo: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any
     real_llm = bool(demo.init.llm_checkpoint)
     # weights: seconds each part took on a 2-core CPU per unit of work; the ETA rescales them by the measured pace
     d = demo.data
-    parts = [("data", 2.0 + 0.002 * (d.mm_train_images + d.mm_eval_images))]
+    parts = [("data", 0.5 + 0.001 * (d.mm_train_images + d.mm_eval_images))]
     parts += [] if real_llm else [("base", 0.2 * demo.base.steps)]
     parts += [("iaa", 0.45 * demo.mm.steps), ("llava", 0.28 * demo.mm.steps),
               ("evaluate", 0.05 * (3 * d.text_eval + 8 * d.mm_eval_images) + 10.0), ("report", 2.0)]

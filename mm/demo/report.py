@@ -126,7 +126,7 @@ def write_report(workdir: str | Path, demo: Any, results: dict[str, Any]) -> Pat
         "# mm demo: multimodal skill on a frozen LLM (IAA) vs a LLaVA-style model that trains it",
         "",
         "A tiny base LLM learned a text task (reverse a list of words). Two multimodal models then learned the "
-        "same synthetic shapes data (colour / shape / count / position questions, captions, grounding boxes) "
+        "same synthetic shapes data (colour / shape / count / position questions and grounding boxes) "
         "with the same steps, batch, learning rate and data order: **IAA** keeps the base LLM frozen and adds "
         "insertion layers, a new embedding and a new head; the **LLaVA-style** model trains the LLM itself. "
         "Every model was exported and loaded back with `mm.from_pretrained` for this evaluation (greedy "
@@ -138,6 +138,8 @@ def write_report(workdir: str | Path, demo: Any, results: dict[str, Any]) -> Pat
         "token-for-token identical.",
         f"- LLaVA-style text-task exact match moved by {100 * -drop:+.1f} points from the base "
         f"({_pct(em['base'])} -> {_pct(em['llava'])}).",
+        f"- Chance levels: colour 25%, shape 33%, count {100 / demo.data.max_objects:.0f}%, position 50%; the "
+        "QA accuracy pools colour, shape, count and position questions.",
         f"- Held-out data: {c['text_items']} text prompts; {c['mm_items']} image questions on "
         f"{demo.data.mm_eval_images} unseen images.",
         "",
