@@ -29,6 +29,14 @@ def read_curve(workdir: Path) -> tuple[list[int], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
+def qa_chance(results: dict[str, Any], max_objects: int) -> float:
+    """Accuracy of uniform guessing over each question kind's answers, pooled like the QA accuracy."""
+    odds = {"colour": 1 / 4, "shape": 1 / 3, "count": 1 / max_objects, "position": 1 / 2}
+    n = results["counts"]["mm_by_kind"]
+    total = sum(n.get(k, 0) for k in odds)
+    return sum(odds[k] * n.get(k, 0) for k in odds) / total if total else 0.0
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -57,7 +65,7 @@ def plot_curves(workdir: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy(results: dict[str, Any], out: Path) -> None:
+def plot_accuracy(results: dict[str, Any], out: Path, chance: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +89,9 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> None:
             if not np.isnan(v):
                 ax.annotate(f"{100 * v:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                             va="bottom", fontsize=8)
+    if chance is not None:
+        ax.hlines(100 * chance, 1 - 1.5 * width, 1 + 1.5 * width, colors="gray", linestyles="dashed")
+        ax.annotate("chance", (1 + 1.5 * width, 100 * chance), fontsize=7, color="gray", va="center")
     ax.set_xticks(x, groups)
     ax.set_ylabel("%")
     ax.set_ylim(0, 110)
@@ -110,7 +121,8 @@ def write_report(workdir: str | Path, demo: Any, results: dict[str, Any]) -> Pat
     plots = workdir / "plots"
     plots.mkdir(exist_ok=True)
     plot_curves(workdir, plots / "training_curves.png")
-    plot_accuracy(results, plots / "accuracy.png")
+    chance = qa_chance(results, int(demo.data.max_objects))
+    plot_accuracy(results, plots / "accuracy.png", chance)
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     em, mmr, same = results["text_exact_match"], results["multimodal"], results["iaa_text_identical_to_base"]
     c = results["counts"]
@@ -138,8 +150,8 @@ def write_report(workdir: str | Path, demo: Any, results: dict[str, Any]) -> Pat
         "token-for-token identical.",
         f"- LLaVA-style text-task exact match moved by {100 * -drop:+.1f} points from the base "
         f"({_pct(em['base'])} -> {_pct(em['llava'])}).",
-        f"- Chance levels: colour 25%, shape 33%, count {100 / demo.data.max_objects:.0f}%, position 50%; the "
-        "QA accuracy pools colour, shape, count and position questions.",
+        f"- Chance levels: colour 25%, shape 33%, count {100 / demo.data.max_objects:.0f}%, position 50%; pooled "
+        f"like the QA accuracy (colour, shape, count and position questions) {_pct(chance)}.",
         f"- Held-out data: {c['text_items']} text prompts; {c['mm_items']} image questions on "
         f"{demo.data.mm_eval_images} unseen images.",
         "",
