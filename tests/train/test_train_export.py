@@ -107,3 +107,80 @@ def test_vision_checkpoint_loads_and_mismatches_name_the_field(data, tmp_path):
     c.init.vision_checkpoint = str(tmp_path / "clip")
     with pytest.raises(ConfigError, match="init.vision_checkpoint"):
         tcfg.validate(c)
+
+
+@pytest.mark.parametrize("kind", ["iaa", "llava"])
+def test_vlm_export_logits_equal_the_trained_model(data, tmp_path, kind):
+    """An iaa / llava run on pixel data exports to an mm "vlm" dir whose `VLMHandle` (one placeholder per
+    image, expanded by the handle; pixels through the exported ViT) gives the training model's logits."""
+    import jax
+    import jax.numpy as jnp
+
+    import mm
+    from mm.models import iaa, llava
+    from mm.train import models
+    from mm.train.config import vision_config_from
+    from mm.train.export import export_run, trained_params
+    from mm.train.loop import train
+
+    c = _cfg(data, kind)
+    if kind == "iaa":
+        c.model.iaa_branches = ["mm"]
+        c.param_groups = [("mm/.*", 1.0), ("(base|vision)/.*", "frozen")]
+    train(c, tmp_path / "run", devices=jax.devices()[:1])
+    h = mm.from_pretrained(export_run(tmp_path / "run", tmp_path / "out"))
+    assert h.config.is_iaa == (kind == "iaa") and h.tokenizer is not None
+    cfg, params, _ = trained_params(tmp_path / "run")
+
+    n_img = h.config.tokens_per_image
+    prompt = [0, 2, 10, 11, h.image_token, 12, 13, 14]
+    pixels = np.random.default_rng(0).standard_normal((1, 1, 3, 28, 28)).astype(np.float32)
+    got = h.logits([prompt], pixel_values=pixels, workflow="mm")
+
+    ids = np.asarray([prompt[:4] + [h.image_token] * n_img + prompt[5:]], np.int32)
+    mask = np.zeros_like(ids, bool)
+    mask[0, 4:4 + n_img] = True
+    feats = models.tile_features(vision_config_from(cfg), int(cfg.model.vision_select_layer))(
+        params["vision"], jnp.asarray(pixels))
+    lm = {k: v for k, v in params.items() if k != "vision"}
+    pos = jnp.arange(ids.shape[1])[None]
+    if kind == "iaa":
+        want = iaa.IAA(models.iaa_config(cfg)).apply({"params": lm}, ids, pos, workflow="mm", image_features=feats,
+                                                     image_mask=mask)[0]
+    else:
+        want = llava.LLaVA(models.llava_config(cfg)).apply({"params": lm}, ids, pos, image_features=feats,
+                                                           image_mask=mask)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, rtol=0)
+    assert np.abs(got - h.logits([prompt], pixel_values=pixels * 0.0, workflow="mm")).max() > 1e-4  # pixels matter
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-tied"])
+def test_llm_section_reads_hf_and_mm_dirs(tmp_path, family):
+    from mm.convert import hf_to_mm
+    from mm.train import config as tcfg
+    from mm.train.from_checkpoints import llm_section
+    from tests.helpers.hf_models import make_model
+
+    hf = make_model(tmp_path, family)
+    sec = llm_section(hf)
+    c = tiny("full")
+    c.model.llm = sec
+    got = tcfg.llm_config_from(c)
+    assert got.model_type == family.split("-")[0] and got.num_layers == 2 and got.hidden_size == 64
+    assert got.tie_word_embeddings == (family == "qwen2-tied") and got.attention_bias == (family == "qwen2-tied")
+    assert llm_section(hf_to_mm(hf, tmp_path / "mm", progress=False)) == sec
+    with pytest.raises(ConfigError, match="neither"):
+        llm_section(tmp_path)
+
+
+def test_vision_section_reads_siglip(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from mm.train.from_checkpoints import vision_section
+
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=28, patch_size=14)).save_pretrained(
+        str(tmp_path / "siglip"))
+    sec = vision_section(tmp_path / "siglip")
+    assert sec["model_type"] == "siglip_vision_model" and sec["num_layers"] == 2 and sec["patch_size"] == 14
