@@ -41,7 +41,7 @@ def get_config(arg: str = ""):
     )
     c.init = dict(llm_checkpoint="", vision_checkpoint="", tokenizer="")
     c.base = dict(steps=400, batch_size=16, seq_len=128, lr=3e-3)
-    c.mm = dict(steps=600, batch_size=16, seq_len=160, lr=1e-3)  # IAA and LLaVA-style: the same budget
+    c.mm = dict(steps=1000, batch_size=16, seq_len=160, lr=1e-3)  # IAA and LLaVA-style: the same budget
     c.eval = dict(max_new_tokens=24, batch_size=64)
     c = ml_collections.ConfigDict(c)
     if arg:

@@ -141,6 +141,12 @@ def run(demo: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any
     return results
 
 
+def _count(params: Any, keys: tuple[str, ...]) -> int:
+    import jax
+
+    return int(sum(x.size for k in keys for x in jax.tree.leaves(params[k])))
+
+
 def evaluate_all(demo: Any, workdir: Path, data: Any) -> dict[str, Any]:
     """Text-task exact match for base / IAA text workflow / LLaVA-style; multimodal QA and grounding for IAA
     and LLaVA-style; every model loaded from its exported directory with `mm.from_pretrained`."""
@@ -195,6 +201,9 @@ def evaluate_all(demo: Any, workdir: Path, data: Any) -> dict[str, Any]:
             "multimodal": [{"image": it.image, "kind": it.kind, "question": it.question, "reference": it.answer,
                             **{k: v[i] for k, v in mm_answers.items()}} for i, it in enumerate(items[:10])],
         },
+        "trainable_params": {"iaa": _count(iaa.params, ("mm",)), "llava": _count(llava.params, ("llm", "projector"))},
+        "decoder_layers": {"base": base.config.num_layers, "llava": llava.config.lm.llm.num_layers,
+                           "iaa_mm": iaa.config.lm.llm.num_layers + len(iaa.config.lm.branches[0].positions)},
         "sources": {"base": stages.base_llm_path(demo, workdir), "iaa": str(p["iaa_export"]),
                     "llava": str(p["llava_export"])},
     }

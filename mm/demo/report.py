@@ -152,6 +152,11 @@ def write_report(workdir: str | Path, demo: Any, results: dict[str, Any]) -> Pat
         f"({_pct(em['base'])} -> {_pct(em['llava'])}).",
         f"- Chance levels: colour 25%, shape 33%, count {100 / demo.data.max_objects:.0f}%, position 50%; pooled "
         f"like the QA accuracy (colour, shape, count and position questions) {_pct(chance)}.",
+        f"- Trained parameters: IAA {results['trainable_params']['iaa']:,} (its `mm` branch), LLaVA-style "
+        f"{results['trainable_params']['llava']:,} (LLM + projector). The IAA multimodal workflow runs "
+        f"{results['decoder_layers']['iaa_mm']} decoder layers (the {results['decoder_layers']['base']} frozen ones "
+        f"and the inserted ones), the LLaVA-style model {results['decoder_layers']['llava']}: the same trained size, "
+        "a deeper multimodal path.",
         f"- Held-out data: {c['text_items']} text prompts; {c['mm_items']} image questions on "
         f"{demo.data.mm_eval_images} unseen images.",
         "",
