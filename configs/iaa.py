@@ -9,18 +9,10 @@ Presets: `tiny` (default), `iaa14_llama3_8b`, `iaa8_llama3_8b`. Each stage start
 """
 
 from mm.train import presets
-from mm.train.config import base_config
 
 
 def get_config(arg: str = "stage1"):
-    stage, _, preset = arg.partition(",")
-    preset = preset or "tiny"
-    c = base_config()
-    c.name = f"iaa_{stage}_{preset}"
-    c.model.kind = "iaa"
-    c.data.kind = "synthetic_mm"
-    presets.apply(c, preset)
-    big = preset != "tiny"
+    c, stage, big = presets.stage_start("iaa", arg)
     if stage == "stage1":
         c.model.iaa_branches = ["mm"]
         c.param_groups = [("mm/projector/.*", 1.0), ("(base|mm)/.*", "frozen")]

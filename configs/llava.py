@@ -7,18 +7,10 @@ converted checkpoint: `--config.init.llm_checkpoint=<HF or mm dir>`.
 """
 
 from mm.train import presets
-from mm.train.config import base_config
 
 
 def get_config(arg: str = "stage1"):
-    stage, _, preset = arg.partition(",")
-    preset = preset or "tiny"
-    c = base_config()
-    c.name = f"llava_{stage}_{preset}"
-    c.model.kind = "llava"
-    c.data.kind = "synthetic_mm"
-    presets.apply(c, preset)
-    big = preset != "tiny"
+    c, stage, big = presets.stage_start("llava", arg)
     if stage == "stage1":
         c.param_groups = [("projector/.*", 1.0), ("llm/.*", "frozen")]
         c.optim.lr = 1e-3

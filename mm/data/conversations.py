@@ -76,6 +76,14 @@ def place_images(turns: list[tuple[str, str]], num_images: int, rid: str) -> lis
     raise SampleSkip("image_count_mismatch", rid, f"{found} '{IMAGE_PLACEHOLDER}' placeholders for {num_images} images")
 
 
+def image_token_id_of(tokenizer: Any) -> int:
+    """The id put at image positions: the tokenizer's `<image>` token if it has one, else its pad id (0 if
+    none). Only `image_mask` marks image positions; the id is what a checkpoint records for them."""
+    tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return int(tid if isinstance(tid, int) and tid != unk else (tokenizer.pad_token_id or 0))
+
+
 class ConversationEncoder:
     """Tokenises conversations with a HF tokenizer (`chat`: its chat template; `plain`: stage-1 captions)."""
 
@@ -88,11 +96,7 @@ class ConversationEncoder:
         self.tok = tokenizer
         self.template = template
         self.system_prompt = system_prompt
-        if image_token_id is None:
-            tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-            unk = getattr(tokenizer, "unk_token_id", None)
-            image_token_id = tid if isinstance(tid, int) and tid != unk else (tokenizer.pad_token_id or 0)
-        self.image_token_id = int(image_token_id)
+        self.image_token_id = image_token_id_of(tokenizer) if image_token_id is None else int(image_token_id)
         self.end_of_turn = set(int(i) for i in (end_of_turn_ids or ()))
         if tokenizer.eos_token_id is not None:
             self.end_of_turn.add(int(tokenizer.eos_token_id))

@@ -39,44 +39,49 @@ def _texts(text_items: list[text_task.TextItem], mm_json: str) -> list[str]:
     return out
 
 
+def layout(root: str | Path) -> dict[str, Path]:
+    """Where `write_demo_data(root, ...)` puts each thing (the stage configs read them from here)."""
+    r = Path(root)
+    return {"text_train": r / "text" / "train.json", "text_eval": r / "text" / "eval.json",
+            "text_items": r / "text" / "eval_items.json", "shapes": r / "shapes", "images": r / "shapes" / "images",
+            "mm_train": r / "shapes" / "train_ar", "mm_eval": r / "shapes" / "eval_ar", "tokenizer": r / "tokenizer"}
+
+
 def write_demo_data(root: str | Path, d: Any, *, seed: int, tokenizer: str = "", log: Any = print) -> DemoData:
     """`d` is the demo config's `data` section. Reuses nothing: callers pass a fresh directory or accept that
     files are rewritten (the content is a pure function of the config)."""
     from mm.data.pack import pack_llava, summary
 
-    root = Path(root)
-    text_dir = root / "text"
-    text_dir.mkdir(parents=True, exist_ok=True)
+    at = layout(root)
+    at["text_train"].parent.mkdir(parents=True, exist_ok=True)
     train, held = text_task.splits(int(d.text_train), int(d.text_eval), seed=seed)
-    (text_dir / "train.json").write_text(json.dumps(text_task.llava_rows(train, "text")))
-    (text_dir / "eval.json").write_text(json.dumps(text_task.llava_rows(held, "textheld")))
-    (text_dir / "eval_items.json").write_text(json.dumps([dataclasses.asdict(x) for x in held]))
-    log(f"data: text task {len(train)} train / {len(held)} held-out rows -> {text_dir}")
+    at["text_train"].write_text(json.dumps(text_task.llava_rows(train, "text")))
+    at["text_eval"].write_text(json.dumps(text_task.llava_rows(held, "textheld")))
+    at["text_items"].write_text(json.dumps([dataclasses.asdict(x) for x in held]))
+    log(f"data: text task {len(train)} train / {len(held)} held-out rows -> {at['text_train'].parent}")
 
-    sd = shapes.write(root / "shapes", int(d.mm_train_images), int(d.mm_eval_images), seed=seed,
+    sd = shapes.write(at["shapes"], int(d.mm_train_images), int(d.mm_eval_images), seed=seed,
                       min_side=int(d.min_side), max_side=int(d.max_side), max_objects=int(d.max_objects),
                       train_kinds=tuple(d.train_kinds), rounds=tuple(d.rounds),
                       scale=tuple(d.object_scale), max_aspect=float(d.max_aspect),
                       grounding_rate=float(d.grounding_rate))
     log(f"data: shapes {d.mm_train_images} train / {d.mm_eval_images} held-out images, "
-        f"{len(sd.eval_items)} held-out questions -> {root / 'shapes'}")
-    packed = {}
+        f"{len(sd.eval_items)} held-out questions -> {at['shapes']}")
     for split, path in (("train", sd.train_json), ("eval", sd.eval_json)):
-        out = root / "shapes" / f"{split}_ar"
+        out = at[f"mm_{split}"]
         _, counter = pack_llava(path, sd.image_root, str(out), progress=False, prefix=split)
         log(f"data: packed {split}: {summary(counter).splitlines()[0]} -> {out}")
         if counter.skipped:
             raise ValueError(f"{path}: {counter.skipped} generated rows failed their checks:\n{summary(counter)}")
-        packed[split] = str(out)
 
     if tokenizer:
         tok_dir = tokenizer
     else:
         from mm.tiny import train_tokenizer
 
-        tok_dir = str(root / "tokenizer")
+        tok_dir = str(at["tokenizer"])
         tok = train_tokenizer(int(d.vocab_size), _texts(train, sd.train_json))
         tok.save_pretrained(tok_dir)
         log(f"data: tokenizer ({len(tok)} tokens) -> {tok_dir}")
-    return DemoData(str(root), tok_dir, str(text_dir / "train.json"), str(text_dir / "eval.json"), held,
-                    packed["train"], packed["eval"], sd.image_root, sd.eval_items)
+    return DemoData(str(root), tok_dir, str(at["text_train"]), str(at["text_eval"]), held, str(at["mm_train"]),
+                    str(at["mm_eval"]), sd.image_root, sd.eval_items)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mm.demo import shapes, text_task
+from mm.demo import shapes
 
 
 @dataclasses.dataclass
@@ -103,7 +103,3 @@ def score_mm(items: Sequence[shapes.MMItem], answers: Sequence[str]) -> dict[str
     out["qa"] = float(np.mean(qa)) if qa else 0.0
     out["grounding_acc@0.5"] = out.pop("grounding", 0.0)
     return out
-
-
-def text_exact(items: Sequence[text_task.TextItem], answers: Sequence[str]) -> float:
-    return text_task.exact_match(list(answers), list(items))

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 from mm.demo import evaluate as ev
-from mm.demo import stages
+from mm.demo import stages, text_task
 
 QUICK = dict(data=dict(text_train=400, text_eval=24, mm_train_images=120, mm_eval_images=6),
              base=dict(steps=12, batch_size=8, seq_len=96), mm=dict(steps=8, batch_size=8, seq_len=96),
@@ -68,28 +68,20 @@ def check(demo: Any, workdir: str | Path) -> None:
         if path and not Path(path).exists():
             raise ConfigError(f"config key init.{key} = {path!r}: no such file or directory")
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    made = {str(p) for p in stages.paths(workdir).values()}  # the pipeline writes these before they are read
     for stage in ([] if demo.init.llm_checkpoint else ["base"]) + ["iaa", "llava"]:
-        cfg = stages.stage_config(demo, stage, workdir)
-        for section, key in (("data", "path"), ("data", "eval_path"), ("data", "image_root"), ("data", "tokenizer"),
-                             ("init", "llm_checkpoint")):
-            value = cfg[section][key]
-            if value and str(value).startswith(str(workdir)) and not Path(value).exists():
-                cfg[section][key] = str(workdir)  # made by an earlier part of the pipeline
         try:
-            tcfg.validate(cfg)
+            tcfg.validate(stages.stage_config(demo, stage, workdir), pending_paths=made)
         except ConfigError as e:
             raise ConfigError(f"stage {stage} (configs/demo.py:{stage}): {e}") from e
 
 
 def _train_stage(demo: Any, stage: str, workdir: Path, devices: Any) -> None:
-    from mm.train import config as tcfg
     from mm.train.export import export_run
-    from mm.train.loop import train
+    from mm.train.loop import train  # validates the config before anything heavy
 
     p = stages.paths(workdir)
     cfg = stages.stage_config(demo, stage, workdir)
-    tcfg.validate(cfg)
     _log(f"stage {stage}: the same run by hand: mm-train --config=configs/demo.py:{stage},{workdir} "
          f"--workdir={p[stage]}")
     res = train(cfg, p[stage], devices=devices)
@@ -190,7 +182,7 @@ def evaluate_all(demo: Any, workdir: Path, data: Any) -> dict[str, Any]:
         mm_answers[name] = ev.decode(tok, toks, stops)
 
     return {
-        "text_exact_match": {k: ev.text_exact(data.text_items, v) for k, v in text_answers.items()},
+        "text_exact_match": {k: text_task.exact_match(v, data.text_items) for k, v in text_answers.items()},
         "iaa_text_identical_to_base": {"identical": identical, "of": len(text_prompts)},
         "multimodal": {k: ev.score_mm(items, v) for k, v in mm_answers.items()},
         "counts": {"text_items": len(data.text_items), "mm_items": len(items),

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mm import grounding
+from mm.demo import text_task
 
 COLOURS = {"red": (220, 50, 47), "green": (50, 160, 60), "blue": (40, 90, 220), "yellow": (235, 195, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -195,7 +196,5 @@ def read_eval_items(path: str | os.PathLike) -> list[MMItem]:
 def answer_correct(item: MMItem, prediction: str) -> bool:
     """QA: case- and punctuation-insensitive exact match; grounding: first box's IoU >= 0.5."""
     if item.kind == "grounding":
-        boxes = grounding.parse_boxes(prediction)
-        return bool(boxes) and item.box is not None and grounding.iou(boxes[0], item.box) >= 0.5
-    norm = lambda s: " ".join(s.strip().rstrip(".").split()).lower()  # noqa: E731
-    return norm(prediction) == norm(item.answer)
+        return item.box is not None and grounding.accuracy_at([prediction], [item.box]) == 1.0
+    return text_task.normalise(prediction) == text_task.normalise(item.answer)

@@ -21,10 +21,16 @@ STAGES = ("base", "iaa", "llava")
 
 
 def paths(workdir: str | Path) -> dict[str, Path]:
+    """Everything the pipeline makes under its workdir: the data (`mm.demo.data.layout`), each stage's
+    workdir and its export."""
+    from mm.demo.data import layout
+
     w = Path(workdir)
-    return {"data": w / "data", "base": w / "base", "iaa": w / "iaa", "llava": w / "llava",
-            "base_export": w / "base" / "export", "iaa_export": w / "iaa" / "export",
-            "llava_export": w / "llava" / "export"}
+    out = {"data": w / "data", **layout(w / "data")}
+    for stage in STAGES:
+        out[stage] = w / stage
+        out[f"{stage}_export"] = w / stage / "export"
+    return out
 
 
 def tokenizer_dir(demo: Any, workdir: str | Path) -> str:
@@ -34,7 +40,7 @@ def tokenizer_dir(demo: Any, workdir: str | Path) -> str:
     if demo.init.llm_checkpoint:
         p = Path(demo.init.llm_checkpoint)
         return str(p / "tokenizer" if (p / "tokenizer").is_dir() else p)
-    return str(paths(workdir)["data"] / "tokenizer")
+    return str(paths(workdir)["tokenizer"])
 
 
 def base_llm_path(demo: Any, workdir: str | Path) -> str:
@@ -101,8 +107,7 @@ def stage_config(demo: Any, stage: str, workdir: str | Path) -> ml_collections.C
     c.optim.update(dict(lr=float(budget.lr), warmup_frac=0.05, min_lr_ratio=0.1, weight_decay=0.0))
     if stage == "base":
         c.model.kind = "llm"
-        c.data.update(dict(path=str(p["data"] / "text" / "train.json"),
-                           eval_path=str(p["data"] / "text" / "eval.json"), tiling="square"))
+        c.data.update(dict(path=str(p["text_train"]), eval_path=str(p["text_eval"]), tiling="square"))
         c.param_groups = [(".*", 1.0)]
         return c
     c.model.vision = vision_section(demo)
@@ -111,9 +116,8 @@ def stage_config(demo: Any, stage: str, workdir: str | Path) -> ml_collections.C
     c.init.llm_checkpoint = base_llm_path(demo, workdir)
     if demo.init.vision_checkpoint:
         c.init.vision_checkpoint = str(demo.init.vision_checkpoint)
-    shapes_dir = p["data"] / "shapes"
-    c.data.update(dict(path=str(shapes_dir / "train_ar"), eval_path=str(shapes_dir / "eval_ar"),
-                       image_root=str(shapes_dir / "images"), tiling="square", max_tiles_per_row=4))
+    c.data.update(dict(path=str(p["mm_train"]), eval_path=str(p["mm_eval"]), image_root=str(p["images"]),
+                       tiling="square", max_tiles_per_row=4))
     if stage == "iaa":
         c.model.kind = "iaa"
         c.model.iaa_branches = ["mm"]

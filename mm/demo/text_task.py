@@ -55,6 +55,7 @@ def llava_rows(items: list[TextItem], prefix: str = "text") -> list[dict]:
 
 
 def normalise(text: str) -> str:
+    """What exact match compares: lower case, single spaces, no trailing full stop."""
     return " ".join(text.strip().rstrip(".").split()).lower()
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import ml_collections
 
@@ -40,14 +40,20 @@ def _vision_defaults() -> dict[str, Any]:
                                            image_size=28, patch_size=14))
 
 
+def _section(section: Any, cls: type, key: str) -> dict[str, Any]:
+    """A config section as a dict, every key a field of the dataclass `cls` (else ConfigError naming it)."""
+    d = dict(_as_dict(section))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"config key {key}.{unknown[0]} unknown; {cls.__name__} fields are {sorted(fields)}")
+    return d
+
+
 def vision_config_from(cfg: Any) -> Any:
     from mm.config import VisionConfig
 
-    d = dict(_as_dict(cfg.model.vision))
-    fields = {f.name for f in dataclasses.fields(VisionConfig)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ConfigError(f"config key model.vision.{unknown[0]} unknown; VisionConfig fields are {sorted(fields)}")
+    d = _section(cfg.model.vision, VisionConfig, "model.vision")
     try:
         return VisionConfig(**d)
     except ConfigError as e:
@@ -150,11 +156,7 @@ def _as_dict(cfg: Any) -> Any:
 
 def llm_config_from(cfg: Any) -> LLMConfig:
     """LLMConfig from the `model.llm` section (unknown fields name the key)."""
-    d = dict(_as_dict(cfg.model.llm))
-    fields = {f.name for f in dataclasses.fields(LLMConfig)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ConfigError(f"config keys model.llm.{unknown[0]} unknown; LLMConfig fields are {sorted(fields)}")
+    d = _section(cfg.model.llm, LLMConfig, "model.llm")
     if d.get("eos_token_id") is not None:
         d["eos_token_id"] = tuple(d["eos_token_id"])
     if d.get("rope_scaling"):
@@ -183,8 +185,9 @@ def _check_groups(groups: Any) -> None:
             raise ConfigError(f"config key param_groups[{i}] value {value!r}: a multiplier >= 0 or 'frozen'")
 
 
-def validate(cfg: Any, n_devices: int | None = None) -> None:
-    """Raises ConfigError naming the key for anything wrong; cheap (no model is built)."""
+def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collection[str] = ()) -> None:
+    """Raises ConfigError naming the key for anything wrong; cheap (no model is built). Paths in
+    `pending_paths` are made by an earlier stage of a pipeline, so their existence is not checked yet."""
     schema = base_config().to_dict()
     d = _as_dict(cfg)
     _check_tree(schema, d, "", open_keys=("model.llm", "model.vision", "rules"))
@@ -197,7 +200,7 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
         raise ConfigError(f"config key data.kind = {cfg.data.kind!r}: choose one of {DATA_KINDS}")
     llm_config_from(cfg)
     if cfg.data.kind == "llava_json":
-        _check_llava_json(cfg)
+        _check_llava_json(cfg, pending_paths)
     if m.kind == "vlm":
         vision_config_from(cfg)
     for key in ("steps", "batch_size", "seq_len", "log_every"):
@@ -220,7 +223,7 @@ def validate(cfg: Any, n_devices: int | None = None) -> None:
                           "in the step (needs data.kind = 'llava_json' with model.kind llava / iaa, or model.kind vlm)")
     for key in ("llm_checkpoint", "checkpoint", "vision_checkpoint"):
         path = cfg.init[key]
-        if path and not Path(path).exists():
+        if path and path not in pending_paths and not Path(path).exists():
             raise ConfigError(f"config key init.{key} = {path!r}: no such file or directory")
     if m.kind == "iaa":
         n = cfg.model.llm.num_layers
@@ -258,7 +261,7 @@ def has_tower(cfg: Any) -> bool:
     return cfg.model.kind == "vlm" or (cfg.model.kind in ("llava", "iaa") and cfg.data.kind == "llava_json")
 
 
-def _check_llava_json(cfg: Any) -> None:
+def _check_llava_json(cfg: Any, pending_paths: Collection[str] = ()) -> None:
     d = cfg.data
     if cfg.model.kind not in ("vlm", "llava", "iaa", "llm"):
         raise ConfigError(f"config key data.kind = 'llava_json' needs model.kind llm (text-only rows) or a "
@@ -269,7 +272,7 @@ def _check_llava_json(cfg: Any) -> None:
         if not d[key]:
             raise ConfigError(f"config key data.{key} must be set for data.kind = 'llava_json'")
     for key in ("path", "image_root", "tokenizer", "eval_path"):
-        if d[key] and not Path(d[key]).exists():
+        if d[key] and d[key] not in pending_paths and not Path(d[key]).exists():
             raise ConfigError(f"config key data.{key} = {d[key]!r}: no such file or directory")
     if d.template not in ("chat", "plain"):
         raise ConfigError(f"config key data.template = {d.template!r}: 'chat' or 'plain'")

@@ -56,21 +56,18 @@ def trained_params(workdir: str | Path, step: int | None = None) -> tuple[Any, d
     return cfg, params, step
 
 
-def _image_token_id(tokenizer_dir: str) -> int:
-    """The id training put at image positions (`mm.data.conversations.ConversationEncoder`'s choice)."""
-    from transformers import AutoTokenizer
-
-    from mm.data.conversations import ConversationEncoder
-
-    return ConversationEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), "plain").image_token_id
-
-
 def vlm_config(cfg: Any) -> Any:
     from mm.models.vlm import VLMConfig
     from mm.train import models
 
     lm = models.iaa_config(cfg) if cfg.model.kind == "iaa" else models.llava_config(cfg)
-    image_token = _image_token_id(str(cfg.data.tokenizer)) if cfg.data.tokenizer else -200
+    image_token = -200
+    if cfg.data.tokenizer:  # the id training put at image positions
+        from transformers import AutoTokenizer
+
+        from mm.data.conversations import image_token_id_of
+
+        image_token = image_token_id_of(AutoTokenizer.from_pretrained(str(cfg.data.tokenizer)))
     return VLMConfig(vision=tcfg.vision_config_from(cfg), lm=lm, feature_layer=int(cfg.model.vision_select_layer),
                      feature="patch", image_token_id=image_token)
 

@@ -33,11 +33,11 @@ def data_config(cfg: Any, *, seed: int, local_rows: int) -> DataConfig:
     """The pipeline config implied by the training config (tiles sized for the model's ViT)."""
     d, v = cfg.data, cfg.model.vision
     grid = int(v.image_size) // int(v.patch_size)
-    tiling = "none" if cfg.model.kind == "llm" else str(d.tiling)  # a plain LLM skips rows with images
+    text_only = cfg.model.kind == "llm"  # a plain LLM: rows with images are skipped, batches carry no tiles
     return DataConfig(template=str(d.template), max_len=int(cfg.train.seq_len), batch_size=local_rows,
-                      pack=bool(d.pack), tiling=tiling, tile=int(v.image_size), max_tiles=int(d.max_tiles),
-                      tokens_per_tile=grid * grid, max_tiles_per_row=int(d.max_tiles_per_row), seed=seed,
-                      num_epochs=None, read_threads=int(d.read_threads), worker_count=int(d.workers),
+                      pack=bool(d.pack), tiling="none" if text_only else str(d.tiling), tile=int(v.image_size),
+                      max_tiles=int(d.max_tiles), tokens_per_tile=grid * grid,
+                      max_tiles_per_row=0 if text_only else int(d.max_tiles_per_row), seed=seed, num_epochs=None, read_threads=int(d.read_threads), worker_count=int(d.workers),
                       max_skip_fraction=float(d.max_skip_fraction))
 
 
@@ -63,8 +63,8 @@ class GrainSource:
         self.pipe = DataPipeline(read_rows(str(path or cfg.data.path)), self.dcfg, maker, shard_index=process_index,
                                  shard_count=process_count)
         self.step = 0
-        # a plain LLM trains on the text of the rows: no pixels to ship to the devices
-        self.drop = ("pixel_values", "tile_mask", "image_mask") if cfg.model.kind == "llm" else ()
+        # text-only batches (tiling "none"): no image arrays to ship to the devices
+        self.drop = ("pixel_values", "tile_mask", "image_mask") if self.dcfg.tiling == "none" else ()
 
     def state(self) -> dict[str, Any]:
         return {"next_step": self.step, "seed": self.seed, "pipeline": self.pipe.state()}

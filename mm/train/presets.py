@@ -41,3 +41,18 @@ def apply(cfg: Any, name: str) -> None:
     cfg.data.num_image_tokens = 576
     cfg.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     cfg.checkpoint.every = 500
+
+
+def stage_start(kind: str, arg: str) -> tuple[Any, str, bool]:
+    """The common start of a stage config `configs/<kind>.py:STAGE[,PRESET]`: the base config with the model
+    kind, synthetic multimodal data and the preset applied; returns (config, stage, whether the preset is big)."""
+    from mm.train.config import base_config
+
+    stage, _, preset = arg.partition(",")
+    preset = preset or "tiny"
+    c = base_config()
+    c.name = f"{kind}_{stage}_{preset}"
+    c.model.kind = kind
+    c.data.kind = "synthetic_mm"
+    apply(c, preset)
+    return c, stage, preset != "tiny"

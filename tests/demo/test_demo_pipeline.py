@@ -69,7 +69,7 @@ def test_quick_demo_checkpoints_load_with_from_pretrained(quick_run):
     iaa = mm.from_pretrained(w / "iaa" / "export")
     llava = mm.from_pretrained(w / "llava" / "export")
     assert isinstance(base, LLMHandle) and isinstance(iaa, VLMHandle) and isinstance(llava, VLMHandle)
-    assert iaa.config.workflows == ("text", "mm") or set(iaa.config.workflows) == {"text", "mm"}
+    assert set(iaa.config.workflows) == {"text", "mm"} and llava.config.workflows == ("mm",)
     ids = base.tokenizer("Reverse the words: sun moon tree")["input_ids"]
     # the IAA text workflow is the frozen base LLM, bit for bit; the LLaVA-style LLM was trained
     assert np.array_equal(iaa.logits([ids], workflow="text"), base.logits([ids]))
