@@ -167,9 +167,10 @@ class _Tower:
 
 
 def _tower(cfg: Any) -> _Tower | None:
-    if cfg.data.kind != "llava_json":
+    from mm.train.config import has_tower, vision_config_from
+
+    if not has_tower(cfg):
         return None
-    from mm.train.config import vision_config_from
 
     vc = vision_config_from(cfg)
     layer = int(cfg.model.vision_select_layer)
@@ -322,50 +323,9 @@ def _vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) -
 
 
 def _vlm_model(cfg: Any) -> TrainModel:
-    """ViT (in the step) -> projector -> LLaVA-style splice -> LLM. Params `{vision, projector, llm}`."""
-    from mm.models import llava, vision
-    from mm.train.config import vision_config_from
-
-    c = llm_config_from(cfg)
-    vc = vision_config_from(cfg)
-    proj = _projector_config(cfg, c)
-    if proj.in_dim != vc.hidden_size:
-        proj = dataclasses.replace(proj, in_dim=vc.hidden_size)
-    lc = llava.LLaVAConfig(llm=c, projector=proj)
-    model = llava.LLaVA(lc)
-    layer = int(cfg.model.vision_select_layer)
-
-    features = tile_features(vc, layer)
-
-    def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-        feats = features(params["vision"], b["pixel_values"])
-        logits, _ = model.apply({"params": {"llm": params["llm"], "projector": params["projector"]}},
-                                b["input_ids"], b["positions"], image_features=feats, image_mask=b["image_mask"],
-                                segment_ids=b["segment_ids"])
-        return cross_entropy(logits, b["labels"], _mask(b))
-
-    def init(rng: Array) -> Any:
-        k1, k2, k3 = jax.random.split(rng, 3)
-        out = llava.init_params(lc, llm_lib.init_params(c, k1), k2)
-        out["vision"] = nn.unbox(vision.VisionTower(vc).init(k3, vision._dummy_pixels(vc)))["params"]
-        return out
-
-    def abstract() -> Any:
-        a = dict(llava.abstract_params(lc))
-        a["vision"] = vision.abstract_params(vc)
-        return a
-
-    def stages(seq_len: int) -> list[Stage]:
-        n_vis = vc.grid_size ** 2 + (1 if vc.has_class_token else 0)
-        upto = vision.select_layer_index(layer, vc.num_layers)
-        out = _vit_stages("vision", vc, n_vis, n_vis / seq_len, upto)
-        out += _projector_stages("projector", proj.kind) + [Stage((), 0.0, ("llm/embed_tokens/embedding",))]
-        for i in range(c.num_layers):
-            out += _layer_stages(f"llm/layers_{i}", c, seq_len)
-        return out + [_head_stage("llm", c)]
-
-    return TrainModel("vlm", c, abstract(), init, loss, {"mm": loss}, stages, "llm", {"mm": llava.decode_fns(lc)},
-                      lambda p, px: features(p["vision"], px))
+    """ViT (always in the step) -> projector -> LLaVA-style splice -> LLM: the LLaVA adapter, whose tower
+    `_tower` always builds for this kind. Params `{vision, projector, llm}`."""
+    return dataclasses.replace(_llava_model(cfg), kind="vlm")
 
 
 def build(cfg: Any) -> TrainModel:
