@@ -90,12 +90,21 @@ def _load_base_llm(cfg: Any, model: models.TrainModel, flat_sh: dict[str, Any]) 
             if getattr(got_cfg, f) != getattr(model.llm_config, f):
                 raise ConfigError(f"init.llm_checkpoint={path}: {f}={getattr(got_cfg, f)} but model.llm.{f}="
                                   f"{getattr(model.llm_config, f)}")
+    return _place(tree, prefix, flat_sh, f"init.llm_checkpoint={path}")
+
+
+def _place(tree: Any, prefix: str, flat_sh: dict[str, Any], source: str, dtype: Any = None) -> dict[str, Any]:
+    """A loaded subtree as flat `prefix + path` params on their shardings; it must fill exactly the model's
+    params under `prefix` (an extra or a missing one names `source`)."""
     out = {}
     for p, v in pg.flatten(tree).items():
         key = prefix + p
         if key not in flat_sh:
-            raise ConfigError(f"init.llm_checkpoint={path}: param {p} has no place in model {model.kind}")
-        out[key] = jax.device_put(np.asarray(v), flat_sh[key])
+            raise ConfigError(f"{source}: param {p} has no place in the model")
+        out[key] = jax.device_put(np.asarray(v, dtype), flat_sh[key])
+    missing = sorted(k for k in flat_sh if k.startswith(prefix) and k not in out)
+    if missing:
+        raise ConfigError(f"{source}: missing params {missing[:5]}")
     return out
 
 
@@ -118,16 +127,7 @@ def _load_vision(cfg: Any, flat_sh: dict[str, Any]) -> dict[str, Any]:
         if getattr(got, f) != getattr(want, f):
             raise ConfigError(f"init.vision_checkpoint={path}: {f}={getattr(got, f)!r} but model.vision.{f}="
                               f"{getattr(want, f)!r}")
-    out = {}
-    for p, v in pg.flatten(tree).items():
-        key = f"vision/{p}"
-        if key not in flat_sh:
-            raise ConfigError(f"init.vision_checkpoint={path}: param {p} has no place in model.vision")
-        out[key] = jax.device_put(np.asarray(v, np.dtype(want.param_dtype)), flat_sh[key])
-    missing = sorted(k for k in flat_sh if k.startswith("vision/") and k not in out)
-    if missing:
-        raise ConfigError(f"init.vision_checkpoint={path}: missing params {missing[:5]}")
-    return out
+    return _place(tree, "vision/", flat_sh, f"init.vision_checkpoint={path}", np.dtype(want.param_dtype))
 
 
 def _restore_partial(state_dir: Path, target_flat: dict[str, Any]) -> dict[str, Any]:
