@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mm.data.pipeline import DataConfig, DataPipeline, ExampleMaker, to_global
-from mm.data.skips import DataError
+from mm.data.skips import REASONS, DataError
 from mm.data.sources import read_llava
 from mm.data.synthetic import write_llava_dataset
 from tests.helpers.tokenizer import make_tokenizer
@@ -46,20 +46,33 @@ def assert_same(a, b):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_bad_data_is_skipped_and_counted_by_reason(tmp_path, tok):
-    root = tmp_path / "images"
-    root.mkdir()
+# The tests' chat template (tests.helpers.tokenizer.CHAT_TEMPLATE) plus two traps keyed on a row's text: a turn
+# containing RAISE makes it raise, and a last turn containing LASTMARK is rendered with a trailing "!" that is
+# gone once another turn follows (so the conversation does not render turn by turn as a string prefix).
+TRAP_TEMPLATE = (
+    "{% for m in messages %}{% if 'RAISE' in m['content'] %}{{ raise_exception('no RAISE here') }}{% endif %}"
+    "{{ '<s>' + m['role'] + '\\n' + m['content'] + '</s>\\n' }}"
+    "{% if loop.last and 'LASTMARK' in m['content'] %}{{ '!' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+)
+
+
+def test_every_skip_reason_is_counted_through_metrics(tmp_path):
+    """One row per way of being dropped, through the real pipeline: each of `REASONS` is counted exactly."""
     from PIL import Image
 
-    Image.new("RGB", (40, 30), (1, 2, 3)).save(root / "ok.png")
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(root / "ok.png")  # CATTY at tile 28: 3x2 grid + thumbnail = 7
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     outside = tmp_path / "secret.png"
     Image.new("RGB", (8, 8)).save(outside)
     os.symlink(outside, root / "link.png")
     long_q = "what " * 200
+    hi = {"from": "human", "value": "hi"}
     rows = [
         {"id": "good1", "image": "ok.png", "conversations": GOOD},
-        {"id": "good2", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a cat"}]},
+        {"id": "good2", "conversations": [hi, {"from": "gpt", "value": "a cat"}]},
         {"id": "missing", "image": "nope.png", "conversations": GOOD},
         {"id": "corrupt", "image": "corrupt.png", "conversations": GOOD},
         {"id": "dotdot", "image": "../secret.png", "conversations": GOOD},
@@ -70,15 +83,29 @@ def test_bad_data_is_skipped_and_counted_by_reason(tmp_path, tok):
         {"id": "mismatch", "conversations": GOOD},
         {"id": "nosup", "conversations": [{"from": "human", "value": long_q}, {"from": "gpt", "value": "a"}]},
         "not a dict",
+        {"id": "tiles", "image": ["ok.png"] * 3, "conversations": GOOD},  # 21 tiles > max_tiles_per_row 18
+        {"id": "tiles2", "image": ["ok.png"] * 3, "conversations": GOOD},
+        {"id": "notprefix", "conversations": [{"from": "human", "value": "hi LASTMARK"},
+                                              {"from": "gpt", "value": "a"}]},
+        {"id": "raises", "conversations": [hi, {"from": "gpt", "value": "RAISE"}]},
+        {"id": "raises2", "conversations": [{"from": "system", "value": "RAISE"}, hi, {"from": "gpt", "value": "a"}]},
+        {"id": "raises3", "image": "ok.png", "conversations": [GOOD[0], {"from": "gpt", "value": "RAISE it"}]},
     ]
-    cfg = DataConfig(max_len=64, batch_size=2, tile=28, tokens_per_tile=2, max_skip_fraction=1.0)
+    expect = {"bad_row": 1, "unknown_role": 1, "no_assistant_turn": 1, "missing_image": 1, "path_escape": 3,
+              "corrupt_image": 1, "image_count_mismatch": 1, "template_not_prefix": 1, "template_error": 3,
+              "too_many_tiles": 2, "no_supervised_tokens": 1}
+    assert set(expect) == set(REASONS)  # a reason added to mm.data.skips needs a row here
+    tok = make_tokenizer()
+    tok.chat_template = TRAP_TEMPLATE
+    cfg = DataConfig(max_len=64, batch_size=2, tile=28, tokens_per_tile=2, max_tiles_per_row=18,
+                     max_skip_fraction=1.0)
+    assert cfg.tiling == "catty" and cfg.max_tiles == 8
     p, bs = batches(rows, str(root), tok, cfg)
     m = p.metrics()
-    assert m["data/used"] == 2 and m["data/skipped"] == 10
-    expect = {"missing_image": 1, "corrupt_image": 1, "path_escape": 3, "no_assistant_turn": 1, "unknown_role": 1,
-              "image_count_mismatch": 1, "no_supervised_tokens": 1, "bad_row": 1}
-    assert {k[len("data/skipped/"):]: int(v) for k, v in m.items() if k.startswith("data/skipped/") and v} == expect
-    assert sum(int((b["segment_ids"] > 0).any(axis=1).sum()) for b in bs) >= 1
+    assert {k: v for k, v in m.items() if k.startswith("data/skipped/")} == {
+        f"data/skipped/{r}": float(n) for r, n in expect.items()}
+    assert m["data/used"] == 2 and m["data/skipped"] == sum(expect.values())
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in bs) == 2  # the two good rows, and only they
     assert all(b["loss_mask"].sum() > 0 for b in bs)
 
 
