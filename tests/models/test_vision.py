@@ -35,8 +35,8 @@ def _clip(hidden_act: str = "quick_gelu", image_size: int = 28, patch: int = 7, 
     return _randomise(CLIPVisionModel(cfg), 0)
 
 
-def _siglip(use_head: bool = True, image_size: int = 32, patch: int = 8) -> SiglipVisionModel:
-    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+def _siglip(use_head: bool = True, image_size: int = 32, patch: int = 8, layers: int = 3) -> SiglipVisionModel:
+    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
                              image_size=image_size, patch_size=patch, vision_use_head=use_head)
     return _randomise(SiglipVisionModel(cfg), 1)
 
@@ -87,6 +87,28 @@ def test_clip_parity_non_divisible_patch():
 @pytest.mark.parametrize("use_head", [True, False])
 def test_siglip_parity(use_head):
     _assert_parity(_siglip(use_head), _pixels(2, 32, 32))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_parity_at_the_release_resolution_336_patch_14(kind):
+    """The release's tower geometry (CLIP ViT-L/14-336: a 24x24 grid, 576 patches, plus CLS for CLIP), on a
+    narrow, 2-layer tower so it stays fast. SigLIP has no CLS and takes the same 336/14 shape (576 positions)."""
+    model = _clip(image_size=336, patch=14, layers=2) if kind == "clip" else _siglip(image_size=336, patch=14,
+                                                                                     layers=2)
+    pixels = _pixels(2, 336, 336, seed=3)
+    _assert_parity(model, pixels)  # every hidden state, last hidden state and pooled output within 1e-4
+    config, params = _to_mm(model)
+    ref = _reference(model, pixels).hidden_states
+    cls = 1 if kind == "clip" else 0
+    assert tuple(ref[0].shape) == (2, 24 * 24 + cls, 32)  # transformers' token count, not ours
+    hs = V.hidden_states(params, config, pixels)
+    patch = V.select_features(hs, -2, "patch", has_class_token=kind == "clip")
+    assert patch.shape == (2, 576, 32)
+    err = float(np.max(np.abs(np.asarray(patch) - ref[-2][:, cls:].numpy())))
+    assert err <= TOL, err
+    feats = np.asarray(V.image_features(params, config, pixels, layer=-2))
+    assert feats.shape == (2, 576, 32)
+    np.testing.assert_allclose(feats, ref[-2][:, cls:].numpy(), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("hw", [(42, 35), (14, 21)])
