@@ -224,7 +224,7 @@ def hf_dir_is_vision(hf_dir: str | Path) -> bool:
         return False
 
 
-def _open(hf_dir: str | Path, config: VisionConfig) -> tuple[NameMap, Any]:
+def open_hf_vision(hf_dir: str | Path, config: VisionConfig) -> tuple[NameMap, Any]:
     from mm.convert.pipeline import open_hf_checkpoint
     from mm.convert.safetensors_io import SafetensorsCheckpoint
 
@@ -240,7 +240,7 @@ def load_hf_vision(hf_dir: str | Path, **runtime: Any) -> tuple[VisionConfig, di
     from mm.convert.pipeline import read_params
 
     config = read_hf_vision_config(hf_dir, **runtime)
-    name_map, ckpt = _open(hf_dir, config)
+    name_map, ckpt = open_hf_vision(hf_dir, config)
     with ckpt:
         return config, read_params(ckpt, name_map, config.param_dtype)
 
@@ -256,7 +256,7 @@ def hf_vision_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", ov
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
     config = read_hf_vision_config(src)
-    name_map, ckpt = _open(src, config)
+    name_map, ckpt = open_hf_vision(src, config)
     return pl.stream_hf_to_mm(src, dst, ckpt, name_map, VISION_KIND, config, dtype=dtype, overwrite=overwrite,
                               progress=progress, extra_files=("preprocessor_config.json",))
 

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from mm.convert.errors import ConversionError
 
 MMPath = tuple[str, ...]
+Box = tuple[slice, ...]  # a region of an array: one `slice(start, stop)` per dimension, steps of 1
+# `read_rows(r0, r1, cols)`: rows r0:r1 of the stored HF tensor, and of those only columns `cols` (dimension 1;
+# ignored for 1-d tensors) - what a sharded load reads from disk for one region of one param.
+ReadRows = Callable[[int, int, slice], np.ndarray]
 _NUMBERED = re.compile(r".*_\d+$")
+_ALL = slice(None)
 
 
 # ------------------------------------------------------------------------------------- transforms
@@ -43,8 +48,22 @@ def transpose2d(x: np.ndarray) -> np.ndarray:
     return out.view(x.dtype)
 
 
+def _span(s: slice) -> tuple[int, int]:
+    return int(s.start), int(s.stop)
+
+
+def _heads_rows(s: slice, head_dim: int) -> tuple[int, int]:
+    """The flat `H*hd` range that heads `s` occupy."""
+    return int(s.start) * head_dim, int(s.stop) * head_dim
+
+
 class Transform:
-    """Identity: same array on both sides."""
+    """Identity: same array on both sides.
+
+    `read_region(read_rows, hf_shape, box)` is the mm-layout region `box` (in the param's mm coordinates) of the
+    stored tensor, reading from disk only the rows (and columns) it needs: what `mm.convert.placed` uses to put
+    a checkpoint straight into sharded arrays. A transform that knows no better reads everything and slices
+    (`_read_whole`); the ones below read just their region."""
 
     def mm_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(hf_shape)
@@ -55,8 +74,27 @@ class Transform:
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         return x
 
+    def read_region(self, read_rows: ReadRows, hf_shape: tuple[int, ...], box: Box) -> np.ndarray:
+        return self._read_whole(read_rows, hf_shape, box)
+
+    def _read_whole(self, read_rows: ReadRows, hf_shape: tuple[int, ...], box: Box) -> np.ndarray:
+        rows = hf_shape[0] if hf_shape else 1
+        return np.ascontiguousarray(self.to_mm(read_rows(0, rows, _ALL).reshape(hf_shape))[tuple(box)])
+
     def __repr__(self) -> str:
         return type(self).__name__
+
+
+class Identity(Transform):
+    """Same array on both sides; a region is a row range (and a column range) of the stored tensor."""
+
+    def read_region(self, read_rows: ReadRows, hf_shape: tuple[int, ...], box: Box) -> np.ndarray:
+        if len(hf_shape) == 0:
+            return self._read_whole(read_rows, hf_shape, box)
+        r0, r1 = _span(box[0])
+        cols = box[1] if len(box) > 1 else _ALL
+        block = read_rows(r0, r1, cols)
+        return np.ascontiguousarray(block[(_ALL, _ALL) + tuple(box[2:])]) if len(box) > 2 else block
 
 
 class Transpose(Transform):
@@ -70,6 +108,10 @@ class Transpose(Transform):
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         return transpose2d(x)
+
+    def read_region(self, read_rows: ReadRows, hf_shape: tuple[int, ...], box: Box) -> np.ndarray:
+        r0, r1 = _span(box[1])  # mm [in, out] = HF [out, in].T
+        return transpose2d(read_rows(r0, r1, box[0]))
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -88,6 +130,12 @@ class SplitHeadsIn(Transform):
         d, h, hd = x.shape
         return transpose2d(x.reshape(d, h * hd))
 
+    def read_region(self, read_rows: ReadRows, hf_shape: tuple[int, ...], box: Box) -> np.ndarray:
+        hd = hf_shape[0] // self.heads
+        sd, sh, shd = box  # mm [D, H, hd] from HF rows of heads `sh`, columns `sd`
+        block = transpose2d(read_rows(*_heads_rows(sh, hd), sd))
+        return np.ascontiguousarray(block.reshape(block.shape[0], -1, hd)[:, :, shd])
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class SplitHeadsOut(Transform):
@@ -105,6 +153,14 @@ class SplitHeadsOut(Transform):
         h, hd, d = x.shape
         return transpose2d(x.reshape(h * hd, d))
 
+    def read_region(self, read_rows: ReadRows, hf_shape: tuple[int, ...], box: Box) -> np.ndarray:
+        hd = hf_shape[1] // self.heads
+        sh, shd, sd = box  # mm [H, hd, D] from HF rows `sd`, the columns of heads `sh`
+        r0, r1 = _span(sd)
+        c0, c1 = _heads_rows(sh, hd)
+        block = transpose2d(read_rows(r0, r1, slice(c0, c1)))
+        return np.ascontiguousarray(block.reshape(-1, hd, block.shape[1])[:, shd, :])
+
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class SplitHeadsBias(Transform):
@@ -121,8 +177,14 @@ class SplitHeadsBias(Transform):
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         return x.reshape(-1)
 
+    def read_region(self, read_rows: ReadRows, hf_shape: tuple[int, ...], box: Box) -> np.ndarray:
+        hd = hf_shape[0] // self.heads
+        sh, shd = box
+        block = read_rows(*_heads_rows(sh, hd), _ALL)
+        return np.ascontiguousarray(block.reshape(-1, hd)[:, shd])
 
-IDENTITY = Transform()
+
+IDENTITY = Identity()
 TRANSPOSE = Transpose()
 
 
@@ -198,12 +260,18 @@ class NameMap:
         return list(groups.items())
 
 
-def check_names_and_shapes(found: dict[str, tuple[int, ...]], name_map: NameMap, source: str) -> None:
-    """Raises one `ConversionError` listing every missing, unexpected and misshapen HF tensor."""
+def check_names_and_shapes(found: dict[str, tuple[int, ...]], name_map: NameMap, source: str,
+                           files: Mapping[str, str] | None = None) -> None:
+    """Raises one `ConversionError` listing every missing, unexpected and misshapen HF tensor; `files` (tensor
+    name -> file name) adds the file each unexpected or misshapen tensor is in."""
     expected = name_map.expected_hf_names()
+
+    def where(n: str) -> str:
+        return f" in {files[n]}" if files and n in files else ""
+
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(n for n in set(found) - set(expected) if not name_map.is_ignorable(n))
-    wrong = sorted(f"{n}: {list(found[n])} (expected {list(expected[n])})"
+    unexpected = sorted(n + where(n) for n in set(found) - set(expected) if not name_map.is_ignorable(n))
+    wrong = sorted(f"{n}: {list(found[n])} (expected {list(expected[n])}){where(n)}"
                    for n in set(found) & set(expected) if tuple(found[n]) != tuple(expected[n]))
     problems = []
     if missing:

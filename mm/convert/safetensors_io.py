@@ -151,17 +151,43 @@ class SafetensorsCheckpoint:
     def read(self, name: str) -> np.ndarray:
         """One tensor, read from disk into a fresh array (no other tensor is touched)."""
         info = self.tensors[name]
+        return self._read_bytes(info, info.start, info.shape)
+
+    def read_rows(self, name: str, r0: int, r1: int, cols: slice = slice(None),
+                  stripe_bytes: int = 64 * 1024**2) -> np.ndarray:
+        """Rows `r0:r1` of one tensor (its leading dimension; elements of a 1-d one) and of those only `cols` of
+        dimension 1. Rows are contiguous on disk, so this reads just their bytes; with a column subset it reads
+        them in stripes of about `stripe_bytes` and keeps the columns, so memory stays near the result."""
+        info = self.tensors[name]
+        shape = info.shape or (1,)
+        if not 0 <= r0 <= r1 <= shape[0]:
+            raise ConversionError(f"{info.file}: rows {r0}:{r1} of {name} {list(info.shape)} are out of range")
+        row_shape = shape[1:]
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * info.dtype.itemsize
+        whole_cols = len(shape) < 2 or cols == slice(None) or (cols.start or 0, cols.stop) == (0, shape[1])
+        if whole_cols:
+            return self._read_bytes(info, info.start + r0 * row_bytes, (r1 - r0,) + row_shape).reshape(
+                (r1 - r0,) + tuple(info.shape[1:]))
+        c0, c1 = int(cols.start or 0), int(shape[1] if cols.stop is None else cols.stop)
+        out = np.empty((r1 - r0, c1 - c0) + row_shape[1:], info.dtype)
+        step = max(1, stripe_bytes // max(row_bytes, 1))
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            out[a - r0:b - r0] = self._read_bytes(info, info.start + a * row_bytes, (b - a,) + row_shape)[:, c0:c1]
+        return out
+
+    def _read_bytes(self, info: TensorInfo, start: int, shape: tuple[int, ...]) -> np.ndarray:
         f = self._handles.get(info.file)
         if f is None:
             f = self._handles[info.file] = open(info.file, "rb", buffering=0)
-        out = np.empty(info.shape, info.dtype)
+        out = np.empty(shape, info.dtype)
         buf = out.reshape(-1).view(np.uint8)
-        f.seek(info.start)
+        f.seek(start)
         got = 0
-        while got < info.nbytes:
+        while got < buf.nbytes:
             n = f.readinto(memoryview(buf)[got:])
             if not n:
-                raise ConversionError(f"{info.file}: truncated while reading {name}")
+                raise ConversionError(f"{info.file}: truncated while reading {info.name}")
             got += n
         return out
 

@@ -182,18 +182,28 @@ def abstract_params(config: IAAConfig) -> Any:
     return jax.eval_shape(lambda: IAA(config).init(jax.random.PRNGKey(0), ids, feats, method=IAA.init_all))["params"]
 
 
+def branch_sources(config: IAAConfig, branch_name: str) -> dict[str, str]:
+    """Which base subtree each copied part of a branch starts as (branch key -> base key): MM-EL, final norm and
+    MM-LH copy the base's; insertion layer k copies base layer `positions[k]` (DESIGN.md section 2). The
+    projector is the one part no base structure corresponds to. The one statement of the branch
+    initialisation: `init_branch_from_base` and the trainer (which copies from whatever base a run loads)
+    both follow it."""
+    b = config.branch(branch_name)
+    out = {"embed_tokens": "embed_tokens", "norm": "norm"}
+    if not config.llm.tie_word_embeddings:
+        out["lm_head"] = "lm_head"
+    out.update({f"layers_{k}": f"layers_{pos}" for k, pos in enumerate(b.positions)})
+    return out
+
+
 def init_branch_from_base(config: IAAConfig, branch_name: str, base_params: Mapping[str, Any],
                           rng: Array) -> dict[str, Any]:
     """A branch whose MM-EL, insertion layers, norm and head are copies of the base's; projector random."""
     b = config.branch(branch_name)
     proj = Projector(b.projector).init(rng, jnp.zeros((1, 1, b.projector.in_dim), jnp.float32))["params"]
     copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731 - own buffers
-    out = {"projector": nn.unbox(proj), "embed_tokens": copy(base_params["embed_tokens"]),
-           "norm": copy(base_params["norm"])}
-    if "lm_head" in base_params:
-        out["lm_head"] = copy(base_params["lm_head"])
-    for k, pos in enumerate(b.positions):
-        out[f"layers_{k}"] = copy(base_params[f"layers_{pos}"])
+    out = {"projector": nn.unbox(proj)}
+    out.update({k: copy(base_params[src]) for k, src in branch_sources(config, branch_name).items()})
     return out
 
 

@@ -2,7 +2,8 @@
 
 `train(cfg, workdir)` is what `mm-train` runs. Order of work: validate the config (cheap, before anything
 heavy), write it to the workdir, build mesh and model, assign parameter groups (unmatched parameters stop the
-run), initialise or load weights, resume from the newest finished checkpoint in the workdir if there is one,
+run), load or initialise weights (`mm.train.initial_params`: each param from one source, straight onto its
+sharding), resume from the newest finished checkpoint in the workdir if there is one,
 then step. SIGTERM (a preemption notice) makes the loop save after the step in flight and return.
 """
 
@@ -29,6 +30,7 @@ from mm.train import models, param_groups as pg
 from mm.train.checkpoint import Checkpointer, find_trained_params  # noqa: F401 (re-exported)
 from mm.train.data import SyntheticSource
 from mm.train.grain_source import make_source
+from mm.train.initial_params import inherit_frozen_sources, initial_params
 from mm.train.metrics import MetricsWriter, Timer
 from mm.train.optimizer import make_optimizer, schedule
 from mm.train.step import init_state, make_eval_step, make_train_step
@@ -74,75 +76,6 @@ def _batch_sharding(mesh: Any, rules: Any) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, axis))
 
 
-def _load_base_llm(cfg: Any, model: models.TrainModel, flat_sh: dict[str, Any]) -> dict[str, Any]:
-    """Flat base-LLM params from `init.llm_checkpoint` (HF dir or mm dir), placed on their shardings."""
-    path = Path(cfg.init.llm_checkpoint)
-    prefix = f"{model.base_prefix}/" if model.base_prefix else ""
-    if (path / "mm_config.json").exists():
-        from mm.convert.mm_dir import load_mm_params
-
-        tree = load_mm_params(path, model.llm_config)
-    else:
-        from mm.convert.pipeline import load_hf_llm
-
-        got_cfg, tree = load_hf_llm(path, dtype=model.llm_config.dtype, param_dtype=model.llm_config.param_dtype)
-        for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            if getattr(got_cfg, f) != getattr(model.llm_config, f):
-                raise ConfigError(f"init.llm_checkpoint={path}: {f}={getattr(got_cfg, f)} but model.llm.{f}="
-                                  f"{getattr(model.llm_config, f)}")
-    return _place(tree, prefix, flat_sh, f"init.llm_checkpoint={path}")
-
-
-def _place(tree: Any, prefix: str, flat_sh: dict[str, Any], source: str, dtype: Any = None) -> dict[str, Any]:
-    """A loaded subtree as flat `prefix + path` params on their shardings; it must fill exactly the model's
-    params under `prefix` (an extra or a missing one names `source`)."""
-    out = {}
-    for p, v in pg.flatten(tree).items():
-        key = prefix + p
-        if key not in flat_sh:
-            raise ConfigError(f"{source}: param {p} has no place in the model")
-        out[key] = jax.device_put(np.asarray(v, dtype), flat_sh[key])
-    missing = sorted(k for k in flat_sh if k.startswith(prefix) and k not in out)
-    if missing:
-        raise ConfigError(f"{source}: missing params {missing[:5]}")
-    return out
-
-
-VISION_SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size",
-                       "patch_size", "num_channels", "hidden_act", "use_head")
-
-
-def _load_vision(cfg: Any, flat_sh: dict[str, Any]) -> dict[str, Any]:
-    """Flat `vision/...` params from `init.vision_checkpoint` (HF CLIP / SigLIP dir or mm vision dir), placed on
-    their shardings; its config must equal `model.vision` on every field that shapes or computes the tower."""
-    from mm.convert import hf_vision
-
-    path = Path(cfg.init.vision_checkpoint)
-    want = tcfg.vision_config_from(cfg)
-    if (path / "mm_config.json").exists():
-        got, tree = hf_vision.load_mm_vision(path)
-    else:
-        got, tree = hf_vision.load_hf_vision(path, param_dtype=want.param_dtype)
-    for f in VISION_SHAPE_FIELDS:
-        if getattr(got, f) != getattr(want, f):
-            raise ConfigError(f"init.vision_checkpoint={path}: {f}={getattr(got, f)!r} but model.vision.{f}="
-                              f"{getattr(want, f)!r}")
-    return _place(tree, "vision/", flat_sh, f"init.vision_checkpoint={path}", np.dtype(want.param_dtype))
-
-
-def _restore_partial(state_dir: Path, target_flat: dict[str, Any]) -> dict[str, Any]:
-    import orbax.checkpoint as ocp
-
-    target = {"params": pg.unflatten(target_flat)}
-    with ocp.PyTreeCheckpointer() as ck:
-        out = ck.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree.map(
-                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding) if isinstance(x, jax.ShapeDtypeStruct)
-                else ocp.RestoreArgs(), target), partial_restore=True))
-    return {p: v for p, v in pg.flatten(out["params"]).items() if p in target_flat
-            and isinstance(target_flat[p], jax.ShapeDtypeStruct)}
-
-
 def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Built:
     """Mesh, model, groups, initial state and the compiled-on-first-call step (over `devices`, default all)."""
     devices = list(jax.devices() if devices is None else devices)
@@ -157,16 +90,10 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     if log:
         _log(pg.format_report(pg.group_report(flat_abstract, assignment)))
 
-    with jax.set_mesh(mesh):
-        key = jax.random.key(int(cfg.init.seed), impl=str(cfg.init.prng_impl))
-        params = jax.jit(model.init, out_shardings=shardings)(key)
-    flat = pg.flatten(params)
-    if cfg.init.llm_checkpoint:
-        flat.update(_load_base_llm(cfg, model, flat_sh))
-    if cfg.init.vision_checkpoint:
-        flat.update(_load_vision(cfg, flat_sh))
-    if cfg.init.checkpoint:
-        flat.update(_restore_partial_from_stage(cfg, flat_sh, flat_abstract))
+    inherit_frozen_sources(cfg)
+    flat, counts = initial_params(cfg, model, mesh, flat_sh, flat_abstract)
+    if log:
+        _log("init: " + ", ".join(f"{n} params {how.replace('_', ' ')}" for how, n in counts.items() if n))
     trainable, frozen = pg.split(pg.unflatten(flat), assignment)
     if not jax.tree.leaves(trainable):
         raise ConfigError("param_groups: every parameter is frozen; nothing to train")
@@ -184,31 +111,6 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     fl = flops_lib.step_flops(model.stages(int(cfg.train.seq_len)), flops_lib.shapes_sizes(flat_abstract),
                               assignment, tokens)
     return Built(cfg, mesh, rules, model, assignment, optimizer, state, frozen, bsh, step_fn, fl)
-
-
-def _restore_partial_from_stage(cfg: Any, flat_sh: dict[str, Any], flat_abstract: dict[str, Any]) -> dict[str, Any]:
-    found = find_trained_params(cfg.init.checkpoint)
-    if found is None:
-        raise ConfigError(f"init.checkpoint={cfg.init.checkpoint}: no finished training checkpoint found there")
-    ckdir, step = found
-    import orbax.checkpoint as ocp
-
-    meta_mgr = Checkpointer(ckdir.parent, keep=1000, use_async=False)
-    try:
-        meta = meta_mgr.read_meta(step)
-    finally:
-        meta_mgr.manager.close()
-    target = {}
-    for p in meta["trainable_paths"]:
-        if p in flat_sh:
-            a = flat_abstract[p]
-            target[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_sh[p])
-    if not target:
-        raise ConfigError(f"init.checkpoint={cfg.init.checkpoint}: none of its trained params exist in this model")
-    out = _restore_partial(ckdir / str(step) / "state", {
-        p: target.get(p, ocp.PLACEHOLDER) for p in meta["trainable_paths"]})
-    _log(f"init: {len(out)} params from previous stage {ckdir}/{step}")
-    return out
 
 
 def _to_global(local: dict[str, np.ndarray], sharding: NamedSharding, process_count: int) -> dict[str, jax.Array]:

@@ -49,6 +49,9 @@ class TrainModel:
     # (full params, pixels [B, tiles, C, H, W]) -> image features for prefill (None: no ViT in this model)
     decode: dict[str, Any] = dataclasses.field(default_factory=dict)
     pixel_features: Callable[[Any, Array], Array] | None = None
+    # params that start as copies of others: target subtree -> source subtree ('/'-joined). The trainer copies
+    # them from whatever the source holds once checkpoints are loaded (IAA branches from the loaded base).
+    derived: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def cross_entropy(logits: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
@@ -302,8 +305,9 @@ def _iaa_model(cfg: Any) -> TrainModel:
         return out + [_head_stage(wf, c)]
 
     evals = {wf: make_loss(wf), "text": make_loss(iaa.TEXT)}
+    derived = {f"{b.name}/{k}": f"base/{src}" for b in ic.branches for k, src in iaa.branch_sources(ic, b.name).items()}
     return TrainModel("iaa", c, abstract, init, make_loss(wf), evals, stages, "base",
-                      {w: iaa.decode_fns(ic, w) for w in evals}, feats)
+                      {w: iaa.decode_fns(ic, w) for w in evals}, feats, derived)
 
 
 def _vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) -> list[Stage]:

@@ -1,0 +1,244 @@
+"""The params a run starts from, each from exactly one source, placed on its sharding as it is made.
+
+Sources, later ones winning for the params they hold:
+1. `init.llm_checkpoint` (HF Llama / Qwen2 dir, or an mm LLM dir) -> the base LLM (`model.base_prefix`);
+2. `init.vision_checkpoint` (HF CLIP / SigLIP dir, or an mm vision dir) -> `vision/`;
+3. `init.checkpoint` (a previous stage's workdir) -> the params that stage trained;
+4. derived params (`TrainModel.derived`, IAA branches: MM-EL, insertion layers, norm, head) not filled by 3
+   are copies of their source *as loaded above* - the real LLM, the previous stage's, or the seed's;
+5. everything else is initialised randomly from `init.seed`; the init is one jitted function whose outputs
+   are only those params, so XLA never computes (or allocates) the ones a checkpoint fills.
+Checkpoints are read straight into sharded arrays (`mm.convert.placed` for HF dirs, Orbax's sharded restore
+for mm dirs): each host reads the regions its devices hold, one param at a time.
+
+A previous stage also says where its frozen weights came from (`meta.frozen_source`): a run given
+`init.checkpoint` but no `init.llm_checkpoint` / `init.vision_checkpoint` takes that stage's, so the base and
+the branches copied from it are the ones the previous stage trained against.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mm.config import ConfigError
+from mm.train import config as tcfg
+from mm.train import models
+from mm.train import param_groups as pg
+from mm.train.checkpoint import Checkpointer, find_trained_params
+
+VISION_SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size",
+                       "patch_size", "num_channels", "hidden_act", "use_head")
+LLM_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                    "head_dim", "tie_word_embeddings", "attention_bias")
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
+
+
+def _check_fields(got: Any, want: Any, fields: tuple[str, ...], source: str, section: str) -> None:
+    for f in fields:
+        if getattr(got, f) != getattr(want, f):
+            raise ConfigError(f"{source}: {f}={getattr(got, f)!r} but {section}.{f}={getattr(want, f)!r}")
+
+
+def _subtree(flat: Mapping[str, Any], prefix: str) -> dict[tuple[str, ...], Any]:
+    """`prefix/`-rooted flat entries as mm-path tuples relative to `prefix`."""
+    p = f"{prefix}/" if prefix else ""
+    return {tuple(k[len(p):].split("/")): v for k, v in flat.items() if k.startswith(p)}
+
+
+def _placed(loaded: Mapping[tuple[str, ...], Any], prefix: str, flat_sh: Mapping[str, Any], source: str
+            ) -> dict[str, jax.Array]:
+    """Loaded params (mm paths relative to `prefix`) as flat model paths; they must fill exactly the model's
+    params under `prefix` (an extra or a missing one names `source`)."""
+    p = f"{prefix}/" if prefix else ""
+    out = {p + "/".join(k): v for k, v in loaded.items()}
+    extra = sorted(k for k in out if k not in flat_sh)
+    if extra:
+        raise ConfigError(f"{source}: params {extra[:5]} have no place in the model")
+    missing = sorted(k for k in flat_sh if k.startswith(p) and k not in out)
+    if missing:
+        raise ConfigError(f"{source}: missing params {missing[:5]}")
+    return out
+
+
+def _load_hf_or_mm(key: str, path: Path, want: Any, fields: tuple[str, ...], section: str, prefix: str,
+                   flat_sh: Mapping[str, Any], read_hf_config: Any, open_hf: Any) -> dict[str, jax.Array]:
+    """The checkpoint of config key `key` (an HF dir or an mm dir of one family) straight onto the shardings
+    under `prefix`, in `want.param_dtype`; its config must match `want` (`section`) on `fields`."""
+    from mm.convert import mm_dir as mmd
+    from mm.convert.errors import ConversionError
+
+    source = f"{key}={path}"
+    shardings = _subtree(flat_sh, prefix)
+    try:
+        if (path / mmd.MM_CONFIG_FILE).exists():
+            _check_fields(mmd.read_mm_config(path), want, fields, source, section)
+            tree = mmd.load_mm_params(path, want, shardings=_nested(shardings))
+            loaded = mmd.flatten(tree)
+        else:
+            from mm.convert.placed import hf_onto
+
+            _check_fields(read_hf_config(path), want, fields, source, section)
+            name_map, ckpt = open_hf(path, want)
+            with ckpt:
+                absent = sorted("/".join(e.mm_path) for e in name_map.entries if e.mm_path not in shardings)
+                if absent:
+                    raise ConfigError(f"{source}: params {absent[:5]} have no place in the model")
+                loaded = hf_onto(ckpt, name_map, shardings, np.dtype(want.param_dtype), desc=f"load {path.name}")
+    except ConversionError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    return _placed(loaded, prefix, flat_sh, source)
+
+
+def _nested(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    from mm.convert import mm_dir as mmd
+
+    tree: dict[str, Any] = {}
+    for k, v in flat.items():
+        mmd.set_path(tree, k, v)
+    return tree
+
+
+def _open_hf_llm(path: Path, want: Any) -> tuple[Any, Any]:
+    from mm.convert.llm_map import llm_name_map
+    from mm.convert.pipeline import open_hf_checkpoint
+
+    name_map = llm_name_map(want)
+    return name_map, open_hf_checkpoint(path, name_map)
+
+
+def load_base_llm(path: str | Path, model: models.TrainModel, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Flat base-LLM params from an HF dir or an mm dir, placed on their shardings (`model.base_prefix`)."""
+    from mm.convert.pipeline import read_hf_llm_config
+
+    return _load_hf_or_mm("init.llm_checkpoint", Path(path), model.llm_config, LLM_SHAPE_FIELDS, "model.llm", model.base_prefix, flat_sh,
+                          read_hf_llm_config, _open_hf_llm)
+
+
+def load_vision(path: str | Path, cfg: Any, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Flat `vision/...` params from an HF CLIP / SigLIP dir or an mm vision dir, placed on their shardings; its
+    config must equal `model.vision` on every field that shapes or computes the tower."""
+    from mm.convert import hf_vision
+
+    return _load_hf_or_mm("init.vision_checkpoint", Path(path), tcfg.vision_config_from(cfg), VISION_SHAPE_FIELDS, "model.vision", "vision",
+                          flat_sh, hf_vision.read_hf_vision_config, hf_vision.open_hf_vision)
+
+
+def _previous_stage(path: str) -> tuple[Path, int, dict[str, Any]]:
+    found = find_trained_params(path)
+    if found is None:
+        raise ConfigError(f"init.checkpoint={path}: no finished training checkpoint found there")
+    ckdir, step = found
+    mgr = Checkpointer(ckdir.parent, keep=1000, use_async=False)
+    try:
+        meta = mgr.read_meta(step)
+    finally:
+        mgr.manager.close()
+    return ckdir, step, meta
+
+
+def inherit_frozen_sources(cfg: Any) -> None:
+    """`init.llm_checkpoint` / `init.vision_checkpoint` left empty in a run that starts from a previous stage
+    take that stage's (its `meta.frozen_source`), so the frozen weights are the ones it trained against."""
+    if not cfg.init.checkpoint:
+        return
+    _, _, meta = _previous_stage(cfg.init.checkpoint)
+    src = meta.get("frozen_source", {})
+    for key in ("llm_checkpoint", "vision_checkpoint"):
+        if not cfg.init[key] and src.get(key):
+            cfg.init[key] = str(src[key])
+            _log(f"init: {key} = {src[key]} (from the previous stage {cfg.init.checkpoint})")
+
+
+def _restore_trained(cfg: Any, flat_sh: Mapping[str, Any], flat_abstract: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The params the previous stage (`init.checkpoint`) trained that exist in this model, on their shardings."""
+    import orbax.checkpoint as ocp
+
+    ckdir, step, meta = _previous_stage(cfg.init.checkpoint)
+    target = {}
+    for p in meta["trainable_paths"]:
+        if p in flat_sh:
+            a = flat_abstract[p]
+            target[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_sh[p])
+    if not target:
+        raise ConfigError(f"init.checkpoint={cfg.init.checkpoint}: none of its trained params exist in this model")
+    item = {"params": pg.unflatten({p: target.get(p, ocp.PLACEHOLDER) for p in meta["trainable_paths"]})}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding)
+                                if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), item)
+    with ocp.PyTreeCheckpointer() as ck:
+        out = ck.restore(ckdir / str(step) / "state", args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    got = {p: v for p, v in pg.flatten(out["params"]).items() if p in target}
+    _log(f"init: {len(got)} params from previous stage {ckdir}/{step}")
+    return got
+
+
+def expand_derived(derived: Mapping[str, str], paths: Any) -> dict[str, str]:
+    """Subtree copies (target prefix -> source prefix) as leaf copies over the model's `paths`."""
+    out = {}
+    for p in paths:
+        for tgt, src in derived.items():
+            if p.startswith(tgt + "/"):
+                out[p] = src + p[len(tgt):]
+    return out
+
+
+def _random(model: models.TrainModel, cfg: Any, mesh: Any, flat_sh: Mapping[str, Any], paths: list[str]
+            ) -> dict[str, jax.Array]:
+    if not paths:
+        return {}
+
+    def init(key: jax.Array) -> dict[str, jax.Array]:
+        flat = pg.flatten(model.init(key))
+        return {p: flat[p] for p in paths}  # the rest is dead code XLA drops
+
+    with jax.set_mesh(mesh):
+        key = jax.random.key(int(cfg.init.seed), impl=str(cfg.init.prng_impl))
+        return jax.jit(init, out_shardings={p: flat_sh[p] for p in paths})(key)
+
+
+def _copies(params: Mapping[str, jax.Array], derived: Mapping[str, str], flat_sh: Mapping[str, Any], mesh: Any
+            ) -> dict[str, jax.Array]:
+    if not derived:
+        return {}
+    targets = list(derived)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=[flat_sh[t] for t in targets])(
+            [params[derived[t]] for t in targets])
+    return dict(zip(targets, out))
+
+
+def initial_params(cfg: Any, model: models.TrainModel, mesh: Any, flat_sh: Mapping[str, Any],
+                   flat_abstract: Mapping[str, Any]) -> tuple[dict[str, jax.Array], dict[str, int]]:
+    """Flat params of a new run (see the module docstring) and how many came from each source."""
+    loaded: dict[str, jax.Array] = {}
+    counts = {}
+    if cfg.init.llm_checkpoint:
+        got = load_base_llm(cfg.init.llm_checkpoint, model, flat_sh)
+        loaded.update(got)
+        counts["llm_checkpoint"] = len(got)
+    if cfg.init.vision_checkpoint:
+        got = load_vision(cfg.init.vision_checkpoint, cfg, flat_sh)
+        loaded.update(got)
+        counts["vision_checkpoint"] = len(got)
+    previous = _restore_trained(cfg, flat_sh, flat_abstract) if cfg.init.checkpoint else {}
+    counts["previous_stage"] = len(previous)
+    derived = {t: s for t, s in expand_derived(model.derived, flat_abstract).items() if t not in previous}
+    random_paths = [p for p in flat_abstract if p not in loaded and p not in previous and p not in derived]
+    params = _random(model, cfg, mesh, flat_sh, random_paths)
+    counts["random"] = len(random_paths)
+    params.update(loaded)
+    params.update(previous)
+    params.update(_copies(params, derived, flat_sh, mesh))
+    counts["copied"] = len(derived)
+    return {p: params[p] for p in flat_abstract}, counts
