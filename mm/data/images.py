@@ -108,7 +108,9 @@ def load_image(src: ImageSource, *, name: str | None = None, max_pixels: int = D
         raise ImageError(f"{label}: file not found") from e
     except Image.DecompressionBombError as e:
         raise ImageError(f"{label}: over Pillow's decompression-bomb limit ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+    except UnidentifiedImageError as e:  # Pillow's message names the in-memory stream by its address
+        raise ImageError(f"{label}: corrupt or truncated image (no format Pillow can identify)") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise ImageError(f"{label}: corrupt or truncated image ({type(e).__name__}: {e})") from e
     check_size(img.width, img.height, label, max_pixels)
     return to_rgb(img, background, label)

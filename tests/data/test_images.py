@@ -143,6 +143,14 @@ def test_truncated_and_corrupt_files_name_the_file(tmp_path):
     for name in ("cut.jpg", "junk.png", "text.jpg", "missing.png"):
         with pytest.raises(ImageError, match=name):
             load_image(tmp_path / name)
+    # in-memory bytes: the message names the sample and is the same every time (it goes into checkpointed skip
+    # examples, which a resumed run must reproduce exactly), not Pillow's repr of a stream object
+    messages = set()
+    for _ in range(2):
+        with pytest.raises(ImageError) as e:
+            load_image(b"not an image at all", name="row9 image 0")
+        messages.add(str(e.value))
+    assert messages == {"row9 image 0: corrupt or truncated image (no format Pillow can identify)"}
 
 
 def test_absurd_sizes_are_rejected(tmp_path):
