@@ -1,10 +1,12 @@
 """Name map of the ViT towers: HF `CLIPVisionModel` / `SiglipVisionModel` (and the vision tower inside
 `CLIPModel` / `SiglipModel` or a LLaVA/IAA checkpoint) <-> `mm.models.vision.VisionTower` params.
 
-HF writes the tower under different prefixes: hub checkpoints (transformers 4.x, `CLIPModel`, `SiglipModel`,
-`SiglipVisionModel`) use `vision_model.`; transformers 5 saves a bare `CLIPVisionModel` with no prefix; the
-IAA release nests it under `model.vision_tower.vision_tower.vision_model.`. `detect_vision_prefix` finds it
-from the tensor names. Everything outside the tower (text model, projections, `logit_scale`/`logit_bias`) is
+Where the tower's tensors sit: inside a container (`TOWER_CONTAINERS`: the IAA release's
+`model.vision_tower.vision_tower.`, HF Llava's `vision_tower.`, or nothing for a standalone directory), either
+under the `vision_model.` module (hub checkpoints, transformers 4, full `CLIPModel` / `SiglipModel`) or directly
+(transformers >= 5.24 saves `CLIPVisionModel` / `SiglipVisionModel` without it: `embeddings.class_embedding`).
+`detect_vision_prefix` is the one place that decides, from the tensor names, for every reader (standalone,
+Llava, IAA release). Everything outside the tower (text model, projections, `logit_scale`/`logit_bias`) is
 ignorable, so a full `CLIPModel` / `SiglipModel` converts to its vision tower. Export writes the hub layout
 (`vision_model.` prefix, `CLIPVisionModel` / `SiglipVisionModel` config), which both transformers 4 and 5 load.
 
@@ -28,9 +30,12 @@ from mm.convert.errors import ConversionError
 from mm.convert.name_map import (IDENTITY, TRANSPOSE, Entry, MMPath, NameMap, SplitHeadsBias, SplitHeadsIn,
                                  SplitHeadsOut, Transform)
 
-VISION_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.",
-                   "vision_model.", "")
-HF_EXPORT_PREFIX = "vision_model."
+TOWER_MODULE = "vision_model."  # the tower's sub-module name in hub checkpoints; absent in transformers >= 5.24 saves
+RELEASE_TOWER_CONTAINER = "model.vision_tower.vision_tower."  # the IAA release
+LLAVA_TOWER_CONTAINER = "vision_tower."  # HF LlavaForConditionalGeneration
+TOWER_CONTAINERS = (RELEASE_TOWER_CONTAINER, LLAVA_TOWER_CONTAINER, "")  # "" last: a standalone tower
+PATCH_EMBED = "embeddings.patch_embedding.weight"  # every CLIP / SigLIP tower has it; it locates the tower
+HF_EXPORT_PREFIX = TOWER_MODULE
 VISION_KIND = "vision"  # mm checkpoint kind: mm_config.json {"kind": "vision", "vision": VisionConfig...}
 
 
@@ -127,31 +132,43 @@ def vision_entries(c: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX, mm_prefix
     return out
 
 
-def vision_ignorable(hf_prefix: str = HF_EXPORT_PREFIX) -> list[str]:
-    """HF names dropped on import: everything outside the tower (CLIPModel / SiglipModel text side,
-    projections, logit scale/bias), and the non-persistent `position_ids` buffer older exports contain."""
-    hp = re.escape(hf_prefix)
+def vision_ignorable(hf_prefix: str = HF_EXPORT_PREFIX, owned: str | None = None) -> list[str]:
+    """HF names dropped on import: everything outside the part of the checkpoint the tower owns (`owned`,
+    default `hf_prefix`: CLIPModel / SiglipModel text side, projections, logit scale/bias, an LLM beside it),
+    and the non-persistent `position_ids` buffer older exports contain."""
+    hp, own = re.escape(hf_prefix), re.escape(hf_prefix if owned is None else owned)
     pats = [rf"{hp}embeddings\.position_ids"]
-    if hf_prefix:
-        pats.append(rf"(?!{hp}).*")  # anything not under the tower's prefix
+    if own:
+        pats.append(rf"(?!{own}).*")  # anything not under the owned prefix
     else:
         pats += [r"text_model\..*", r"(visual|text)_projection\.weight", r"logit_(scale|bias)"]
     return pats
 
 
-def vision_name_map(config: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX) -> NameMap:
-    """The name map of a vision tower stored under `hf_prefix`."""
-    return NameMap(vision_entries(config, hf_prefix), vision_ignorable(hf_prefix))
+def vision_name_map(config: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX, owned: str | None = None) -> NameMap:
+    """The name map of a vision tower stored under `hf_prefix` (in a checkpoint whose names under `owned`,
+    default `hf_prefix`, all belong to the tower)."""
+    return NameMap(vision_entries(config, hf_prefix), vision_ignorable(hf_prefix, owned))
 
 
-def detect_vision_prefix(names: Iterable[str], source: str = "checkpoint") -> str:
-    """The prefix under which a checkpoint stores the tower, found from its patch-embedding tensor."""
+def tower_prefixes(containers: Iterable[str] = TOWER_CONTAINERS) -> list[str]:
+    """Every accepted tower prefix, in detection order: per container, with `vision_model.` and without."""
+    return [p for c in containers for p in (c + TOWER_MODULE, c)]
+
+
+def detect_vision_prefix(names: Iterable[str], source: str = "checkpoint",
+                         containers: Iterable[str] = TOWER_CONTAINERS, required: bool = True) -> str | None:
+    """The prefix under which a checkpoint stores the tower, found from its patch-embedding tensor: inside
+    one of `containers`, with or without the `vision_model.` module. None when absent and not `required`."""
     names = set(names)
-    for prefix in VISION_PREFIXES:
-        if f"{prefix}embeddings.patch_embedding.weight" in names:
+    prefixes = tower_prefixes(containers)
+    for prefix in prefixes:
+        if prefix + PATCH_EMBED in names:
             return prefix
-    raise ConversionError(f"{source}: no vision tower found (no '*embeddings.patch_embedding.weight' under any "
-                          f"of the prefixes {[p or '<none>' for p in VISION_PREFIXES]})")
+    if not required:
+        return None
+    raise ConversionError(f"{source}: no vision tower found (no '{PATCH_EMBED}' under any of the prefixes "
+                          f"{[p or '<none>' for p in prefixes]})")
 
 
 def vision_config_from_hf(d: Mapping, source: str = "config.json", **runtime) -> VisionConfig:

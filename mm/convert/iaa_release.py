@@ -9,7 +9,8 @@ safetensors (sharded with an index) holding the base under HF Llama names and ea
 
 Insertion positions are not stored by the release (its code hard-codes IAA-14); import takes them as an
 option and defaults to IAA-14 when 14 condition layers are present. The release's vision tower may be
-present under `model.vision_tower.vision_tower.vision_model.*`; the reference loader ignores it and reloads
+present under `model.vision_tower.vision_tower.vision_model.*` (or, re-saved by transformers >= 5.24, without
+`vision_model.`; `hf_vision.detect_vision_prefix` accepts both); the reference loader ignores it and reloads
 CLIP from `mm_vision_tower`, so import reports which source the caller should use (`VisionSource`).
 
 Two exports: `export_release` (one directory in the release layout, for the original PyTorch inference code)
@@ -30,6 +31,7 @@ import numpy as np
 from mm.config import ConfigError, LLMConfig, read_json
 from mm.convert import mm_dir as mmd
 from mm.convert.errors import ConversionError
+from mm.convert.hf_vision import RELEASE_TOWER_CONTAINER, TOWER_MODULE, detect_vision_prefix
 from mm.convert.llm_map import llm_entries, llm_ignorable
 from mm.convert.name_map import IDENTITY, TRANSPOSE, Entry, NameMap
 from mm.convert.pipeline import open_hf_checkpoint, read_params, staged_output
@@ -38,7 +40,7 @@ from mm.models.connectors import ProjectorConfig
 from mm.models.iaa import IAA_14, BranchConfig, IAAConfig
 
 RELEASE_MODEL_TYPE = "IAA"
-RELEASE_VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+RELEASE_VISION_PREFIX = RELEASE_TOWER_CONTAINER + TOWER_MODULE  # the release's own naming of its tower
 ADAPTER_CONFIG = "iaa_adapter_config.json"
 ADAPTER_WEIGHTS = "iaa_adapter.safetensors"
 BRANCH_NAMES = {
@@ -87,7 +89,7 @@ def release_name_map(config: IAAConfig, with_base: bool = True) -> NameMap:
     entries = llm_entries(config.llm, mm_prefix=("base",)) if with_base else []
     for b in config.branches:
         entries += branch_entries(config.llm, b)
-    ignorable = llm_ignorable(config.llm) + [re.escape(RELEASE_VISION_PREFIX) + ".*"]
+    ignorable = llm_ignorable(config.llm) + [re.escape(RELEASE_TOWER_CONTAINER) + ".*"]  # the tower, either naming
     return NameMap(entries, ignorable)
 
 
@@ -135,7 +137,7 @@ def read_release_config(src: str | Path, tensor_names: Sequence[str],
     except ConfigError as e:
         raise ConversionError(f"{src}: {e}") from e
     vision = VisionSource(
-        in_checkpoint=any(n.startswith(RELEASE_VISION_PREFIX) for n in tensor_names),
+        in_checkpoint=any(n.startswith(RELEASE_TOWER_CONTAINER) for n in tensor_names),
         mm_vision_tower=d.get("mm_vision_tower"), select_layer=int(d.get("mm_vision_select_layer", -2)),
         select_feature=str(d.get("mm_vision_select_feature", "patch")))
     return config, vision
@@ -266,7 +268,7 @@ def load_release_vlm(src: str | Path, *, vision: str | Path | None = None, posit
 
     The tower comes from, in order: `vision` (a local HF CLIP/SigLIP directory); `mm_vision_tower` when it is
     a local directory (what the reference loader does); the checkpoint's own
-    `model.vision_tower.vision_tower.vision_model.*` tensors (config inferred from their shapes). Nothing is
+    `model.vision_tower.vision_tower.[vision_model.]*` tensors (config inferred from their shapes). Nothing is
     downloaded: a hub id with no tensors in the checkpoint is an error that says what to pass.
     """
     from mm.convert.hf_vision import load_hf_vision, vision_name_map
@@ -280,11 +282,14 @@ def load_release_vlm(src: str | Path, *, vision: str | Path | None = None, posit
         vcfg, vparams = load_hf_vision(tower_dir, param_dtype=param_dtype)
         used = f"vision tower from {tower_dir}" + (" (mm_vision_tower)" if vision is None else "")
     elif vs.in_checkpoint:
-        with SafetensorsCheckpoint(src) as ckpt:
-            shapes = {n: t.shape for n, t in ckpt.tensors.items() if n.startswith(RELEASE_VISION_PREFIX)}
-            vcfg = _infer_clip_config(shapes, RELEASE_VISION_PREFIX).replace(param_dtype=param_dtype)
-            vparams = read_params(ckpt, vision_name_map(vcfg, RELEASE_VISION_PREFIX), param_dtype)
-        used = (f"vision tower from the checkpoint's {RELEASE_VISION_PREFIX}* tensors (config inferred from "
+        with SafetensorsCheckpoint(src) as probe:
+            prefix = detect_vision_prefix(probe.tensors, str(src), containers=(RELEASE_TOWER_CONTAINER,))
+            shapes = {n: t.shape for n, t in probe.tensors.items() if n.startswith(prefix)}
+        vcfg = _infer_clip_config(shapes, prefix).replace(param_dtype=param_dtype)
+        tower_map = vision_name_map(vcfg, prefix, owned=RELEASE_TOWER_CONTAINER)  # all under it is the tower's
+        with open_hf_checkpoint(src, tower_map) as ckpt:
+            vparams = read_params(ckpt, tower_map, param_dtype)
+        used = (f"vision tower from the checkpoint's {prefix}* tensors (config inferred from "
                 f"shapes, {vcfg.num_heads} heads of 64 assumed)")
     else:
         raise ConversionError(f"{src}: mm_vision_tower={vs.mm_vision_tower!r} is not a local directory and the "

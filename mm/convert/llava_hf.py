@@ -1,7 +1,8 @@
 """HF `LlavaForConditionalGeneration` directories <-> mm LLaVA-style VLMs (`mm.models.vlm` with a LLaVAConfig).
 
 On disk transformers 5 writes `vision_tower.*` for the CLIP / SigLIP tower (4.x and hub checkpoints:
-`vision_tower.vision_model.*`; import accepts both, export writes the former),
+`vision_tower.vision_model.*`; import accepts both through `hf_vision.detect_vision_prefix`, export writes the
+former),
 `multi_modal_projector.linear_{1,2}.*` (Linear, GELU, Linear), `language_model.model.*` and
 `language_model.lm_head.weight`. mm params: `vision/...`, `projector/linear_{0,1}/...`, `llm/...`.
 Config mapping: `vision_feature_layer` -> `feature_layer`; `vision_feature_select_strategy` "default" (drop
@@ -21,7 +22,7 @@ import numpy as np
 from mm.config import ConfigError, LLMConfig, read_json
 from mm.convert import mm_dir as mmd
 from mm.convert.errors import ConversionError
-from mm.convert.hf_vision import vision_config_from_hf, vision_entries
+from mm.convert.hf_vision import LLAVA_TOWER_CONTAINER, detect_vision_prefix, vision_config_from_hf, vision_entries
 from mm.convert.export import write_hf_tensors
 from mm.convert.llm_map import llm_entries, llm_ignorable
 from mm.convert.name_map import IDENTITY, TRANSPOSE, Entry, NameMap
@@ -30,8 +31,7 @@ from mm.models.connectors import ProjectorConfig
 from mm.models.llava import LLaVAConfig
 from mm.models.vlm import VLMConfig
 
-VISION_PREFIX = "vision_tower."
-LEGACY_VISION_PREFIX = "vision_tower.vision_model."
+VISION_PREFIX = LLAVA_TOWER_CONTAINER  # what export writes
 PROJECTOR_PREFIX = "multi_modal_projector."
 LLM_PREFIX = "language_model."
 _STRATEGY = {"default": "patch", "full": "cls_patch"}
@@ -83,8 +83,8 @@ def load_llava(src: str | Path, param_dtype: str = "float32") -> tuple[VLMConfig
 
     config = read_llava_config(src, param_dtype=param_dtype)
     with SafetensorsCheckpoint(src) as probe:
-        legacy = any(n.startswith(LEGACY_VISION_PREFIX) for n in probe.tensors)
-    name_map = llava_name_map(config, LEGACY_VISION_PREFIX if legacy else VISION_PREFIX)
+        prefix = detect_vision_prefix(probe.tensors, str(src), containers=(LLAVA_TOWER_CONTAINER,))
+    name_map = llava_name_map(config, prefix)
     with open_hf_checkpoint(src, name_map) as ckpt:
         return config, read_params(ckpt, name_map, param_dtype)
 

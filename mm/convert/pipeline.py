@@ -90,12 +90,16 @@ def read_hf_llm_config(hf_dir: str | Path, **runtime: Any) -> LLMConfig:
 def open_hf_checkpoint(hf_dir: str | Path, name_map: NameMap) -> SafetensorsCheckpoint:
     """Opens the safetensors files and checks names, shapes and dtypes against the name map (headers only)."""
     ckpt = SafetensorsCheckpoint(hf_dir)
-    check_names_and_shapes({n: t.shape for n, t in ckpt.tensors.items()}, name_map, str(hf_dir))
-    bad = sorted(f"{e.hf_name}: {ckpt.tensors[e.hf_name].dtype}" for e in name_map.entries
-                 if ckpt.tensors[e.hf_name].dtype not in _FLOATS)
-    if bad:
+    try:
+        check_names_and_shapes({n: t.shape for n, t in ckpt.tensors.items()}, name_map, str(hf_dir),
+                               files={n: t.file.name for n, t in ckpt.tensors.items()})
+        bad = sorted(f"{e.hf_name}: {ckpt.tensors[e.hf_name].dtype}" for e in name_map.entries
+                     if ckpt.tensors[e.hf_name].dtype not in _FLOATS)
+        if bad:
+            raise ConversionError(f"{hf_dir}: tensors with a non-float dtype {bad}")
+    except ConversionError:
         ckpt.close()
-        raise ConversionError(f"{hf_dir}: tensors with a non-float dtype {bad}")
+        raise
     return ckpt
 
 

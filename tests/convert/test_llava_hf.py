@@ -9,6 +9,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from mm.convert import llava_hf
 from mm.convert.errors import ConversionError
 from mm.models import vlm
+from tests.helpers.tower_naming import both_namings
 
 IMG = 100  # image token id inside the vocabulary, as HF Llava wants
 T = 260
@@ -113,23 +114,40 @@ def test_iaa_configs_have_no_llava_layout():
         llava_hf.llava_name_map(cfg)
 
 
-def test_legacy_vision_prefix_imports_the_same(hf, tmp_path):
-    import shutil
+def test_tower_with_or_without_the_vision_model_module_imports_the_same(hf, tmp_path):
+    """`vision_tower.vision_model.*` (hub, transformers 4) and `vision_tower.*` (transformers >= 5.24) load to
+    exactly the same params, which reproduce transformers' logits."""
+    from mm.convert.mm_dir import flatten
+
+    d, model = hf
+    dirs = both_namings(d, tmp_path / "named", container="vision_tower.")
+    (ca, a), (cb, b) = llava_hf.load_llava(dirs[True]), llava_hf.load_llava(dirs[False])
+    assert ca == cb
+    fa, fb = flatten(a), flatten(b)
+    assert set(fa) == set(fb) and all(fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]) for k in fa)
+    ids, pix, mm_pix = _inputs()
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix)).logits.numpy()
+    got, _ = vlm.forward(b, cb, ids, pixel_values=mm_pix)
+    assert float(np.abs(np.asarray(got) - want).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("with_module", [True, False])
+def test_an_unexpected_tower_tensor_is_named_with_its_file(hf, tmp_path, with_module):
+    import re
 
     from safetensors.numpy import save_file
 
     d, _ = hf
-    legacy = tmp_path / "legacy"
-    shutil.copytree(d, legacy)
-    tensors = load_file(str(d / "model.safetensors"))
-    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in tensors.items()},
-              str(legacy / "model.safetensors"))
-    _, a = llava_hf.load_llava(d)
-    _, b = llava_hf.load_llava(legacy)
-    from mm.convert.mm_dir import flatten
-
-    fa, fb = flatten(a), flatten(b)
-    assert set(fa) == set(fb) and all(np.array_equal(fa[k], fb[k]) for k in fa)
+    out = both_namings(d, tmp_path / "named", container="vision_tower.")[with_module]
+    f = out / "model.safetensors"
+    tensors = load_file(str(f))
+    bogus = "vision_tower." + ("vision_model." if with_module else "") + "encoder.layers.0.self_attn.extra.weight"
+    tensors[bogus] = np.zeros((4, 4), np.float32)
+    save_file(tensors, str(f))
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(out))}: unexpected tensors "
+                                              rf"\['{re.escape(bogus)} in model\.safetensors'\]"):
+        llava_hf.load_llava(out)
 
 
 def test_cli_round_trip_through_an_mm_vlm_dir(hf, tmp_path):

@@ -1,10 +1,12 @@
 """HF <-> mm conversion of CLIP / SigLIP vision towers through checkpoint directories: every HF layout
-(transformers 5 bare `CLIPVisionModel`, hub `vision_model.` prefix, full `CLIPModel` / `SiglipModel`),
-exact round trips, transformers loading our export, parity of the converted tower, clear errors."""
+(transformers >= 5.24 bare `CLIPVisionModel` / `SiglipVisionModel`, hub `vision_model.` prefix, full
+`CLIPModel` / `SiglipModel`), exact round trips, transformers loading our export, parity of the converted
+tower, clear errors."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import ml_dtypes
 import numpy as np
@@ -17,7 +19,9 @@ from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMod
 from mm.convert import ConversionError
 from mm.convert.hf_vision import (hf_vision_to_mm, load_hf_vision, load_mm_vision, mm_vision_to_hf,
                                   read_mm_vision_config)
+from mm.convert.mm_dir import flatten
 from mm.models import vision as V
+from tests.helpers.tower_naming import both_namings, set_tower_module
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
@@ -50,14 +54,6 @@ def _build(kind: str, path):
     return tower, path
 
 
-def _hub_prefix(path) -> None:
-    """Rewrites a transformers-5 bare CLIPVisionModel save into the hub layout (`vision_model.` prefix)."""
-    f = path / "model.safetensors"
-    tensors = load_file(f)
-    assert not any(k.startswith("vision_model.") for k in tensors)
-    save_file({f"vision_model.{k}": v for k, v in tensors.items()}, f, metadata={"format": "pt"})
-
-
 def _pixels(config, seed=0):
     s = config.image_size
     return np.random.default_rng(seed).standard_normal((2, 3, s, s)).astype(np.float32)
@@ -81,7 +77,7 @@ def _tower_tensors(tower) -> dict[str, np.ndarray]:
 def test_hf_to_mm_to_hf(kind, tmp_path):
     tower, src = _build(kind.replace("_hub", ""), tmp_path / "hf")
     if kind.endswith("_hub"):
-        _hub_prefix(src)
+        assert set_tower_module(src, with_module=True) > 0  # the hub layout, whatever transformers wrote
     mm_dir = hf_vision_to_mm(src, tmp_path / "mm", progress=False)
     config, params = load_mm_vision(mm_dir)
     assert config == read_mm_vision_config(mm_dir)
@@ -100,6 +96,48 @@ def test_hf_to_mm_to_hf(kind, tmp_path):
     reloaded, info = cls.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     _check_parity(reloaded.eval(), config, params)
+
+
+def _assert_same_params(a, b) -> None:
+    fa, fb = flatten(a), flatten(b)
+    assert set(fa) == set(fb)
+    for k in fa:
+        assert fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]), k  # exact
+
+
+@pytest.mark.parametrize("kind", ["clip_vision", "siglip_vision"])
+def test_tower_with_or_without_the_vision_model_module_loads_the_same(kind, tmp_path):
+    """transformers >= 5.24 saves the tower without `vision_model.`, hub checkpoints with it: both load, to
+    exactly the same params, and convert to the same mm directory."""
+    tower, src = _build(kind, tmp_path / "hf")
+    dirs = both_namings(src, tmp_path / "named")
+    (ca, a), (cb, b) = load_hf_vision(dirs[True]), load_hf_vision(dirs[False])
+    assert ca == cb
+    _assert_same_params(a, b)
+    _check_parity(tower, cb, b)
+    mm_a = load_mm_vision(hf_vision_to_mm(dirs[True], tmp_path / "mm_a", progress=False))
+    mm_b = load_mm_vision(hf_vision_to_mm(dirs[False], tmp_path / "mm_b", progress=False))
+    assert mm_a[0] == mm_b[0]
+    _assert_same_params(mm_a[1], mm_b[1])
+    _assert_same_params(a, mm_b[1])
+
+
+@pytest.mark.parametrize("with_module", [True, False])
+@pytest.mark.parametrize("kind", ["clip_vision", "siglip_vision"])
+def test_an_unexpected_tower_tensor_is_named_with_its_file(kind, with_module, tmp_path):
+    _, src = _build(kind, tmp_path / "hf")
+    d = both_namings(src, tmp_path / "named")[with_module]
+    f = d / "model.safetensors"
+    tensors = load_file(f)
+    bogus = ("vision_model." if with_module else "") + "encoder.layers.0.self_attn.extra.weight"
+    tensors[bogus] = np.zeros((4, 4), np.float32)
+    save_file(tensors, f, metadata={"format": "pt"})
+    want = rf"{re.escape(str(d))}: unexpected tensors \['{re.escape(bogus)} in model\.safetensors'\]"
+    with pytest.raises(ConversionError, match=want):
+        load_hf_vision(d)
+    with pytest.raises(ConversionError, match=want):
+        hf_vision_to_mm(d, tmp_path / "mm", progress=False)
+    assert not (tmp_path / "mm").exists()
 
 
 def test_bfloat16_round_trip_is_exact(tmp_path):
