@@ -1,7 +1,10 @@
 """The original IAA release layout: a tiny random checkpoint in that layout, a PyTorch reference forward composed
-from transformers' Llama decoder layers as DESIGN.md section 2 describes, and mm's import / export of it."""
+from transformers' Llama decoder layers as DESIGN.md section 2 describes, and mm's import / export of it.
+
+Tensor names and insertion positions are DESIGN.md's literals, written here, not taken from the code under test."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +18,19 @@ from mm.convert import iaa_release as rel
 from mm.convert.errors import ConversionError
 from mm.convert.mm_dir import flatten
 from mm.models import iaa
+from tests.helpers.tower_naming import both_namings
+
+# DESIGN.md section 2, literally: IAA-14's insertion positions and the release's branch tensor names.
+IAA_14 = (0, 1, 5, 6, 10, 11, 15, 16, 20, 21, 25, 26, 30, 31)
+RELEASE_NAMES = {
+    "mm": dict(embed="model.embed_tokens_condition", layers="model.condition_layers", norm="model.norm_condition",
+               head="lm_head_condtion", projector="model.mm_projector"),
+    "g": dict(embed="model.embed_tokens_condition_grounding", layers="model.condition_layers_grounding",
+              norm="model.norm_condition_grounding", head="lm_head_condtion_grounding",
+              projector="model.mm_projector_G"),
+}
+TOWER_CONTAINER = "model.vision_tower.vision_tower."  # + "vision_model." in the release; without it when re-saved
+RELEASE_TOWER = TOWER_CONTAINER + "vision_model."  # by transformers >= 5.24
 
 VIS, T = 64, 260  # vision width 64: one 64-dim head, what the shape-based CLIP config inference assumes
 CFG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=32, num_attention_heads=4,
@@ -48,15 +64,16 @@ class ReleaseReference(torch.nn.Module):
     def state_dict_release(self):
         sd = {k: v for k, v in self.llm.state_dict().items()}
         for name, b in self.branches.items():
-            names = rel.BRANCH_NAMES[name]
+            names = RELEASE_NAMES[name]
             sd[f"{names['embed']}.weight"] = b.embed.weight
             for k, layer in enumerate(b.layers):
                 for n, v in layer.state_dict().items():
                     sd[f"{names['layers']}.{k}.{n}"] = v
             sd[f"{names['norm']}.weight"] = b.norm.weight
             sd[f"{names['head']}.weight"] = b.head.weight
-            for n, v in b.projector.state_dict().items():
-                sd[f"{names['projector']}.{n}"] = v
+            for i in (0, 2):  # Sequential(Linear, GELU, Linear): the Linears sit at 0 and 2
+                sd[f"{names['projector']}.{i}.weight"] = b.projector[i].weight
+                sd[f"{names['projector']}.{i}.bias"] = b.projector[i].bias
         return {k: v.detach().contiguous().clone() for k, v in sd.items()}
 
     @torch.no_grad()
@@ -78,7 +95,7 @@ class ReleaseReference(torch.nn.Module):
         k = 0
         for i, layer in enumerate(self.llm.model.layers):
             x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
-            if k < 14 and iaa.IAA_14[k] == i:
+            if k < 14 and IAA_14[k] == i:
                 x = b.layers[k](x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
                 k += 1
         return b.head(b.norm(x))
@@ -90,7 +107,7 @@ def release(tmp_path_factory):
     ref = ReleaseReference()
     sd = ref.state_dict_release()
     for k, v in _tower().state_dict().items():  # present in the release files, unused by its reference loader
-        sd[rel.RELEASE_VISION_PREFIX + k.removeprefix("vision_model.")] = v.detach().clone()
+        sd[RELEASE_TOWER + k.removeprefix("vision_model.")] = v.detach().clone()
     d = tmp_path_factory.mktemp("release")
     names = sorted(sd)
     halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
@@ -116,6 +133,18 @@ def _tower():
     return CLIPVisionModel(cfg).eval()
 
 
+def _documented_names():
+    """The release's tensor names as DESIGN.md lists them: the base under HF Llama names (from transformers),
+    and per branch its embedding, 14 condition layers (HF decoder-layer names inside), norm, head, projector."""
+    names = set(LlamaForCausalLM(CFG).state_dict())
+    layer = set(LlamaDecoderLayer(CFG, layer_idx=0).state_dict())
+    for n in RELEASE_NAMES.values():
+        names |= {f"{n['embed']}.weight", f"{n['norm']}.weight", f"{n['head']}.weight"}
+        names |= {f"{n['layers']}.{k}.{x}" for k in range(14) for x in layer}
+        names |= {f"{n['projector']}.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+    return names
+
+
 def _inputs():
     rs = np.random.RandomState(0)
     ids = rs.randint(3, 128, (2, T))
@@ -128,7 +157,7 @@ def _inputs():
 def test_import_matches_the_pytorch_reference_in_all_three_workflows(release):
     d, ref = release
     config, params, vision = rel.load_release(d)
-    assert [b.name for b in config.branches] == ["mm", "g"] and config.branches[0].positions == iaa.IAA_14
+    assert [b.name for b in config.branches] == ["mm", "g"] and all(b.positions == IAA_14 for b in config.branches)
     assert vision.in_checkpoint and vision.mm_vision_tower == "openai/clip-vit-large-patch14-336"
     ids, mask, feats = _inputs()
     model = iaa.IAA(config)
@@ -150,8 +179,8 @@ def test_export_reproduces_the_release_tensors_exactly(release, tmp_path):
         orig.update(load_file(str(f)))
     for f in out.glob("*.safetensors"):
         back.update(load_file(str(f)))
-    orig = {k: v for k, v in orig.items() if not k.startswith(rel.RELEASE_VISION_PREFIX)}
-    assert set(orig) == set(back)
+    orig = {k: v for k, v in orig.items() if not k.startswith(TOWER_CONTAINER)}
+    assert set(orig) == set(back) == _documented_names()
     assert all(np.array_equal(orig[k], back[k]) and orig[k].dtype == back[k].dtype for k in orig)
     assert (out / "model.safetensors.index.json").exists()
     cfg = json.loads((out / "config.json").read_text())
@@ -191,7 +220,7 @@ def test_positions_are_required_when_not_iaa14(release, tmp_path):
         rel.load_release(out, positions=(0, 5))
 
 
-@pytest.mark.parametrize("source", ["checkpoint", "local_dir"])
+@pytest.mark.parametrize("source", ["checkpoint", "checkpoint_without_vision_model", "local_dir"])
 def test_full_vlm_from_release_with_pixels(release, tmp_path, source):
     from mm.models import vlm
 
@@ -201,8 +230,10 @@ def test_full_vlm_from_release_with_pixels(release, tmp_path, source):
     if source == "local_dir":
         tower.save_pretrained(str(tmp_path / "clip"))
         vision = tmp_path / "clip"
+    if source == "checkpoint_without_vision_model":
+        d = both_namings(d, tmp_path / "named", container=TOWER_CONTAINER)[False]
     config, params, used = rel.load_release_vlm(d, vision=vision)
-    assert ("checkpoint" in used) == (source == "checkpoint"), used
+    assert ("checkpoint" in used) == source.startswith("checkpoint"), used
     rs = np.random.RandomState(5)
     pix = rs.randn(1, 2, 3, 28, 28).astype(np.float32)  # two images of 4 patches each
     ids = rs.randint(3, 128, (1, 40))
@@ -213,6 +244,48 @@ def test_full_vlm_from_release_with_pixels(release, tmp_path, source):
         want = ref(torch.tensor(ids), "mm", feats, torch.tensor(mask)).numpy()
     got, _ = vlm.forward(params, config, ids, pixel_values=pix, image_mask=mask, workflow="mm")
     assert float(np.abs(np.asarray(got) - want).max()) <= 1e-4
+
+
+def test_tower_with_or_without_the_vision_model_module_loads_the_same(release, tmp_path):
+    """`model.vision_tower.vision_tower.vision_model.*` (the release) and `model.vision_tower.vision_tower.*` (the
+    tower re-saved by transformers >= 5.24): the same VLM config and exactly the same params, the tower's
+    equal to the CLIP tensors the release holds."""
+    d, _ = release
+    dirs = both_namings(d, tmp_path / "named", container=TOWER_CONTAINER)
+    (ca, a, used_a), (cb, b, used_b) = rel.load_release_vlm(dirs[True]), rel.load_release_vlm(dirs[False])
+    assert RELEASE_TOWER in used_a and TOWER_CONTAINER in used_b and RELEASE_TOWER not in used_b
+    assert ca == cb
+    fa, fb = flatten(a), flatten(b)
+    assert set(fa) == set(fb) and all(fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]) for k in fa)
+    tower = {k.removeprefix("vision_model."): v.numpy() for k, v in _tower().state_dict().items()}
+    cls = fb[("vision", "embeddings", "class_embedding")]
+    assert np.array_equal(cls, tower["embeddings.class_embedding"])
+    _, lm, vision = rel.load_release(dirs[False])  # the LM alone ignores the tower in either naming
+    assert vision.in_checkpoint
+    fl = flatten(lm)
+    assert all(np.array_equal(fl[k], fb[k]) for k in fl)
+
+
+@pytest.mark.parametrize("with_module,bogus", [
+    (True, "vision_model.encoder.layers.0.self_attn.extra.weight"),
+    (False, "encoder.layers.0.self_attn.extra.weight"),
+    (True, "extra.weight"),  # beside vision_model. but inside the tower's container: still not the release's
+])
+def test_an_unexpected_tower_tensor_is_named_with_its_file(release, tmp_path, with_module, bogus):
+    from safetensors.numpy import save_file
+
+    d, _ = release
+    out = both_namings(d, tmp_path / "named", container=TOWER_CONTAINER)[with_module]
+    shard = "model-00002-of-00002.safetensors"
+    tensors = load_file(str(out / shard))
+    tensors[TOWER_CONTAINER + bogus] = np.zeros((4, 4), np.float32)
+    save_file(tensors, str(out / shard))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"][TOWER_CONTAINER + bogus] = shard
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match=rf"{re.escape(str(out))}: unexpected tensors "
+                                              rf"\['{re.escape(TOWER_CONTAINER + bogus)} in {re.escape(shard)}'\]"):
+        rel.load_release_vlm(out)
 
 
 def test_hub_id_without_tensors_says_what_to_pass(release, tmp_path):
@@ -235,7 +308,7 @@ def test_cli_release_to_mm_and_back(release, tmp_path):
         orig.update(load_file(str(f)))
     for f in (tmp_path / "back").glob("*.safetensors"):
         back.update(load_file(str(f)))
-    lm = {k: v for k, v in orig.items() if not k.startswith(rel.RELEASE_VISION_PREFIX)}
+    lm = {k: v for k, v in orig.items() if not k.startswith(TOWER_CONTAINER)}
     assert set(lm) == set(back) and all(np.array_equal(lm[k], back[k]) for k in lm)
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg["mm_vision_tower"] == str((tmp_path / "back" / "vision_tower").absolute())
