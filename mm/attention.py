@@ -8,9 +8,13 @@ Masking (all optional, combined with AND, except the bidirectional span which is
 - `causal`: query at slot `i` sees keys at slots `j <= i + q_offset` (`q_offset` [B] or scalar, default 0;
   decoding against a KV cache passes the cache index).
 - `segment_ids` `[B, T]` / `kv_segment_ids` `[B, S]` (default: `segment_ids`): a query sees only keys of its
-  own segment; segment id 0 marks padding, which sees and is seen by nothing (its output rows are zero).
-- `bidirectional_ids` `[B, T]` / `kv_bidirectional_ids` `[B, S]`: tokens sharing a non-zero id (an image
-  span) see each other in both directions, inside an otherwise causal sequence (prefix-LM style).
+  own segment; segment id 0 marks padding, which sees and is seen by nothing. Without `segment_ids` every
+  query is in segment 1, so `kv_segment_ids` alone is a key-padding mask (1 = key, 0 = padding).
+- `bidirectional_ids` `[B, T]` / `kv_bidirectional_ids` `[B, S]` (default: `bidirectional_ids`): tokens
+  sharing a non-zero id (an image span) see each other in both directions, inside an otherwise causal
+  sequence (prefix-LM style).
+- A kv default taken from the query side needs `S == T`; otherwise pass the kv array (a ValueError says so).
+- A query that sees no key at all (padding, or only padded keys) gets a zero output row.
 
 `implementation=None` picks the Pallas kernel for the backend (GPU / TPU) and XLA elsewhere; "xla",
 "cudnn", "pallas_gpu", "pallas_tpu" force one. `interpret=True` runs the Pallas kernels on CPU.
@@ -41,6 +45,15 @@ def build_mask(
     kv_bidirectional_ids: Array | None = None,
 ) -> Array:
     """Boolean mask `[B, T, S]`, True where a query may attend to a key. The reference for every kernel."""
+    for name, ids, length in (("segment_ids", segment_ids, q_len), ("kv_segment_ids", kv_segment_ids, kv_len),
+                              ("bidirectional_ids", bidirectional_ids, q_len),
+                              ("kv_bidirectional_ids", kv_bidirectional_ids, kv_len)):
+        if ids is not None and tuple(ids.shape) != (batch, length):
+            raise ValueError(f"attention mask: {name} has shape {tuple(ids.shape)}, want {(batch, length)}")
+    for name, q_side, kv_side, used in (("kv_segment_ids", segment_ids, kv_segment_ids, True),
+                                        ("kv_bidirectional_ids", bidirectional_ids, kv_bidirectional_ids, causal)):
+        if used and q_side is not None and kv_side is None and kv_len != q_len:
+            raise ValueError(f"attention mask: {name} are needed when kv length {kv_len} != q length {q_len}")
     mask = jnp.ones((batch, q_len, kv_len), dtype=bool)
     if causal:
         off = jnp.zeros((batch,), jnp.int32) if q_offset is None else jnp.broadcast_to(
