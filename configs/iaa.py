@@ -1,34 +1,40 @@
 """Inner-Adaptor Architecture stages (DESIGN.md section 2): `configs/iaa.py:STAGE[,PRESET]`.
 
-Stages (the LLM and the original embedding/norm/head stay frozen throughout):
-- `stage1`: the `mm` branch's projector only (lr 1e-3, batch 256);
-- `stage2` (= instruction tuning): projector, insertion layers, MM-EL, new norm, new head (lr 2e-5, batch 128);
-- `grounding`: branch `g` (all of it), the trained `mm` branch loaded and frozen.
-Presets: `tiny` (default), `iaa14_llama3_8b`, `iaa8_llama3_8b`. Each stage starts from the previous one with
-`--config.init.checkpoint=<previous workdir>` and from a converted LLM with `--config.init.llm_checkpoint=`.
+The paper's four stages, in order; the LLM, its original embedding / norm / head and the ViT stay frozen in all:
+- `stage1`: the `mm` branch's projector only, on captions (lr 1e-3, batch 256, `plain` template);
+- `stage2`: the whole `mm` branch - projector, insertion layers, MM-EL, new norm, new head - pre-trained on
+  captions (lr 2e-5, batch 128, `chat` template);
+- `instruct`: the same `mm` branch tuned on instruction data (lr 2e-5, batch 128, `chat`);
+- `grounding`: branch `g` (all of it) on grounding data, the trained `mm` branch loaded and frozen (lr 2e-5,
+  batch 128, `chat`).
+`stage2` and `instruct` train the same parameters; what differs is the data each is given (`data.path`).
+Presets: `tiny` (default; synthetic features), `iaa14_llama3_8b`, `iaa8_llama3_8b` (the release setup, see
+`mm/train/presets.py`). Each stage starts from the previous one with `--config.init.checkpoint=<previous
+workdir>`; stage 1 from the LLM with `--config.init.llm_checkpoint=` (and the ViT with
+`--config.init.vision_checkpoint=`).
 """
 
 from mm.train import presets
+
+STAGES = ("stage1", "stage2", "instruct", "grounding")
 
 
 def get_config(arg: str = "stage1"):
     c, stage, big = presets.stage_start("iaa", arg)
     if stage == "stage1":
         c.model.iaa_branches = ["mm"]
-        c.param_groups = [("mm/projector/.*", 1.0), ("(base|mm)/.*", "frozen")]
-        c.optim.lr = 1e-3
-        c.train.batch_size = 256 if big else 8
-    elif stage == "stage2":
+        c.param_groups = [("mm/projector/.*", 1.0), ("(base|mm|vision)/.*", "frozen")]
+        presets.stage(c, big, projector_only=True, rows=presets.CAPTION_ROWS)
+    elif stage in ("stage2", "instruct"):
         c.model.iaa_branches = ["mm"]
-        c.param_groups = [("mm/.*", 1.0), ("base/.*", "frozen")]
-        c.optim.lr = 2e-5
-        c.train.batch_size = 128 if big else 8
+        c.param_groups = [("mm/.*", 1.0), ("(base|vision)/.*", "frozen")]
+        presets.stage(c, big, projector_only=False,
+                      rows=presets.CAPTION_ROWS if stage == "stage2" else presets.INSTRUCT_ROWS)
     elif stage == "grounding":
         c.model.iaa_branches = ["mm", "g"]
         c.model.iaa_workflow = "g"
-        c.param_groups = [("g/.*", 1.0), ("(base|mm)/.*", "frozen")]
-        c.optim.lr = 2e-5
-        c.train.batch_size = 128 if big else 8
+        c.param_groups = [("g/.*", 1.0), ("(base|mm|vision)/.*", "frozen")]
+        presets.stage(c, big, projector_only=False, rows=presets.INSTRUCT_ROWS)
     else:
-        raise ValueError(f"configs/iaa.py: unknown stage {stage!r}; choose stage1, stage2, grounding")
+        raise ValueError(f"configs/iaa.py: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     return c
