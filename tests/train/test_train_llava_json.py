@@ -12,39 +12,21 @@ import numpy as np
 import pytest
 
 from mm.config import ConfigError
-from mm.data.synthetic import write_llava_dataset
 from mm.train import config as tcfg
-from tests.helpers.tokenizer import make_tokenizer
-from tests.train.helpers_train import tiny
+from tests.train.helpers_train import tiny_iaa_llava, write_tiny_llava
 
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llava_json")
-    path, root = write_llava_dataset(str(d), 24, seed=5, min_side=16, max_side=60)
-    (Path(root) / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image at all")
-    rows = json.loads(Path(path).read_text())
-    rows.append({"id": "planted_corrupt", "image": "corrupt.png",
-                 "conversations": [{"from": "human", "value": "<image>\nwhat is this?"},
-                                   {"from": "gpt", "value": "a cat"}]})
-    Path(path).write_text(json.dumps(rows))
-    make_tokenizer().save_pretrained(str(d / "tok"))
-    return path, root, str(d / "tok")
+    return write_tiny_llava(tmp_path_factory.mktemp("llava_json"))
 
 
 def _cfg(dataset, **over):
-    path, root, tok = dataset
-    c = tiny("full")
-    c.model.kind = "iaa"  # IAA instruction stage: the mm branch trains; base LLM and ViT (in the step) frozen
-    c.model.iaa_branches = ["mm"]
-    c.param_groups = [("mm/.*", 1.0), ("(base|vision)/.*", "frozen")]
-    c.data.update(dict(kind="llava_json", path=path, image_root=root, tokenizer=tok, template="chat",
-                       max_tiles_per_row=4))
-    c.train.update(dict(steps=STEPS, batch_size=4, seq_len=96, log_every=1, eval_every=STEPS, eval_batches=1,
-                        eval_samples=2, eval_max_new_tokens=6))
-    c.optim.update(dict(lr=3e-3, warmup_frac=0.0, grad_accum=2))
+    c = tiny_iaa_llava(*dataset)  # IAA instruction stage: the mm branch trains; base LLM and ViT frozen
+    c.train.update(dict(steps=STEPS, log_every=1, eval_every=STEPS, eval_batches=1, eval_samples=2,
+                        eval_max_new_tokens=6))
     c.checkpoint.update(dict(every=3, keep=10, use_async=False))
     for k, v in over.items():
         c.data[k] = v
