@@ -342,10 +342,17 @@ class DataPipeline:
         return batch
 
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable: Grain's iterator state and the counters."""
-        return {"grain": json.dumps(self._it.get_state()), "counter": self.counter.state()}
+        """JSON-serialisable: Grain's iterator state, the counters and the worker count (the stream is a
+        function of the seed *and* the number of workers: each worker reads its own slice)."""
+        return {"grain": json.dumps(self._it.get_state()), "counter": self.counter.state(),
+                "workers": self.cfg.worker_count}
 
     def restore(self, state: dict[str, Any]) -> None:
+        saved = state.get("workers", self.cfg.worker_count)  # states written before the count was recorded
+        if int(saved) != self.cfg.worker_count:
+            raise ValueError(f"data: the checkpoint's data iterator was written with data.workers={saved}, the "
+                             f"config has {self.cfg.worker_count}; the data order depends on the number of "
+                             f"workers, so resume with data.workers={saved}")
         self._it.set_state(json.loads(state["grain"]))
         self.counter.restore(state["counter"])
 

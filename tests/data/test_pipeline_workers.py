@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from mm.data.pipeline import DataConfig, DataPipeline, ExampleMaker
 from mm.data.sources import read_llava
@@ -33,6 +34,12 @@ def test_resume_with_two_workers(tmp_path):
     for x, y in zip(got, ref):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    # the stream depends on the worker count: a state restores only into a pipeline with as many workers
+    for other in (0, 3):
+        r = make(DataConfig(**{**cfg.__dict__, "worker_count": other}))
+        with pytest.raises(ValueError, match=f"written with data.workers=2, the config has {other}"):
+            r.restore(state)
+        r.close()
     # every row once, whatever the number of workers
     count = lambda bs: sum(int(b["segment_ids"].max(axis=1).sum()) for b in bs)  # noqa: E731
     assert count(ref) == count(single) == len(rows)
