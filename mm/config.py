@@ -9,9 +9,10 @@ the same config so a Flax module needs nothing else.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax.numpy as jnp
 
@@ -21,6 +22,19 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key (and file, when there is one)."""
+
+
+def unknown_key_error(key: str, parent: str, name: str, known: Iterable[str]) -> ConfigError:
+    """The error for a config key that does not exist: `key` as written, whose part `name` is not among the
+    keys `known` of the section `parent` ("" = top level). Names the closest valid keys (difflib), or all of
+    the section's keys when none is close: "unknown config key 'train.setps' (did you mean: train.steps?)"."""
+    known = sorted(str(k) for k in known)
+    near = difflib.get_close_matches(name, known, n=3)
+    dotted = ", ".join(f"{parent}.{k}" if parent else k for k in (near or known))
+    if near:
+        return ConfigError(f"unknown config key {key!r} (did you mean: {dotted}?)")
+    where = f"in {parent}" if parent else "at the top"
+    return ConfigError(f"unknown config key {key!r} (valid keys {where}: {dotted})")
 
 
 class _Numerics:
@@ -222,6 +236,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 def load_config_file(spec: str) -> Any:
     """Loads `path/to/config.py[:arg]` the way `--config=` does: calls its `get_config(arg)`, locks the result.
+    A missing file, or an `arg` the file rejects (ValueError: unknown stage / preset), is a ConfigError.
 
     A locked ConfigDict turns a misspelt key into an error at the place it is set, before any work starts.
     """
@@ -235,7 +250,11 @@ def load_config_file(spec: str) -> Any:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config(arg)")
-    cfg = module.get_config(arg) if arg else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:  # config files raise ValueError for an unknown stage / preset / variant
+        named = str(e).partition(":")[0].endswith(Path(path).name)  # the file's own message names it
+        raise ConfigError(str(e) if named else f"{spec}: {e}") from e
     cfg.lock()
     return cfg
 

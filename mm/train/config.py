@@ -16,7 +16,7 @@ from typing import Any, Collection, Mapping
 
 import ml_collections
 
-from mm.config import ConfigError, LLMConfig
+from mm.config import ConfigError, LLMConfig, unknown_key_error
 
 MODEL_KINDS = ("llm", "llava", "iaa", "vlm")  # vlm: ViT in the graph (POINTS-style per-layer ViT training)
 DATA_KINDS = ("synthetic_text", "synthetic_mm", "llava_json")  # llava_json: the Grain pipeline of mm.data
@@ -46,7 +46,7 @@ def _section(section: Any, cls: type, key: str) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
-        raise ConfigError(f"config key {key}.{unknown[0]} unknown; {cls.__name__} fields are {sorted(fields)}")
+        raise unknown_key_error(f"{key}.{unknown[0]}", key, unknown[0], fields)
     return d
 
 
@@ -131,23 +131,35 @@ def _type_ok(default: Any, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
+    if isinstance(default, (list, tuple)):  # a default of one scalar type types the elements too: (0, 1)
+        return isinstance(value, (list, tuple)) and (_element_type(default) is None or all(
+            _type_ok(default[0], v) for v in value))
     return isinstance(value, type(default))
+
+
+def _element_type(default: list | tuple) -> type | None:
+    types = {type(v) for v in default}
+    return types.pop() if len(types) == 1 and types <= {bool, int, float, str} else None
+
+
+def _type_name(default: Any) -> str:
+    if isinstance(default, (list, tuple)):
+        return f"list of {_element_type(default).__name__}" if _element_type(default) else "list"
+    return type(default).__name__
 
 
 def _check_tree(schema: Mapping[str, Any], value: Mapping[str, Any], prefix: str, open_keys: tuple[str, ...]) -> None:
     for key in value:
         full = f"{prefix}{key}"
         if key not in schema and prefix.rstrip(".") not in open_keys:
-            raise ConfigError(f"config key {full!r} is unknown; known keys here: {sorted(schema)}")
+            raise unknown_key_error(full, prefix.rstrip("."), key, schema)
         default, got = schema.get(key), value[key]
         if isinstance(default, Mapping) and not isinstance(got, Mapping):
             raise ConfigError(f"config key {full!r} must be a section, got {got!r}")
         if isinstance(default, Mapping):
             _check_tree(default, got, full + ".", open_keys)
         elif key in schema and not _type_ok(default, got):
-            raise ConfigError(f"config key {full!r} = {got!r}: expected {type(default).__name__}")
+            raise ConfigError(f"config key {full!r} = {got!r}: expected {_type_name(default)}")
 
 
 def _as_dict(cfg: Any) -> Any:
@@ -185,12 +197,15 @@ def _check_groups(groups: Any) -> None:
             raise ConfigError(f"config key param_groups[{i}] value {value!r}: a multiplier >= 0 or 'frozen'")
 
 
+def check_schema(cfg: Any) -> None:
+    """The first check of `validate`: every key is in `base_config()` and has its type (ConfigError naming it)."""
+    _check_tree(base_config().to_dict(), _as_dict(cfg), "", open_keys=("model.llm", "model.vision", "rules"))
+
+
 def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collection[str] = ()) -> None:
     """Raises ConfigError naming the key for anything wrong; cheap (no model is built). Paths in
     `pending_paths` are made by an earlier stage of a pipeline, so their existence is not checked yet."""
-    schema = base_config().to_dict()
-    d = _as_dict(cfg)
-    _check_tree(schema, d, "", open_keys=("model.llm", "model.vision", "rules"))
+    check_schema(cfg)
     m, t, o = cfg.model, cfg.train, cfg.optim
     if cfg.init.prng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
         raise ConfigError(f"config key init.prng_impl = {cfg.init.prng_impl!r}: threefry2x32, rbg or unsafe_rbg")

@@ -10,7 +10,6 @@ a failed export leaves no partial directory and never touches an existing one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mm.config import ConfigError
+from mm.config import ConfigError, read_json
 from mm.train import config as tcfg
 
 
@@ -26,7 +25,12 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{workdir}: no config.json (not an mm-train workdir)")
-    cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+    d = read_json(path)
+    try:
+        tcfg.check_schema(d)  # a hand-edited or foreign config.json: name the key, not an AttributeError later
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    cfg = ml_collections.ConfigDict(d)
     cfg.param_groups = [tuple(g) for g in cfg.param_groups]
     return cfg
 
