@@ -56,28 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mm.convert import ConversionError, hf_to_mm, mm_to_hf
+def _convert(args: argparse.Namespace) -> int:
+    from mm.convert import hf_to_mm, mm_to_hf
 
-    from mm.config import ConfigError
+    if args.command == "export-run":
+        from mm.train.export import export_run
 
-    try:
-        if args.command == "export-run":
-            from mm.train.export import export_run
-
-            out = export_run(args.src, args.dst, step=args.step, overwrite=args.overwrite)
-        elif args.command == "hf-to-mm":
-            out = hf_to_mm(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                           progress=not args.no_progress)
-        else:
-            out = mm_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                           progress=not args.no_progress, max_shard_bytes=args.shard_size)
-    except (ConversionError, ConfigError) as e:
-        print(f"mm-convert {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        out = export_run(args.src, args.dst, step=args.step, overwrite=args.overwrite)
+    elif args.command == "hf-to-mm":
+        out = hf_to_mm(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        out = mm_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                       progress=not args.no_progress, max_shard_bytes=args.shard_size)
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from launch import cli
+
+    return cli.run(f"mm-convert {args.command}", _convert, args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
         a summary of skipped rows by reason.
     mm-data stats --json data.json|--array-record shards/ --tokenizer DIR [--image-root R] [--max-len N] ...
         runs the training pipeline once over the data and prints batches, tokens and skips by reason.
+
+An input path that is not there, or a data file mm.data rejects (it raises ValueError / DataError naming the
+file), is one line on stderr and exit status 2 (`launch.cli`), as are argparse's usage errors.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from typing import Sequence
 
 
 def _pack(a: argparse.Namespace) -> int:
+    from launch.cli import require_paths
     from mm.data.pack import pack_llava, summary
+
+    require_paths(json=a.json, image_root=a.image_root)
 
     paths, counter = pack_llava(a.json, a.image_root, a.out, a.shards, verify_images=not a.no_verify,
                                 preference=a.preference, progress=not a.quiet, prefix=a.prefix)
@@ -25,6 +31,9 @@ def _pack(a: argparse.Namespace) -> int:
 
 
 def _stats(a: argparse.Namespace) -> int:
+    from launch.cli import require_paths
+
+    require_paths(json=a.json, array_record=a.array_record, tokenizer=a.tokenizer, image_root=a.image_root)
     from transformers import AutoTokenizer
 
     from mm.data.pipeline import DataConfig, DataPipeline, ExampleMaker
@@ -52,7 +61,8 @@ def _stats(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mm-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="mm-data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pk = sub.add_parser("pack", help="LLaVA JSON -> ArrayRecord shards")
     pk.add_argument("--json", required=True)
@@ -79,7 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.add_argument("--max-tiles-per-row", type=int, default=18)
     st.add_argument("--workers", type=int, default=0)
     a = p.parse_args(argv)
-    return _pack(a) if a.cmd == "pack" else _stats(a)
+    from launch import cli
+    from mm.data.skips import DataError
+
+    return cli.run(f"mm-data {a.cmd}", _pack if a.cmd == "pack" else _stats, a, bad_input=(ValueError, DataError))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     traces = find_traces(a.trace_dir)
     if not traces:
-        sys.stderr.write(f"mm-profile: no *.trace.json.gz under {a.trace_dir}\n")
-        return 2
+        from launch import cli
+
+        return cli.report("mm-profile", f"no *.trace.json.gz under {a.trace_dir}")
     for t in traces:
         print(format_summary(summarize_trace(t, a.top)))
     return 0

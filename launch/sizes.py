@@ -110,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vision", default="clip-l-336", help=f"preset {sorted(VISION_PRESETS)}, an HF dir, or 'none'")
     p.add_argument("--stage", type=int, default=2, choices=[1, 2], help="LLaVA stage (1: projector only)")
     args = p.parse_args(argv)
+    from launch import cli
+
+    return cli.run("mm-sizes", _print_sizes, args)  # a config.json that is not there or not a model: status 2
+
+
+def _print_sizes(args: argparse.Namespace) -> int:
     print(render(count(args.model, args.llm, None if args.vision == "none" else args.vision, args.stage)))
     return 0
 

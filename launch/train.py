@@ -1,9 +1,9 @@
 """`mm-train --config=configs/X.py:variant --config.a.b=value --workdir=DIR`: train one stage.
 
-The config is resolved (file + overrides), validated before anything heavy (errors name the key, exit status
-2), printed and saved as `DIR/config.json`. Runs resume automatically from the newest finished checkpoint in
-DIR. A config with a top-level `pipeline` key (`configs/demo.py`, the main job) runs that multi-stage pipeline
-instead of one stage. Multi-process: set `--config.distributed.coordinator=host:port
+The config is resolved (file + overrides), validated before anything heavy (errors: one line naming the key,
+exit status 2; `launch.cli`), printed and saved as `DIR/config.json`. Runs resume automatically from the newest
+finished checkpoint in DIR. A config with a top-level `pipeline` key (`configs/demo.py`, the main job) runs that
+multi-stage pipeline instead of one stage. Multi-process: set `--config.distributed.coordinator=host:port
 --config.distributed.num_processes=N --config.distributed.process_id=i` (or use `python -m launch.local_cluster`).
 """
 
@@ -14,6 +14,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import cli
+
+_PROG = "mm-train"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: path/to/config.py[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, checkpoints, metrics, profiles.")
@@ -30,15 +33,13 @@ def _run(argv: list[str]) -> int:
 
     cfg = _CONFIG.value
     if cfg is None or not _WORKDIR.value:
-        sys.stderr.write("mm-train: --config and --workdir are required\n")
-        return 2
+        return cli.report(_PROG, "--config and --workdir are required")
     if "pipeline" in cfg:
         return _run_pipeline(cfg, _WORKDIR.value)
     try:
         tcfg.validate(cfg)  # no jax yet: schema, types, paths
     except ConfigError as e:
-        sys.stderr.write(f"mm-train: config error: {e}\n")
-        return 2
+        return cli.report(_PROG, e)
     d = cfg.distributed
     if d.coordinator or d.num_processes > 1:
         from mm.sharding import initialize_distributed
@@ -49,8 +50,7 @@ def _run(argv: list[str]) -> int:
     try:
         result = train(cfg, _WORKDIR.value)
     except ConfigError as e:
-        sys.stderr.write(f"mm-train: config error: {e}\n")
-        return 2
+        return cli.report(_PROG, e)
     except NonFiniteError as e:
         sys.stderr.write(f"mm-train: stopped: {e}\n")
         return 3
@@ -66,21 +66,19 @@ def _run_pipeline(cfg, workdir: str) -> int:
     from mm.config import ConfigError
 
     if cfg.pipeline not in PIPELINES:
-        sys.stderr.write(f"mm-train: config error: pipeline={cfg.pipeline!r}; known: {list(PIPELINES)}\n")
-        return 2
+        return cli.report(_PROG, f"config key 'pipeline' = {cfg.pipeline!r}: known pipelines are {list(PIPELINES)}")
     from mm.demo import pipeline as mod
 
     try:
         mod.check(cfg, workdir)  # every stage's config, before any work
         mod.run(cfg, workdir)
     except ConfigError as e:
-        sys.stderr.write(f"mm-train: config error: {e}\n")
-        return 2
+        return cli.report(_PROG, e)
     return 0
 
 
 def main() -> None:
-    app.run(_run)
+    app.run(_run, flags_parser=cli.absl_flags_parser(_PROG))
 
 
 if __name__ == "__main__":

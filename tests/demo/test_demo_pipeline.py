@@ -81,13 +81,16 @@ def test_quick_demo_checkpoints_load_with_from_pretrained(quick_run):
 
 def test_demo_config_errors_stop_before_any_work(tmp_path):
     w = tmp_path / "bad"
-    proc = _mm_train(w, "--config.init.llm_checkpoint=/nonexistent/llm")
-    assert proc.returncode == 2 and "init.llm_checkpoint" in proc.stderr, proc.stderr[-2000:]
-    proc = _mm_train(w, "--config.model.iaa_positions=(0, 7)")
-    assert proc.returncode == 2 and "model.iaa_positions" in proc.stderr, proc.stderr[-2000:]
-    assert not (w / "data").exists()  # stopped before generating anything
-    proc = _mm_train(w, "--config.mm.stepz=3")
-    assert proc.returncode != 0 and "stepz" in proc.stderr
+    for flag, line in [
+        ("--config.init.llm_checkpoint=/nonexistent/llm",
+         "config key init.llm_checkpoint = '/nonexistent/llm': no such file or directory"),
+        ("--config.model.iaa_positions=(0, 7)",  # the demo's LLM has 4 layers
+         "stage iaa (configs/demo.py:iaa): config key model.iaa_positions = [0, 7]: [7] not in [0, 4)"),
+        ("--config.mm.stepz=3", "unknown config key 'mm.stepz' (did you mean: mm.steps?)"),
+    ]:
+        proc = _mm_train(w, flag)
+        assert (proc.returncode, proc.stderr) == (2, f"mm-train: error: {line}\n"), proc.stderr[-2000:]
+    assert not w.exists()  # stopped before generating anything
 
 
 def test_demo_on_converted_hf_checkpoints(tmp_path):
