@@ -114,6 +114,12 @@ class Attention(nn.Module):
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(dt), cv.astype(dt)
             kv_args["q_offset"] = idx
+            if "bidirectional_ids" in kv_args and "kv_bidirectional_ids" not in kv_args:
+                # Image spans of this chunk at its cache slots (0 elsewhere): a prefill's image tokens see each
+                # other; a span is never split across chunks here (the prompt's images arrive in one prefill).
+                b = kv_args["bidirectional_ids"]
+                kv_args["kv_bidirectional_ids"] = jax.lax.dynamic_update_slice(
+                    jnp.zeros((b.shape[0], ck.shape[1]), b.dtype), b, (0, idx))
         out = attention(q, k, v, causal=True, implementation=c.attention_impl, **kv_args)
         out = constrain(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         y = _OutProj(features=c.hidden_size, in_shape=(hq, hd), dtype=dt, param_dtype=pdt, name="o_proj")(out)

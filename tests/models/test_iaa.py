@@ -120,19 +120,21 @@ def test_bidirectional_image_attention_switch(params):
     assert np.abs(np.asarray(causal[0, 3:6]) - np.asarray(bidir[0, 3:6])).max() > 1e-4
 
 
-@pytest.mark.parametrize("workflow", ["text", "mm"])
-def test_cached_generation_per_workflow(params, workflow):
+@pytest.mark.parametrize("workflow,bidir", [("text", False), ("mm", False), ("mm", True)])
+def test_cached_generation_per_workflow(params, workflow, bidir):
+    """With bidirectional image attention too: the prefill's image tokens see each other in the cache."""
+    cfg = dataclasses.replace(CFG, bidirectional_image_attention=bidir)
     rs = np.random.RandomState(4)
     prompts = [rs.randint(0, 80, 9).tolist(), rs.randint(0, 80, 5).tolist()]
     masks = [np.array([0, 1, 1, 1, 0, 0, 0, 0, 0], bool), np.zeros(5, bool)]
     feats = np.zeros((2, 3, VIS), np.float32)
     feats[0] = rs.randn(3, VIS)
     extra = {} if workflow == "text" else {"image_features": feats, "image_mask": masks}
-    gen = Generator(iaa.decode_fns(CFG, workflow))
+    gen = Generator(iaa.decode_fns(cfg, workflow))
     out, _ = gen(params, prompts, max_new_tokens=5, extra=extra)
     # Plain definition: argmax of the uncached forward over the whole sequence. Causal attention makes the
     # zero padding after the sequence irrelevant, so one fixed length (one compile) serves every step.
-    fwd = jax.jit(lambda p, x, f, m: iaa.IAA(CFG).apply(
+    fwd = jax.jit(lambda p, x, f, m: iaa.IAA(cfg).apply(
         {"params": p}, x, workflow=workflow, **({} if workflow == "text" else dict(image_features=f, image_mask=m)))[0])
     for r, prompt in enumerate(prompts):
         seq = list(prompt)
