@@ -30,12 +30,15 @@ def read_rows(path: str) -> Any:
 
 
 def data_config(cfg: Any, *, seed: int, local_rows: int) -> DataConfig:
-    """The pipeline config implied by the training config (tiles sized for the model's ViT)."""
+    """The pipeline config implied by the training config (tiles sized for the model's ViT). Rows are always
+    `train.seq_len` long, packed or not: the compiled step has one shape, the `grad_accum` micro batches of a
+    step stack, and every process of a multi-host run makes the same shapes (`pack=False` would otherwise pad
+    each batch to its own length bucket)."""
     d, v = cfg.data, cfg.model.vision
     grid = int(v.image_size) // int(v.patch_size)
     text_only = cfg.model.kind == "llm"  # a plain LLM: rows with images are skipped, batches carry no tiles
     return DataConfig(template=str(d.template), max_len=int(cfg.train.seq_len), batch_size=local_rows,
-                      pack=bool(d.pack), tiling="none" if text_only else str(d.tiling), tile=int(v.image_size),
+                      pack=bool(d.pack), buckets=(int(cfg.train.seq_len),), tiling="none" if text_only else str(d.tiling), tile=int(v.image_size),
                       max_tiles=int(d.max_tiles), tokens_per_tile=grid * grid,
                       max_tiles_per_row=0 if text_only else int(d.max_tiles_per_row), seed=seed, num_epochs=None, read_threads=int(d.read_threads), worker_count=int(d.workers),
                       max_skip_fraction=float(d.max_skip_fraction))

@@ -114,3 +114,21 @@ def test_tile_features_are_each_tiles_vit_features_in_row_order():
         for k in range(3):
             want = np.asarray(vision.image_features(params, vc, px[r, k][None], layer=-2, feature="patch"))[0]
             np.testing.assert_allclose(got[r, k * p:(k + 1) * p], want, rtol=1e-5, atol=1e-5)
+
+
+def test_unpacked_rows_have_the_step_length_so_micro_batches_stack(dataset):
+    """`data.pack=False` with `grad_accum=2`: every micro batch is `train.seq_len` long whatever its examples'
+    lengths (the pipeline alone would pad each batch to its own length bucket, and the stack would fail)."""
+    from mm.train.grain_source import GrainSource
+
+    c = _cfg(dataset, pack=False)
+    src = GrainSource(c)
+    short = 0
+    try:
+        for _ in range(3):
+            b = next(src)
+            assert b["input_ids"].shape == (2, 2, 96), b["input_ids"].shape
+            short += int(((b["segment_ids"] > 0).sum(-1).max(-1) <= 64).sum())
+    finally:
+        src.close()
+    assert short, "no micro batch short enough for a smaller bucket: the case is not exercised"
