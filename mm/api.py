@@ -6,27 +6,153 @@
   set per workflow.
 - `VisionHandle` (HF CLIP / SigLIP dirs, mm "vision" dirs): `hidden_states`, `last_hidden_state`.
 
-Handles own the params (optionally laid out on a mesh by the logical-axis rules), compile once per shape,
-and keep their `Generator`s so repeated calls reuse compiled programs. Inputs may be numpy arrays or ragged
-lists of token ids; outputs are numpy arrays.
+Every handle honours `from_pretrained`'s `dtype`, `param_dtype`, `attention_impl` and `mesh` (+ `rules`) in
+the same way, through one `Runtime`: params are cast and laid out on the mesh by the logical-axis rules, the
+model computes in `dtype` with `attention_impl`, and logits / hidden states / generation compile under that
+mesh and rules. Handles compile once per shape and keep their `Generator`s so repeated calls reuse compiled
+programs. Inputs may be numpy arrays or ragged lists of token ids; outputs are float32 numpy arrays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mm import sharding as sh
-from mm.config import ConfigError, LLMConfig, read_json
-from mm.generate import Generator, left_pad, positions_from_mask
+from mm.attention import IMPLEMENTATIONS
+from mm.config import ConfigError, LLMConfig, VisionConfig, read_json
+from mm.generate import DecodeFns, Generator, left_pad, positions_from_mask
 from mm.models import llm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How a handle holds and runs its model - `from_pretrained`'s `dtype` (compute; None keeps the
+    checkpoint config's), `param_dtype`, `attention_impl` (None keeps the config's, whose None lets
+    `mm.attention` pick per backend), `mesh` and `rules` - applied the same way by every handle:
+
+    - `configure(config)`: the model config with those options, in every sub-config of a VLM;
+    - `place(params, abstract)`: params cast to the dtypes of the model's abstract params and, with a mesh,
+      laid out by the logical-axis rules (`mm.sharding.param_shardings`, one table);
+    - `jit(fn)`: compiled under the mesh and rules (the models' logical activation constraints are active),
+      taking params in the layout `place` gave them; `inputs(...)` puts batch arrays on the mesh;
+    - `generator(fns, pad_id)` / `generate(generator, ...)`: cached decoding traced and run the same way.
+    """
+
+    dtype: str | None = None
+    param_dtype: str = "float32"
+    attention_impl: str | None = None
+    mesh: Any = None
+    rules: tuple[tuple[str, Any], ...] = sh.DEFAULT_RULES
+
+    def __post_init__(self) -> None:
+        for key in ("dtype", "param_dtype"):
+            value = getattr(self, key)
+            if value is None and key == "dtype":
+                continue
+            try:
+                ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"from_pretrained: {key}={value!r} is not a floating-point dtype "
+                                  "(e.g. 'float32', 'bfloat16')")
+        if self.attention_impl is not None and self.attention_impl not in IMPLEMENTATIONS:
+            raise ConfigError(f"from_pretrained: attention_impl={self.attention_impl!r}; choose one of "
+                              f"{IMPLEMENTATIONS} or None (per backend)")
+        if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
+            raise ConfigError(f"from_pretrained: mesh={self.mesh!r} is not a jax.sharding.Mesh "
+                              "(make one with mm.sharding.make_mesh)")
+
+    def options(self) -> dict[str, Any]:
+        opts = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+        return {k: v for k, v in opts.items() if v is not None}
+
+    def configure(self, config: Any) -> Any:
+        """`config` (an `LLMConfig`, `VisionConfig` or `VLMConfig`) with this runtime's options."""
+        from mm.models import vlm
+
+        if isinstance(config, vlm.VLMConfig):
+            return vlm.with_runtime(config, **self.options())
+        return config.replace(**self.options())
+
+    def shardings(self, abstract: Any) -> Any:
+        """NamedShardings for a boxed abstract param tree, or None without a mesh."""
+        return None if self.mesh is None else sh.param_shardings(abstract, self.mesh, self.rules)
+
+    def place(self, params: Any, abstract: Any, source: str = "params") -> Any:
+        """`params` (numpy or jax arrays) cast to `abstract`'s dtypes and placed on their shardings."""
+        want = traverse_util.flatten_dict(nn.unbox(abstract))
+        got = traverse_util.flatten_dict(params)
+        if set(want) != set(got):
+            missing = sorted("/".join(k) for k in set(want) - set(got))
+            extra = sorted("/".join(k) for k in set(got) - set(want))
+            raise ConfigError(f"{source}: params do not match the model (missing {missing[:5]}, "
+                              f"unexpected {extra[:5]})")
+        shard = traverse_util.flatten_dict(self.shardings(abstract)) if self.mesh is not None else {}
+        placed = {}
+        for path, spec in want.items():
+            x = got[path]
+            if tuple(x.shape) != tuple(spec.shape):
+                raise ConfigError(f"{source}: param {'/'.join(path)} has shape {tuple(x.shape)}, "
+                                  f"the model {tuple(spec.shape)}")
+            x = (x if x.dtype == spec.dtype else x.astype(spec.dtype)) if isinstance(x, jax.Array) \
+                else np.asarray(x, spec.dtype)
+            if not shard:
+                placed[path] = jnp.asarray(x)
+            elif getattr(x, "sharding", None) == shard[path]:
+                placed[path] = x
+            else:
+                placed[path] = jax.device_put(x, shard[path])
+        return traverse_util.unflatten_dict(placed)
+
+    def inputs(self, *arrays: Any) -> tuple[Any, ...]:
+        """Batch arrays (None passes through) on the mesh: batch over the data-parallel axes when it divides
+        them, replicated otherwise. Without a mesh they are returned as they are."""
+        if self.mesh is None:
+            return arrays
+        axes = sh.batch_sharding(self.mesh, 1, self.rules).spec[0]
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        dp = int(np.prod([self.mesh.shape[a] for a in axes]))
+        out = []
+        for x in arrays:
+            if x is None:
+                out.append(None)
+                continue
+            x = np.asarray(x)
+            s = sh.batch_sharding(self.mesh, x.ndim, self.rules) if x.shape[0] % dp == 0 else sh.replicated(self.mesh)
+            out.append(jax.device_put(x, s))
+        return tuple(out)
+
+    def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return jax.jit(fn) if self.mesh is None else sh.sharded_jit(fn, self.mesh, self.rules)
+
+    def generator(self, fns: DecodeFns, pad_id: int) -> Generator:
+        """A `Generator` whose prefill / step / cache functions trace under the logical-axis rules."""
+        if self.mesh is not None:
+            fns = DecodeFns(prefill=self._with_rules(fns.prefill), step=self._with_rules(fns.step),
+                            init_cache=self._with_rules(fns.init_cache))
+        return Generator(fns, pad_id=pad_id)
+
+    def generate(self, generator: Generator, *args: Any, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            return generator(*args, **kw)
+
+    def _with_rules(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def traced(*args: Any, **kw: Any) -> Any:
+            with nn.logical_axis_rules(list(self.rules)):
+                return fn(*args, **kw)
+        return traced
 
 
 @dataclasses.dataclass
@@ -36,32 +162,25 @@ class LLMHandle:
     config: LLMConfig
     params: Any
     tokenizer: Any = None
-    mesh: Any = None
-    rules: Sequence[tuple[str, Any]] = sh.DEFAULT_RULES
+    runtime: Runtime = Runtime()
     source: str = ""
 
     def __post_init__(self) -> None:
+        self.config = self.runtime.configure(self.config)
+        self.params = self.runtime.place(self.params, llm.abstract_params(self.config), self.source or "params")
         model = llm.LLM(self.config)
 
         def forward(params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
             logits, _ = model.apply({"params": params}, ids, positions_from_mask(mask), segment_ids=mask)
             return logits
 
-        if self.mesh is None:
-            self._forward = jax.jit(forward)
-        else:
-            pshard = sh.param_shardings(llm.abstract_params(self.config), self.mesh, self.rules)
-            self.params = jax.device_put(self.params, pshard)
-            batch = sh.batch_sharding(self.mesh, 2, self.rules)
-            self._forward = sh.sharded_jit(
-                forward, self.mesh, self.rules, in_shardings=(pshard, batch, batch),
-                out_shardings=sh.logical_sharding(self.mesh, ("act_batch", "act_length", "act_vocab"), self.rules))
+        self._forward = self.runtime.jit(forward)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        self._generator = Generator(llm.decode_fns(self.config), pad_id=pad)
+        self._generator = self.runtime.generator(llm.decode_fns(self.config), pad)
 
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """float32 logits `[B, T, V]`. Ragged lists are left-padded; padded positions' rows are meaningless."""
-        ids, mask = _as_batch(input_ids, attention_mask, self._generator.pad_id)
+        ids, mask = self.runtime.inputs(*_as_batch(input_ids, attention_mask, self._generator.pad_id))
         return np.asarray(self._forward(self.params, ids, mask), dtype=np.float32)
 
     def generate(self, input_ids: Any, *, attention_mask: Any = None, max_new_tokens: int = 32,
@@ -74,9 +193,9 @@ class LLMHandle:
         stops = self.config.eos_token_id if stop_tokens is None else tuple(stop_tokens)
         if not isinstance(input_ids, np.ndarray) and not hasattr(input_ids, "shape"):
             input_ids = [list(map(int, row)) for row in input_ids]
-        out, _ = self._generator(self.params, input_ids, attention_mask=attention_mask,
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, stop_tokens=stops, seed=seed)
+        out, _ = self.runtime.generate(self._generator, self.params, input_ids, attention_mask=attention_mask,
+                                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, stop_tokens=stops, seed=seed)
         return out
 
     def generate_text(self, prompts: str | Sequence[str], **kw: Any) -> list[str]:
@@ -126,52 +245,52 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
     LLMs: HF Llama / Qwen2 safetensors dirs and mm "llm" dirs. VLMs: HF Llava dirs, IAA release dirs
     (`vision=` a local CLIP dir overrides `mm_vision_tower`), mm "vlm" dirs. Towers: HF CLIP / SigLIP dirs.
 
-    `dtype` is the compute dtype, `param_dtype` the dtype params are held in (default: float32).
-    With `mesh`, params are sharded by the logical-axis `rules` and the forward runs as a sharded jit.
+    Every handle honours the same keywords (see `Runtime`): `dtype` is the compute dtype (default: the
+    checkpoint config's, float32 for HF dirs), `param_dtype` the dtype params are held in (default: float32),
+    `attention_impl` one of `mm.attention.IMPLEMENTATIONS` (default: per backend). With `mesh`, params are
+    sharded by the logical-axis `rules` (default `mm.sharding.DEFAULT_RULES`) and every forward and generation
+    compiles under that mesh. An invalid value is a `ConfigError` naming the keyword.
     """
-    from mm import convert
-
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: not a directory")
-    runtime = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl).items()
-               if v is not None}
-    other = _load_any(path, runtime, mesh, rules, vision)
-    if other is not None:
-        return other
-    if (path / convert.MM_CONFIG_FILE).exists():
-        config = convert.read_mm_config(path).replace(**runtime)
-        shardings = None
-        if mesh is not None:  # restore straight onto the mesh: no host copy of the whole model
-            abstract = llm.abstract_params(config)
-            shardings = sh.param_shardings(abstract, mesh, tuple(rules or sh.DEFAULT_RULES))
-        params = convert.load_mm_params(path, config, shardings=shardings)
-    elif (path / "config.json").exists():
-        config, params = convert.load_hf_llm(path, **runtime)
-    else:
-        raise ConfigError(f"{path}: neither an mm checkpoint ({convert.MM_CONFIG_FILE}) nor an HF one (config.json)")
-    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x, config.params_dtype), params)
-    return LLMHandle(config=config, params=params, tokenizer=_load_tokenizer(path), mesh=mesh,
-                     rules=tuple(rules or sh.DEFAULT_RULES), source=str(path))
+    runtime = Runtime(dtype=dtype, param_dtype=param_dtype or "float32", attention_impl=attention_impl, mesh=mesh,
+                      rules=tuple(rules or sh.DEFAULT_RULES))
+    return _load(path, runtime, vision)
 
 
 @dataclasses.dataclass
 class VisionHandle:
-    """A loaded CLIP / SigLIP tower: HF-compatible hidden states as numpy arrays."""
+    """A loaded CLIP / SigLIP tower: HF-compatible hidden states as float32 numpy arrays."""
 
-    config: Any
+    config: VisionConfig
     params: Any
     source: str = ""
+    runtime: Runtime = Runtime()
+
+    def __post_init__(self) -> None:
+        from mm.models import vision
+
+        self.config = self.runtime.configure(self.config)
+        self.params = self.runtime.place(self.params, vision.abstract_params(self.config), self.source or "params")
+        self._vision = vision
+        self._forward: dict[bool, Any] = {}
+
+    def _run(self, pixel_values: Any) -> Any:
+        interp = self._vision._needs_interpolation(self.config, pixel_values)
+        if interp not in self._forward:
+            tower = self._vision.VisionTower(self.config)
+            self._forward[interp] = self.runtime.jit(lambda p, x: tower.apply({"params": p}, x, interp))
+        (pix,) = self.runtime.inputs(np.asarray(pixel_values, np.float32))
+        return self._forward[interp](self.params, pix)
 
     def hidden_states(self, pixel_values: Any) -> list[np.ndarray]:
-        from mm.models import vision
-
-        return vision.hidden_states(self.params, self.config, pixel_values)
+        """HF's `output_hidden_states` list: the embeddings' output, then each layer's."""
+        return [np.asarray(h, np.float32) for h in self._run(pixel_values)["hidden_states"]]
 
     def last_hidden_state(self, pixel_values: Any) -> np.ndarray:
-        from mm.models import vision
-
-        return vision.last_hidden_state(self.params, self.config, pixel_values)
+        """HF's `last_hidden_state` (SigLIP: after post-layernorm; CLIP: the last layer's output)."""
+        return np.asarray(self._run(pixel_values)["last_hidden_state"], np.float32)
 
 
 @dataclasses.dataclass
@@ -190,9 +309,13 @@ class VLMHandle:
     source: str = ""
     vision_source: str = ""
     image_token: int | None = None
+    runtime: Runtime = Runtime()
 
     def __post_init__(self) -> None:
         from mm.models import vlm
+
+        self.config = self.runtime.configure(self.config)
+        self.params = self.runtime.place(self.params, vlm.abstract_params(self.config), self.source or "params")
 
         if self.image_token is None:
             tok_id = None
@@ -257,7 +380,8 @@ class VLMHandle:
                 return vlm.forward(params, cfg, jnp.maximum(ids, 0) if pix is None else ids, pixel_values=pix,
                                    image_mask=img, workflow=workflow, positions=positions_from_mask(att),
                                    segment_ids=att)[0]
-            self._forward[key] = jax.jit(fwd)
+            self._forward[key] = self.runtime.jit(fwd)
+        ids, att, pix, img = self.runtime.inputs(ids, att, pix, img)
         return np.asarray(self._forward[key](self.params, ids, att, pix, img), np.float32)
 
     def generate(self, input_ids: Any, *, pixel_values: Any = None, workflow: str = "mm",
@@ -267,48 +391,52 @@ class VLMHandle:
         rows, pix, masks = self._prepare(input_ids, pixel_values, workflow)
         if workflow not in self._generators:
             pad = self.config.lm.llm.pad_token_id
-            self._generators[workflow] = Generator(self._vlm.decode_fns(self.config, workflow),
-                                                   pad_id=0 if pad is None else pad)
+            self._generators[workflow] = self.runtime.generator(self._vlm.decode_fns(self.config, workflow),
+                                                                0 if pad is None else pad)
         extra = {} if pix is None else {"pixel_values": pix, "image_mask": masks}
         llm_cfg = self.config.lm.llm
         stops = llm_cfg.eos_token_id if stop_tokens is None else tuple(stop_tokens)
-        out, _ = self._generators[workflow](self.params, rows, max_new_tokens=max_new_tokens,
-                                            temperature=temperature, top_k=top_k, top_p=top_p,
-                                            stop_tokens=stops, seed=seed, extra=extra)
+        out, _ = self.runtime.generate(self._generators[workflow], self.params, rows, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops,
+                                       seed=seed, extra=extra)
         return out
 
 
-def _load_any(path: Path, runtime: dict[str, Any], mesh: Any, rules: Any, vision: Any) -> Any:
-    """Dispatches on the directory's manifest (mm) or config.json model_type (HF)."""
+def _load(path: Path, runtime: Runtime, vision: Any) -> Any:
+    """Dispatches on the directory's manifest (mm) or config.json model_type (HF); the handle applies `runtime`."""
     from mm import convert
     from mm.convert import hf_vision, vlm_dir
 
     tokenizer = _load_tokenizer(path)
+    pdt, src = runtime.param_dtype, str(path)
     if (path / convert.MM_CONFIG_FILE).exists():
         kind = read_json(path / convert.MM_CONFIG_FILE).get("kind")
         if kind == hf_vision.VISION_KIND:
             cfg, params = hf_vision.load_mm_vision(path)
-            return VisionHandle(cfg, params, str(path))
+            return VisionHandle(cfg, params, src, runtime)
         if kind == vlm_dir.KIND:
-            cfg, params = vlm_dir.load_mm_vlm(path, param_dtype=runtime.get("param_dtype", "float32"))
-            return VLMHandle(cfg, params, tokenizer, str(path))
-        return None
+            cfg, params = vlm_dir.load_mm_vlm(path, param_dtype=pdt)
+            return VLMHandle(cfg, params, tokenizer, src, runtime=runtime)
+        config = runtime.configure(convert.read_mm_config(path))
+        # restore straight onto the mesh: no host copy of the whole model
+        params = convert.load_mm_params(path, config, shardings=runtime.shardings(llm.abstract_params(config)))
+        return LLMHandle(config, params, tokenizer, runtime, src)
     if not (path / "config.json").exists():
         raise ConfigError(f"{path}: neither an mm checkpoint ({convert.MM_CONFIG_FILE}) nor an HF one (config.json)")
     model_type = read_json(path / "config.json").get("model_type")
-    pdt = runtime.get("param_dtype", "float32")
     if model_type == "llava":
         from mm.convert.llava_hf import load_llava
 
         cfg, params = load_llava(path, param_dtype=pdt)
-        return VLMHandle(cfg, params, tokenizer, str(path))
+        return VLMHandle(cfg, params, tokenizer, src, runtime=runtime)
     if model_type == "IAA":
         from mm.convert.iaa_release import load_release_vlm
 
         cfg, params, used = load_release_vlm(path, vision=vision, param_dtype=pdt)
         print(f"mm.from_pretrained({path}): {used}", flush=True)
-        return VLMHandle(cfg, params, tokenizer, str(path), vision_source=used)
+        return VLMHandle(cfg, params, tokenizer, src, vision_source=used, runtime=runtime)
     if hf_vision.is_vision_hf_config({"model_type": model_type}):
         cfg, params = hf_vision.load_hf_vision(path, param_dtype=pdt)
-        return VisionHandle(cfg, params, str(path))
-    return None
+        return VisionHandle(cfg, params, src, runtime)
+    config, params = convert.load_hf_llm(path, **runtime.options())
+    return LLMHandle(config, params, tokenizer, runtime, src)

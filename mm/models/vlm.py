@@ -116,6 +116,26 @@ def decode_fns(config: VLMConfig, workflow: str = "mm") -> Any:
     return DecodeFns(prefill=prefill, step=step, init_cache=lambda b, n: init_cache(config, workflow, b, n))
 
 
+def with_runtime(config: VLMConfig, **options: Any) -> VLMConfig:
+    """The config with run-time options (`dtype`, `param_dtype`, `attention_impl`) set in every sub-config
+    that has them: the tower, the LLM and each projector (projectors have no attention)."""
+    proj_opts = {k: v for k, v in options.items() if k != "attention_impl"}
+    lm = config.lm
+    if config.is_iaa:
+        lm = dataclasses.replace(lm, llm=lm.llm.replace(**options), branches=tuple(
+            dataclasses.replace(b, projector=dataclasses.replace(b.projector, **proj_opts)) for b in lm.branches))
+    else:
+        lm = dataclasses.replace(lm, llm=lm.llm.replace(**options),
+                                 projector=dataclasses.replace(lm.projector, **proj_opts))
+    return dataclasses.replace(config, vision=config.vision.replace(**options), lm=lm)
+
+
+def abstract_params(config: VLMConfig) -> dict[str, Any]:
+    """Boxed shapes of the whole tree (`vision` and the LLM side, logical axis names included), nothing allocated."""
+    lm = iaa.abstract_params(config.lm) if config.is_iaa else llava.abstract_params(config.lm)
+    return {"vision": vision.abstract_params(config.vision), **lm}
+
+
 def init_params(config: VLMConfig, vision_params: Any, llm_params: Any, rng: Array) -> dict[str, Any]:
     """A fresh VLM around pretrained tower and LLM params (IAA branches copied from the base)."""
     lm = (iaa.init_params(config.lm, llm_params, rng) if config.is_iaa
