@@ -412,7 +412,10 @@ def _load(path: Path, runtime: Runtime, vision: Any) -> Any:
     if (path / convert.MM_CONFIG_FILE).exists():
         kind = read_json(path / convert.MM_CONFIG_FILE).get("kind")
         if kind == hf_vision.VISION_KIND:
-            cfg, params = hf_vision.load_mm_vision(path)
+            from mm.models import vision as vision_lib
+
+            cfg = runtime.configure(hf_vision.read_mm_vision_config(path))
+            params = convert.load_mm_params(path, cfg, shardings=runtime.shardings(vision_lib.abstract_params(cfg)))
             return VisionHandle(cfg, params, src, runtime)
         if kind == vlm_dir.KIND:
             cfg, params = vlm_dir.load_mm_vlm(path, param_dtype=pdt)
@@ -438,5 +441,26 @@ def _load(path: Path, runtime: Runtime, vision: Any) -> Any:
     if hf_vision.is_vision_hf_config({"model_type": model_type}):
         cfg, params = hf_vision.load_hf_vision(path, param_dtype=pdt)
         return VisionHandle(cfg, params, src, runtime)
-    config, params = convert.load_hf_llm(path, **runtime.options())
-    return LLMHandle(config, params, tokenizer, runtime, src)
+    return LLMHandle(*_load_hf_llm(path, runtime), tokenizer, runtime, src)
+
+
+def _load_hf_llm(path: Path, runtime: Runtime) -> tuple[Any, Any]:
+    """An HF Llama / Qwen2 dir: with a mesh, each tensor read region by region straight into its sharded array
+    (`mm.convert.placed`: no host copy of the whole model); without one, into host numpy."""
+    from mm import convert
+
+    if runtime.mesh is None:
+        return convert.load_hf_llm(path, **runtime.options())
+    from mm.convert.mm_dir import set_path
+    from mm.convert.pipeline import open_hf_checkpoint, read_hf_llm_config
+    from mm.convert.placed import hf_onto
+
+    config = read_hf_llm_config(path, **runtime.options())
+    name_map = convert.llm_name_map(config)
+    flat_sh = traverse_util.flatten_dict(runtime.shardings(llm.abstract_params(config)))
+    with open_hf_checkpoint(path, name_map) as ckpt:
+        flat = hf_onto(ckpt, name_map, flat_sh, config.param_dtype, desc=f"load {path.name}", progress=False)
+    params: dict[str, Any] = {}
+    for k, v in flat.items():
+        set_path(params, k, v)
+    return config, params

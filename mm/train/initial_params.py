@@ -34,6 +34,10 @@ from mm.train.checkpoint import Checkpointer, find_trained_params
 
 VISION_SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size",
                        "patch_size", "num_channels", "hidden_act", "use_head")
+# what `initial_params` counts, and how the start-up log names each source
+SOURCES = {"llm_checkpoint": "from init.llm_checkpoint", "vision_checkpoint": "from init.vision_checkpoint",
+           "previous_stage": "from init.checkpoint", "copied": "copied from the base (IAA branches)",
+           "random": "random from init.seed"}
 LLM_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                     "head_dim", "tie_word_embeddings", "attention_bias")
 

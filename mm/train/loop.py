@@ -30,7 +30,7 @@ from mm.train import models, param_groups as pg
 from mm.train.checkpoint import Checkpointer, find_trained_params  # noqa: F401 (re-exported)
 from mm.train.data import SyntheticSource
 from mm.train.grain_source import make_source
-from mm.train.initial_params import inherit_frozen_sources, initial_params
+from mm.train.initial_params import SOURCES, inherit_frozen_sources, initial_params
 from mm.train.metrics import MetricsWriter, Timer
 from mm.train.optimizer import make_optimizer, schedule
 from mm.train.step import init_state, make_eval_step, make_train_step
@@ -93,7 +93,7 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     inherit_frozen_sources(cfg)
     flat, counts = initial_params(cfg, model, mesh, flat_sh, flat_abstract)
     if log:
-        _log("init: " + ", ".join(f"{n} params {how.replace('_', ' ')}" for how, n in counts.items() if n))
+        _log("init params: " + ", ".join(f"{counts[k]} {label}" for k, label in SOURCES.items() if counts.get(k)))
     trainable, frozen = pg.split(pg.unflatten(flat), assignment)
     if not jax.tree.leaves(trainable):
         raise ConfigError("param_groups: every parameter is frozen; nothing to train")

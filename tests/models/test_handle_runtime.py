@@ -169,6 +169,21 @@ def test_mesh_shards_params_and_keeps_float32_outputs(dirs, mesh, plain, kind):
         assert _tokens(kind, h).tolist() == want_tokens.tolist()
 
 
+def test_mm_dirs_restore_straight_onto_the_mesh(dirs, mesh, plain, tmp_path):
+    """mm vision and LLM dirs (converted from the HF ones) come back sharded by Orbax's restore, with the HF
+    dirs' unsharded outputs."""
+    from mm.convert import hf_to_mm
+
+    for kind in ("vision", "llm"):
+        h = mm.from_pretrained(hf_to_mm(dirs[kind], tmp_path / kind, progress=False), mesh=mesh)
+        kernel = _leaves(h.params)[Q_KERNELS[kind][0]]
+        assert tuple(kernel.sharding.spec)[:2] == ("fsdp", "tensor") and kernel.sharding.mesh == mesh, kind
+        want, got = plain[kind][0], _outputs(kind, h)
+        assert set(got) == set(want)
+        for name in want:
+            assert float(np.abs(got[name] - want[name]).max()) <= 1e-5, (kind, name)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_dtype_and_param_dtype_on_a_mesh(dirs, mesh, plain, kind):
     want, _ = plain[kind]
