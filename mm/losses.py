@@ -6,6 +6,9 @@ recomputes logits one `[chunk, <=8192]` tile at a time (vocab slices outside, to
 accumulate dH and finish dW slice by slice. Peak extra memory is one chunk's `[chunk, V]` float32 logits
 (forward), a float32 dH and the dW being written, instead of all `[N, V]` logits and their gradient. `plain_cross_entropy`
 is the straightforward version: the reference in tests and the baseline in `bench/attention.py`.
+
+`reduction="none"` keeps the NLL per token; `completion_logprobs` builds on it for per-row summed log-probs of
+`[B, T]` rows (what preference losses score, see `mm.dpo_losses`), with `next_token_targets` for the causal shift.
 """
 
 from __future__ import annotations
@@ -34,23 +37,36 @@ def _check(hidden: Array, kernel: Array, labels: Array, weights: Array | None) -
         raise ValueError(f"cross-entropy: weights {weights.shape} do not match labels {labels.shape}")
 
 
-def _reduce(total: Array, count: Array, reduction: str, return_count: bool):
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"cross-entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    loss = total / jnp.maximum(count, 1e-9) if reduction == "mean" else total
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross-entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _reduce(nll: Array, w: Array, reduction: str, return_count: bool):
+    """`nll` and `w` per token `[N]` (`nll` already weighted). 'none' keeps them per token."""
+    if reduction == "none":
+        loss, count = nll, w
+    else:
+        loss, count = jnp.sum(nll), jnp.sum(w)
+        loss = loss / jnp.maximum(count, 1e-9) if reduction == "mean" else loss
     return (loss, count) if return_count else loss
 
 
 def plain_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: Array | None = None, *,
                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean", return_count: bool = False):
-    """Reference: full float32 logits `[N, V]`, log-softmax, weighted sum (or mean over the weight sum)."""
+    """Reference: full float32 logits `[N, V]`, log-softmax, weighted sum (or mean over the weight sum, or per
+    token)."""
     _check(hidden, kernel, labels, weights)
+    _check_reduction(reduction)
     w = _token_weights(labels, weights, ignore_index)
     logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     safe = jnp.where(labels == ignore_index, 0, labels)
     nll = -jnp.take_along_axis(logp, safe[:, None], axis=-1)[:, 0]
-    return _reduce(jnp.sum(nll * w), jnp.sum(w), reduction, return_count)
+    return _reduce(nll * w, w, reduction, return_count)
 
 
 def _chunk_logits(h: Array, kernel: Array) -> Array:
@@ -58,23 +74,24 @@ def _chunk_logits(h: Array, kernel: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _weighted_nll_sum(hidden: Array, kernel: Array, labels: Array, w: Array, chunk: int) -> Array:
+def _weighted_nll(hidden: Array, kernel: Array, labels: Array, w: Array, chunk: int) -> Array:
+    """Per-token `w * NLL` `[N]` (N a multiple of `chunk`)."""
     return _nll_fwd(hidden, kernel, labels, w, chunk)[0]
 
 
 def _nll_fwd(hidden, kernel, labels, w, chunk):
     n_chunks = hidden.shape[0] // chunk
 
-    def body(total, xs):
+    def body(carry, xs):
         h, y, wc = xs
         logits = _chunk_logits(h, kernel)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-        return total + jnp.sum((lse - picked) * wc), lse
+        return carry, ((lse - picked) * wc, lse)
 
     xs = (hidden.reshape(n_chunks, chunk, -1), labels.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk))
-    total, lse = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total, (hidden, kernel, labels, w, lse)
+    _, (nll, lse) = jax.lax.scan(body, None, xs)
+    return nll.reshape(-1), (hidden, kernel, labels, w, lse)
 
 
 def _nll_bwd(chunk, res, g):
@@ -86,7 +103,8 @@ def _nll_bwd(chunk, res, g):
     vc = _vocab_chunk(vocab)
     n_v = -(-vocab // vc)
     kernel_p = jnp.pad(kernel, ((0, 0), (0, n_v * vc - vocab))) if n_v * vc != vocab else kernel
-    xs = (hidden.reshape(n_chunks, chunk, -1), labels.reshape(n_chunks, chunk), w.reshape(n_chunks, chunk), lse)
+    xs = (hidden.reshape(n_chunks, chunk, -1), labels.reshape(n_chunks, chunk),
+          (w * g).reshape(n_chunks, chunk), lse)  # g: the per-token cotangent
 
     def vocab_step(carry, j):
         dh, dw = carry
@@ -94,9 +112,9 @@ def _nll_bwd(chunk, res, g):
         cols = j * vc + jax.lax.broadcasted_iota(jnp.int32, (chunk, vc), 1)
 
         def token_step(dw_j, x):
-            h, y, wc, lse_c = x
+            h, y, wg, lse_c = x
             p = jnp.where(cols < vocab, jnp.exp(_chunk_logits(h, w_j) - lse_c[:, None]), 0.0)
-            dlogits = (p - (cols == y[:, None])) * (wc * g)[:, None]
+            dlogits = (p - (cols == y[:, None])) * wg[:, None]
             dh_c = jax.lax.dot_general(dlogits.astype(kernel.dtype), w_j, (((1,), (1,)), ((), ())),
                                        preferred_element_type=jnp.float32)
             dw_j = dw_j + jnp.dot(h.T, dlogits.astype(h.dtype), preferred_element_type=jnp.float32)
@@ -122,7 +140,7 @@ def _vocab_chunk(vocab: int) -> int:
     return _VOCAB_CHUNK
 
 
-_weighted_nll_sum.defvjp(_nll_fwd, _nll_bwd)
+_weighted_nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def chunked_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: Array | None = None, *,
@@ -131,11 +149,13 @@ def chunked_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: 
     """Token-level cross-entropy of `softmax(hidden @ kernel)` against `labels`, chunked over tokens.
 
     hidden `[N, D]`, kernel `[D, V]`, labels `[N]` (entries equal to `ignore_index` are skipped), optional
-    per-token `weights` `[N]` (not differentiated). Returns the weighted sum or mean (over the summed weights)
-    and, with `return_count`, that weight sum. Equals `plain_cross_entropy` in value and gradients; logits
+    per-token `weights` `[N]` (not differentiated). Returns the weighted sum, the mean (over the summed weights)
+    or, with `reduction="none"`, the weighted NLL of each token `[N]` (0 where ignored); with `return_count`
+    also the weight sum (per token for 'none'). Equals `plain_cross_entropy` in value and gradients; logits
     are formed in float32 one `[chunk_size, V]` block at a time, in the forward and again in the backward.
     """
     _check(hidden, kernel, labels, weights)
+    _check_reduction(reduction)
     if chunk_size <= 0:
         raise ValueError(f"cross-entropy: chunk_size must be positive, got {chunk_size}")
     n = hidden.shape[0]
@@ -149,5 +169,34 @@ def chunked_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: 
         w_in = jnp.pad(w, (0, padded - n))
     else:
         w_in = w
-    total = _weighted_nll_sum(hidden, kernel, safe, jax.lax.stop_gradient(w_in), chunk)
-    return _reduce(total, jnp.sum(w), reduction, return_count)
+    nll = _weighted_nll(hidden, kernel, safe, jax.lax.stop_gradient(w_in), chunk)[:n]
+    return _reduce(nll, w, reduction, return_count)
+
+
+def next_token_targets(input_ids: Array, completion_mask: Array) -> tuple[Array, Array]:
+    """Causal shift for scoring `[B, T]` token rows: position t predicts token t + 1, so the labels are
+    `input_ids[:, 1:]` and the mask `completion_mask[:, 1:]`, each padded with one unscored last column (hidden
+    states stay `[B, T, D]`; the first token is never scored)."""
+    if input_ids.shape != completion_mask.shape or input_ids.ndim != 2:
+        raise ValueError(f"next_token_targets: input_ids {input_ids.shape} and completion_mask "
+                         f"{completion_mask.shape} must be the same [B, T]")
+    labels = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
+    mask = jnp.pad(completion_mask[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    return labels, mask
+
+
+def completion_logprobs(hidden: Array, kernel: Array, labels: Array, mask: Array, *,
+                        chunk_size: int = 512) -> tuple[Array, Array]:
+    """Per-row summed log-prob of the `mask`ed `labels` and the row's token count, both float32 `[B]`.
+
+    hidden `[B, T, D]` (the final-normed states), kernel `[D, V]` (the LM head), labels `[B, T]` (the token each
+    position predicts, e.g. from `next_token_targets`), mask `[B, T]` (1 = scored). Log-probs come from float32
+    logits through `chunked_cross_entropy`, so `[B * T, V]` logits are never formed; differentiable in hidden
+    and kernel."""
+    if hidden.ndim != 3 or labels.shape != hidden.shape[:2] or mask.shape != labels.shape:
+        raise ValueError(f"completion_logprobs: hidden [B, T, D], labels and mask [B, T] wanted, got "
+                         f"{hidden.shape}, {labels.shape}, {mask.shape}")
+    b, t, d = hidden.shape
+    nll, w = chunked_cross_entropy(hidden.reshape(b * t, d), kernel, labels.reshape(-1), mask.reshape(-1),
+                                   reduction="none", return_count=True, chunk_size=chunk_size)
+    return -jnp.sum(nll.reshape(b, t), axis=1), jnp.sum(w.reshape(b, t), axis=1)

@@ -91,3 +91,47 @@ def test_vocab_sliced_backward(monkeypatch, vocab):
     np.testing.assert_allclose(lc, lp, rtol=1e-6)
     for a, b in zip(gc, gp):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_per_token_equals_plain_and_grads(chunk):
+    hidden, kernel, labels, weights = _data()
+    cot = jax.random.normal(jax.random.key(3), labels.shape)  # a non-uniform cotangent per token
+
+    def vg(fn, **kw):
+        f = lambda h, k: fn(h, k, labels, weights, reduction="none", **kw)  # noqa: E731
+        out, pull = jax.vjp(f, hidden, kernel)
+        return out, pull(cot)
+
+    (nc, (dhc, dkc)), (np_, (dhp, dkp)) = vg(chunked_cross_entropy, chunk_size=chunk), vg(plain_cross_entropy)
+    assert nc.shape == labels.shape
+    np.testing.assert_allclose(nc, np_, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(nc)[np.asarray(labels) == -100] == 0)
+    np.testing.assert_allclose(dhc, dhp, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(dkc, dkp, atol=1e-6, rtol=1e-5)
+
+
+def test_completion_logprobs_per_row_against_numpy():
+    from mm.losses import completion_logprobs, next_token_targets
+
+    b, t, d, v = 3, 9, 16, 40
+    kh, kw, ki = jax.random.split(jax.random.key(1), 3)
+    hidden = jax.random.normal(kh, (b, t, d))
+    kernel = 0.3 * jax.random.normal(kw, (d, v))
+    ids = jax.random.randint(ki, (b, t), 0, v)
+    cmask = np.zeros((b, t), np.int32)
+    cmask[0, 4:] = 1
+    cmask[1, 2:6] = 1  # right padding after the completion
+    cmask[2, 8:] = 1  # a single completion token
+    labels, mask = next_token_targets(ids, jnp.asarray(cmask))
+    logps, count = completion_logprobs(hidden, kernel, labels, mask, chunk_size=5)
+    # brute force in float64: token s (s >= 1, in the completion) is scored by position s - 1
+    h64, k64, ids_np = np.asarray(hidden, np.float64), np.asarray(kernel, np.float64), np.asarray(ids)
+    logits = h64 @ k64
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = [sum(logp[r, s - 1, ids_np[r, s]] for s in range(1, t) if cmask[r, s]) for r in range(b)]
+    np.testing.assert_allclose(logps, want, rtol=1e-5)
+    np.testing.assert_array_equal(count, cmask[:, 1:].sum(1))
+    with pytest.raises(ValueError, match="completion_logprobs"):
+        completion_logprobs(hidden[0], kernel, labels, mask)
