@@ -1,5 +1,7 @@
 """One process of the multi-host test: joins a 2-process CPU cluster (gloo), runs a sharded forward over the
-global 8-device mesh, and prints the max difference against a local single-device forward of the same model."""
+global 8-device mesh, and prints the max difference against a local single-device forward of the same model.
+Given an HF checkpoint dir, it also reads it straight onto an fsdp mesh over both hosts (`mm.convert.placed`)
+and prints the difference of its local shards against the whole in-memory load, and how many bytes it read."""
 
 import os
 import sys
@@ -37,7 +39,38 @@ def main() -> None:
                          in_shardings=(pshard, bsh), out_shardings=sh.replicated(mesh))
     out = np.asarray(fwd(placed, batch))
     print(f"MAXERR {np.abs(out - ref).max():.3e}", flush=True)
+    if len(sys.argv) > 3:
+        placed_load(sys.argv[3])
     jax.distributed.shutdown()
+
+
+def placed_load(hf_dir: str) -> None:
+    from mm.convert import mm_dir as mmd
+    from mm.convert.llm_map import llm_name_map
+    from mm.convert.pipeline import load_hf_llm, open_hf_checkpoint
+    from mm.convert.placed import hf_onto
+    from mm.convert.safetensors_io import SafetensorsCheckpoint
+
+    read = [0]
+    plain_read = SafetensorsCheckpoint.read_rows
+
+    def counting(self, *args, **kw):
+        out = plain_read(self, *args, **kw)
+        read[0] += out.nbytes
+        return out
+
+    config, whole = load_hf_llm(hf_dir)
+    whole = mmd.flatten(whole)
+    SafetensorsCheckpoint.read_rows = counting  # from here on: the regions the placed load reads
+    mesh = sh.make_mesh({"fsdp": 8})
+    name_map = llm_name_map(config)
+    flat_sh = mmd.flatten(sh.param_shardings(llm.abstract_params(config), mesh))
+    with open_hf_checkpoint(hf_dir, name_map) as ckpt:
+        total = sum(t.nbytes for t in ckpt.tensors.values())
+        got = hf_onto(ckpt, name_map, flat_sh, np.float32, progress=False)
+    err = max(float(np.abs(np.asarray(s.data) - whole[p][s.index]).max()) for p, a in got.items()
+              for s in a.addressable_shards)
+    print(f"PLACED {err:.3e} {read[0]} {total}", flush=True)
 
 
 if __name__ == "__main__":

@@ -156,8 +156,9 @@ class SafetensorsCheckpoint:
     def read_rows(self, name: str, r0: int, r1: int, cols: slice = slice(None),
                   stripe_bytes: int = 64 * 1024**2) -> np.ndarray:
         """Rows `r0:r1` of one tensor (its leading dimension; elements of a 1-d one) and of those only `cols` of
-        dimension 1. Rows are contiguous on disk, so this reads just their bytes; with a column subset it reads
-        them in stripes of about `stripe_bytes` and keeps the columns, so memory stays near the result."""
+        dimension 1. Rows are contiguous on disk, so this reads just their bytes. A column subset is a strided
+        region: it is copied out of a read-only memory map in stripes of about `stripe_bytes`, so only the pages
+        holding those columns are read, and memory stays near the result."""
         info = self.tensors[name]
         shape = info.shape or (1,)
         if not 0 <= r0 <= r1 <= shape[0]:
@@ -170,10 +171,15 @@ class SafetensorsCheckpoint:
                 (r1 - r0,) + tuple(info.shape[1:]))
         c0, c1 = int(cols.start or 0), int(shape[1] if cols.stop is None else cols.stop)
         out = np.empty((r1 - r0, c1 - c0) + row_shape[1:], info.dtype)
+        if r1 == r0:
+            return out
         step = max(1, stripe_bytes // max(row_bytes, 1))
         for a in range(r0, r1, step):
             b = min(r1, a + step)
-            out[a - r0:b - r0] = self._read_bytes(info, info.start + a * row_bytes, (b - a,) + row_shape)[:, c0:c1]
+            view = np.memmap(info.file, dtype=info.dtype, mode="r", offset=info.start + a * row_bytes,
+                             shape=(b - a,) + row_shape)
+            out[a - r0:b - r0] = view[:, c0:c1]
+            del view  # unmapped: its pages leave this process
         return out
 
     def _read_bytes(self, info: TensorInfo, start: int, shape: tuple[int, ...]) -> np.ndarray:
