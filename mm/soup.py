@@ -13,8 +13,8 @@ scorer evaluates on is the scorer's business; it must be a held-out split, never
 Ingredients are all of one kind, and the soup is written in that kind:
   - mm checkpoint dirs (`mm_config.json` + Orbax `params/`) of one kind and config;
   - HF dirs (`config.json` + safetensors) of one architecture;
-  - finished `mm-train` workdirs: each is exported first (`mm.train.export.export_run`, one whole model in
-    memory at a time, as that export needs) into a scratch directory beside the output, then souped as mm dirs.
+A finished `mm-train` workdir is not an ingredient itself: export it first (`mm-convert export-run`, which
+rebuilds the full model from the trained params and their frozen source) and soup the exported mm dirs.
 Every tensor name, shape and dtype family is checked across all ingredients from metadata before anything is
 read; the error names the first tensor that differs and the two files. Float tensors stored in different float
 dtypes need an explicit `dtype`.
@@ -43,7 +43,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -190,11 +189,12 @@ def input_kind(path: Path) -> str:
     if (path / mmd.MM_CONFIG_FILE).is_file():
         return "mm"
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        return "workdir"
+        raise ConversionError(f"{path}: an mm-train workdir; export it first (mm-convert export-run --src {path} "
+                              f"--dst DIR) and soup the exported directories")
     if (path / "config.json").is_file() and ((path / INDEX_FILE).is_file() or any(path.glob("*.safetensors"))):
         return "hf"
-    raise ConversionError(f"{path}: not an mm checkpoint (no {mmd.MM_CONFIG_FILE}), an mm-train workdir (config.json "
-                          f"+ checkpoints/) or an HF safetensors directory (config.json + *.safetensors)")
+    raise ConversionError(f"{path}: neither an mm checkpoint (no {mmd.MM_CONFIG_FILE}) nor an HF safetensors directory "
+                          f"(config.json + *.safetensors)")
 
 
 def _show(key: Any) -> str:
@@ -262,7 +262,7 @@ def open_ingredients(paths: Sequence[str | Path]) -> Ingredients:
         config = mmd.read_mm_config(paths[0])
         if getattr(config, "is_iaa", False):
             frozen = {k for k in metas[0] if k[0] == "base"}
-    elif kinds[0] == "hf":
+    else:  # "hf"
         configs = [_strip(read_json(p / "config.json"), _HF_NON_ARCH_KEYS) for p in paths]
         config_file = "config.json"
         for p in paths:
@@ -270,8 +270,6 @@ def open_ingredients(paths: Sequence[str | Path]) -> Ingredients:
                 infos = sorted(ck.tensors.values(), key=lambda t: (t.file.name, t.start))
                 metas.append({t.name: (t.shape, t.dtype) for t in infos})
                 where.append({t.name: str(t.file) for t in infos})
-    else:
-        raise ConversionError(f"{paths[0]}: mm-train workdirs are exported before souping (soup() does that)")
     first = metas[0]
     for i in range(1, len(paths)):
         for key, (shape, dt) in first.items():
@@ -446,7 +444,7 @@ def soup(inputs: Sequence[str | Path], dst: str | Path, *, method: str, scorer: 
             raise ConversionError(f"{p}: not a directory")
     with staged_output(dst, overwrite) as stage:
         work = stage / ".soup-work"
-        ing = open_ingredients(_exported(inputs, work))
+        ing = open_ingredients(inputs)
         info = {"method": method, **({"top_p": top_p} if top_p else {}), **({"accept": accept} if accept else {})}
         candidates: dict[tuple[int, ...], Path] = {}
 
@@ -479,21 +477,6 @@ def soup(inputs: Sequence[str | Path], dst: str | Path, *, method: str, scorer: 
         shutil.rmtree(work, ignore_errors=True)
         write_report(sel, inputs, stage, dtype=dtype, plot=plot)
     return sel
-
-
-def _exported(inputs: list[Path], work: Path) -> list[Path]:
-    """mm-train workdirs exported (one at a time) into `work`; other inputs as they are."""
-    if not any(input_kind(p) == "workdir" for p in inputs):
-        return inputs
-    from mm.train.export import export_run
-
-    out = []
-    for i, p in enumerate(inputs):
-        if input_kind(p) == "workdir":
-            out.append(export_run(p, work / f"ingredient-{i}"))
-        else:
-            out.append(p)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- report

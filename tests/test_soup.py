@@ -192,11 +192,12 @@ def test_dtype_option_and_mixed_float_dtypes(bf16_llamas, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- IAA
-def _iaa_dir(path, branch_seed, base_seed=1):
+@pytest.fixture(scope="module")
+def iaa_model():
+    """A tiny IAA VLM (tower, base LLM, one `mm` branch): config and params."""
     import jax
 
     from mm.config import LLMConfig, VisionConfig
-    from mm.convert import vlm_dir
     from mm.models import iaa, llm, vision, vlm
     from mm.models.connectors import ProjectorConfig
 
@@ -206,23 +207,42 @@ def _iaa_dir(path, branch_seed, base_seed=1):
     cfg = vlm.VLMConfig(vision=vc, lm=iaa.IAAConfig(llm=lc, branches=(
         iaa.BranchConfig("mm", (0,), ProjectorConfig(in_dim=16, out_dim=32)),)), image_token_id=5)
     params = vlm.init_params(cfg, vision.init_params(vc, jax.random.PRNGKey(0)),
-                             llm.init_params(lc, jax.random.PRNGKey(base_seed)), jax.random.PRNGKey(branch_seed))
+                             llm.init_params(lc, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
+    return cfg, jax.tree.map(np.asarray, params)
+
+
+def _iaa_dir(iaa_model, path, branch_seed, base_seed=None):
+    """The model with its branch (and, given `base_seed`, its base) perturbed: a fine-tuned branch of one base."""
+    import jax
+
+    from mm.convert import vlm_dir
+
+    cfg, params = iaa_model
+    params = dict(params)
+    for key, seed in (("mm", branch_seed), ("base", base_seed)):
+        if seed is not None:
+            rng = np.random.default_rng(seed)
+            params[key] = jax.tree.map(lambda x: (x + rng.normal(scale=0.02, size=x.shape)).astype(x.dtype),
+                                       params[key])
     return vlm_dir.save_mm_vlm(cfg, params, path)
 
 
-def test_iaa_soup_averages_the_branch_and_copies_the_shared_base(tmp_path):
-    dirs = [_iaa_dir(tmp_path / f"iaa{i}", branch_seed=10 + i) for i in range(3)]
+def test_iaa_soup_averages_the_branch_and_copies_the_shared_base(iaa_model, tmp_path):
+    dirs = [_iaa_dir(iaa_model, tmp_path / f"iaa{i}", branch_seed=10 + i) for i in range(3)]
     soup_lib.soup(dirs, tmp_path / "soup", method="average")
     ins, out = [_mm_tensors(d) for d in dirs], _mm_tensors(tmp_path / "soup")
     branch = [p for p in out if p[0] == "mm"]
     assert branch and any(p[0] == "base" for p in out)
+    n_averaged = 0
     for p, a in out.items():
         if p[0] == "mm" and not all(np.array_equal(ins[0][p], x[p]) for x in ins):
+            n_averaged += 1
             ref = (np.sum([x[p].astype(np.float32) for x in ins], axis=0) / np.float32(3)).astype(a.dtype)
             np.testing.assert_array_equal(a, ref, err_msg="/".join(p))
         else:  # base (frozen by construction), the tower: copied from the first ingredient
             assert a.tobytes() == ins[0][p].tobytes(), p
-    other_base = _iaa_dir(tmp_path / "other", branch_seed=10, base_seed=7)
+    assert n_averaged == len(branch)
+    other_base = _iaa_dir(iaa_model, tmp_path / "other", branch_seed=10, base_seed=7)
     with pytest.raises(ConversionError, match=r"tensor base/\S+ differs between .*iaa0.* and .*other.*frozen base"):
         soup_lib.soup([dirs[0], other_base], tmp_path / "bad", method="average")
     assert not (tmp_path / "bad").exists()
@@ -288,6 +308,11 @@ def test_mismatched_tensor_is_named_with_both_files(tmp_path):
         soup_lib.soup([ma, mb], tmp_path / "out", method="average")
     with pytest.raises(ConversionError, match="of one kind"):
         soup_lib.soup([ma, a], tmp_path / "out", method="average")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match=r"run: an mm-train workdir; export it first \(mm-convert export-run"):
+        soup_lib.soup([run, run], tmp_path / "out", method="average")
     assert not (tmp_path / "out").exists()
 
 
@@ -336,3 +361,4 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["average", str(a), str(a), "--dst", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "model.safetensors").exists()
+
