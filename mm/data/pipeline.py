@@ -30,7 +30,7 @@ import numpy as np
 from mm.data import images as img_lib
 from mm.data.conversations import ConversationEncoder, Encoded, normalise_turns, truncate
 from mm.data.packing import FirstFit, assemble, bucket_length
-from mm.data.skips import REASONS, SampleSkip, SkipCounter, log
+from mm.data.skips import REASONS, DataError, SampleSkip, SkipCounter, log
 from mm.data.sources import read_row_images, row_id
 from mm.data.tiling import catty_plan
 
@@ -208,10 +208,19 @@ def _stats(used: int, skips: list[tuple[str, str, str]]) -> dict[str, Any]:
     return {"used": used, "counts": counts, "examples": skips[:5]}
 
 
+def _no_usable_sample(skips: list[tuple[str, str, str]]) -> None:
+    counts = _stats(0, skips)["counts"]
+    top = ", ".join(f"{r}={n}" for r, n in sorted(counts.items(), key=lambda x: -x[1]) if n)
+    ex = "; ".join(f"{i} ({r}: {m})" for r, i, m in skips[:5])
+    raise DataError(f"data: {len(skips)} samples in a row skipped (every row of the data at least once) and none "
+                    f"usable (by reason: {top}); for example: {ex}")
+
+
 class _PackBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, give_up_after: int = 0):
         super().__init__(parent)
         self._cfg = cfg
+        self._give_up_after = give_up_after  # consecutive skips that prove no row is usable (0: never)
         self._start = self._parent.get_state()  # parent state before the first example of the next batch
         self._carry: dict[str, Any] | None = None
 
@@ -254,6 +263,8 @@ class _PackBatchIterator(grain.DatasetIterator):
                 break
             if "skip" in ex:
                 skips.append(tuple(ex["skip"]))
+                if seen == 0 and self._give_up_after and len(skips) >= self._give_up_after:
+                    _no_usable_sample(skips)  # repeating data that skips everything would never yield a batch
                 continue
             if not add(ex):
                 self._carry = ex
@@ -281,12 +292,13 @@ class _PackBatchIterator(grain.DatasetIterator):
 class PackBatchIterDataset(grain.IterDataset):
     """Examples -> fixed-shape batches (see the module docstring); skip records are counted, not batched."""
 
-    def __init__(self, parent: grain.IterDataset, cfg: DataConfig):
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, give_up_after: int = 0):
         super().__init__(parent)
         self._cfg = cfg
+        self._give_up_after = give_up_after
 
     def __iter__(self) -> _PackBatchIterator:
-        return _PackBatchIterator(self._parent.__iter__(), self._cfg)
+        return _PackBatchIterator(self._parent.__iter__(), self._cfg, self._give_up_after)
 
 
 def build_dataset(rows: Any, cfg: DataConfig, maker: ExampleMaker, *, shard_index: int = 0,
@@ -300,7 +312,10 @@ def build_dataset(rows: Any, cfg: DataConfig, maker: ExampleMaker, *, shard_inde
         ds = ds[shard_index::shard_count]
     ds = ds.map(maker)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.batch_size))
-    it = PackBatchIterDataset(it, cfg)
+    # Repeating data: any 2 epochs' worth of consecutive samples hold every row, so that many skips in a row with
+    # nothing usable means no batch will ever come - an error, not a loop that never yields.
+    epoch = -(-len(rows) // max(shard_count, 1))
+    it = PackBatchIterDataset(it, cfg, give_up_after=2 * epoch if cfg.num_epochs != 1 else 0)
     if cfg.worker_count > 0:
         from absl import flags
 

@@ -233,3 +233,15 @@ def test_uint8_pixels_normalised_on_device_equal_float32(data, tok, tiling):
         for k in a:
             if k != "pixel_values":
                 np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_repeating_data_that_skips_everything_stops_with_an_error(tmp_path, tok):
+    """num_epochs=None (the trainer's setting) over rows that are all skipped: an error after two epochs' worth
+    of samples in a row (every row seen), not a loop that never yields a batch."""
+    long = [{"from": "human", "value": "word " * 80}, {"from": "gpt", "value": "a"}]
+    rows = [{"id": f"long{i}", "conversations": long} for i in range(3)]
+    cfg = DataConfig(max_len=32, batch_size=2, tiling="none", max_tiles_per_row=0, num_epochs=None)
+    p = DataPipeline(rows, cfg, ExampleMaker(cfg, tok, None))
+    with pytest.raises(DataError, match=r"6 samples in a row skipped \(every row of the data at least once\) and "
+                                        r"none usable \(by reason: no_supervised_tokens=6\).*long"):
+        next(iter(p))
