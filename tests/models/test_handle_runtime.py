@@ -16,13 +16,10 @@ import torch
 import mm
 from mm import attention as attn
 from mm import sharding as sh
-from mm.config import ConfigError, LLMConfig, VisionConfig
-from mm.convert import vlm_dir
-from mm.models import iaa, llm, vision, vlm
-from mm.models.connectors import ProjectorConfig
+from mm.config import ConfigError
 from tests.helpers import hf_models
+from tests.helpers.vlm_dirs import PH, tiny_iaa_vlm
 
-PH = 5  # IAA placeholder id (one per image in a prompt)
 LLAVA_IMG = 100  # HF Llava's image token, inside the vocabulary
 KINDS = ["llm", "iaa", "llava", "vision"]
 # [embed, heads, head_dim] kernels, laid out by DEFAULT_RULES: embed -> fsdp, heads -> tensor.
@@ -55,20 +52,7 @@ def _llava_dir(path):
 
 
 def _iaa_dir(path):
-    import jax
-
-    vc = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28, patch_size=14)
-    lc = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                   head_dim=8, eos_token_id=(2,))
-    proj = ProjectorConfig(in_dim=16, out_dim=32)
-    cfg = vlm.VLMConfig(vision=vc, lm=iaa.IAAConfig(llm=lc, branches=(iaa.BranchConfig("mm", (0, 2), proj),
-                                                                     iaa.BranchConfig("g", (1,), proj))),
-                        image_token_id=PH)
-    params = vlm.init_params(cfg, vision.init_params(vc, jax.random.PRNGKey(0)),
-                             llm.init_params(lc, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
-    # Larger than init's 0.02 so that the logits are not all near zero (bf16 rounding then shows).
-    params = jax.tree.map(lambda x: np.asarray(x) * 4.0 if x.ndim > 1 else np.asarray(x), params)
-    return vlm_dir.save_mm_vlm(cfg, params, path)
+    return tiny_iaa_vlm(path, scale=4.0)[0]
 
 
 def _clip_dir(path):

@@ -5,29 +5,14 @@ import pytest
 import torch
 
 import mm
-from mm.config import LLMConfig, VisionConfig
-from mm.convert import vlm_dir
-from mm.models import iaa, llm, vision, vlm
-from mm.models.connectors import ProjectorConfig
+from mm.models import vlm
+from tests.helpers.vlm_dirs import PH, tiny_iaa_vlm
 
-PH = 5  # the placeholder id prompts carry, one per image
 
 
 @pytest.fixture(scope="module")
 def iaa_dir(tmp_path_factory):
-    import jax
-
-    vc = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28, patch_size=14)
-    lc = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                   head_dim=8, eos_token_id=(2,))
-    proj = ProjectorConfig(in_dim=16, out_dim=32)
-    cfg = vlm.VLMConfig(vision=vc, lm=iaa.IAAConfig(llm=lc, branches=(iaa.BranchConfig("mm", (0, 2), proj),
-                                                                     iaa.BranchConfig("g", (1,), proj))),
-                        image_token_id=PH)
-    params = vlm.init_params(cfg, vision.init_params(vc, jax.random.PRNGKey(0)),
-                             llm.init_params(lc, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
-    d = vlm_dir.save_mm_vlm(cfg, params, tmp_path_factory.mktemp("vlm") / "iaa")
-    return d, cfg, params
+    return tiny_iaa_vlm(tmp_path_factory.mktemp("vlm") / "iaa")
 
 
 def test_mm_vlm_dir_round_trip_and_workflows(iaa_dir):

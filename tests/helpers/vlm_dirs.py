@@ -1,0 +1,34 @@
+"""A tiny IAA VLM (ViT + `mm` and `g` branches) saved as an mm `vlm` dir, for the handle tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PH = 5  # the placeholder id its prompts carry, one per image
+
+
+def tiny_iaa_vlm(path: Path, scale: float = 1.0) -> tuple[Path, Any, Any]:
+    """(dir, VLMConfig, params) of a random tiny IAA VLM; matrices scaled by `scale` (larger than init's 0.02
+    makes logits large enough for bf16 rounding to show)."""
+    import jax
+
+    from mm.config import LLMConfig, VisionConfig
+    from mm.convert import vlm_dir
+    from mm.models import iaa, llm, vision, vlm
+    from mm.models.connectors import ProjectorConfig
+
+    vc = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28, patch_size=14)
+    lc = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                   head_dim=8, eos_token_id=(2,))
+    proj = ProjectorConfig(in_dim=16, out_dim=32)
+    cfg = vlm.VLMConfig(vision=vc, lm=iaa.IAAConfig(llm=lc, branches=(iaa.BranchConfig("mm", (0, 2), proj),
+                                                                     iaa.BranchConfig("g", (1,), proj))),
+                        image_token_id=PH)
+    params = vlm.init_params(cfg, vision.init_params(vc, jax.random.PRNGKey(0)),
+                             llm.init_params(lc, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
+    if scale != 1.0:
+        params = jax.tree.map(lambda x: np.asarray(x) * scale if x.ndim > 1 else np.asarray(x), params)
+    return vlm_dir.save_mm_vlm(cfg, params, path), cfg, params
