@@ -451,7 +451,6 @@ def _load_hf_llm(path: Path, runtime: Runtime) -> tuple[Any, Any]:
 
     if runtime.mesh is None:
         return convert.load_hf_llm(path, **runtime.options())
-    from mm.convert.mm_dir import set_path
     from mm.convert.pipeline import open_hf_checkpoint, read_hf_llm_config
     from mm.convert.placed import hf_onto
 
@@ -460,7 +459,4 @@ def _load_hf_llm(path: Path, runtime: Runtime) -> tuple[Any, Any]:
     flat_sh = traverse_util.flatten_dict(runtime.shardings(llm.abstract_params(config)))
     with open_hf_checkpoint(path, name_map) as ckpt:
         flat = hf_onto(ckpt, name_map, flat_sh, config.param_dtype, desc=f"load {path.name}", progress=False)
-    params: dict[str, Any] = {}
-    for k, v in flat.items():
-        set_path(params, k, v)
-    return config, params
+    return config, traverse_util.unflatten_dict(flat)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from mm.convert.errors import ConversionError
 from mm.convert.name_map import Box, Entry, MMPath, NameMap
 from mm.convert.safetensors_io import SafetensorsCheckpoint
 
@@ -57,7 +58,7 @@ def hf_onto(ckpt: SafetensorsCheckpoint, name_map: NameMap, shardings: Mapping[M
     """Every entry of `name_map` from an open, already checked checkpoint onto `shardings[mm_path]`."""
     missing = sorted("/".join(e.mm_path) for e in name_map.entries if e.mm_path not in shardings)
     if missing:
-        raise KeyError(f"no sharding for params {missing[:5]}")
+        raise ConversionError(f"{ckpt.directory}: params {missing[:5]} have no place (no sharding) in the model")
     total = sum(ckpt.tensors[e.hf_name].nbytes for e in name_map.entries)
     out: dict[MMPath, jax.Array] = {}
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from mm.config import ConfigError
 from mm.train import config as tcfg
@@ -62,13 +63,10 @@ def _subtree(flat: Mapping[str, Any], prefix: str) -> dict[tuple[str, ...], Any]
 
 def _placed(loaded: Mapping[tuple[str, ...], Any], prefix: str, flat_sh: Mapping[str, Any], source: str
             ) -> dict[str, jax.Array]:
-    """Loaded params (mm paths relative to `prefix`) as flat model paths; they must fill exactly the model's
-    params under `prefix` (an extra or a missing one names `source`)."""
+    """Loaded params (mm paths relative to `prefix`) as flat model paths; they must fill every model param under
+    `prefix` (a missing one names `source`; one with no place in the model the readers already refused)."""
     p = f"{prefix}/" if prefix else ""
     out = {p + "/".join(k): v for k, v in loaded.items()}
-    extra = sorted(k for k in out if k not in flat_sh)
-    if extra:
-        raise ConfigError(f"{source}: params {extra[:5]} have no place in the model")
     missing = sorted(k for k in flat_sh if k.startswith(p) and k not in out)
     if missing:
         raise ConfigError(f"{source}: missing params {missing[:5]}")
@@ -87,7 +85,7 @@ def _load_hf_or_mm(key: str, path: Path, want: Any, fields: tuple[str, ...], sec
     try:
         if (path / mmd.MM_CONFIG_FILE).exists():
             _check_fields(mmd.read_mm_config(path), want, fields, source, section)
-            tree = mmd.load_mm_params(path, want, shardings=_nested(shardings))
+            tree = mmd.load_mm_params(path, want, shardings=traverse_util.unflatten_dict(shardings))
             loaded = mmd.flatten(tree)
         else:
             from mm.convert.placed import hf_onto
@@ -95,22 +93,10 @@ def _load_hf_or_mm(key: str, path: Path, want: Any, fields: tuple[str, ...], sec
             _check_fields(read_hf_config(path), want, fields, source, section)
             name_map, ckpt = open_hf(path, want)
             with ckpt:
-                absent = sorted("/".join(e.mm_path) for e in name_map.entries if e.mm_path not in shardings)
-                if absent:
-                    raise ConfigError(f"{source}: params {absent[:5]} have no place in the model")
                 loaded = hf_onto(ckpt, name_map, shardings, np.dtype(want.param_dtype), desc=f"load {path.name}")
     except ConversionError as e:
         raise ConfigError(f"{source}: {e}") from e
     return _placed(loaded, prefix, flat_sh, source)
-
-
-def _nested(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    from mm.convert import mm_dir as mmd
-
-    tree: dict[str, Any] = {}
-    for k, v in flat.items():
-        mmd.set_path(tree, k, v)
-    return tree
 
 
 def _open_hf_llm(path: Path, want: Any) -> tuple[Any, Any]:
@@ -125,8 +111,8 @@ def load_base_llm(path: str | Path, model: models.TrainModel, flat_sh: Mapping[s
     """Flat base-LLM params from an HF dir or an mm dir, placed on their shardings (`model.base_prefix`)."""
     from mm.convert.pipeline import read_hf_llm_config
 
-    return _load_hf_or_mm("init.llm_checkpoint", Path(path), model.llm_config, LLM_SHAPE_FIELDS, "model.llm", model.base_prefix, flat_sh,
-                          read_hf_llm_config, _open_hf_llm)
+    return _load_hf_or_mm("init.llm_checkpoint", Path(path), model.llm_config, LLM_SHAPE_FIELDS, "model.llm",
+                          model.base_prefix, flat_sh, read_hf_llm_config, _open_hf_llm)
 
 
 def load_vision(path: str | Path, cfg: Any, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -134,8 +120,8 @@ def load_vision(path: str | Path, cfg: Any, flat_sh: Mapping[str, Any]) -> dict[
     config must equal `model.vision` on every field that shapes or computes the tower."""
     from mm.convert import hf_vision
 
-    return _load_hf_or_mm("init.vision_checkpoint", Path(path), tcfg.vision_config_from(cfg), VISION_SHAPE_FIELDS, "model.vision", "vision",
-                          flat_sh, hf_vision.read_hf_vision_config, hf_vision.open_hf_vision)
+    return _load_hf_or_mm("init.vision_checkpoint", Path(path), tcfg.vision_config_from(cfg), VISION_SHAPE_FIELDS,
+                          "model.vision", "vision", flat_sh, hf_vision.read_hf_vision_config, hf_vision.open_hf_vision)
 
 
 def _previous_stage(path: str) -> tuple[Path, int, dict[str, Any]]:
@@ -151,12 +137,10 @@ def _previous_stage(path: str) -> tuple[Path, int, dict[str, Any]]:
     return ckdir, step, meta
 
 
-def inherit_frozen_sources(cfg: Any) -> None:
+def _inherit_frozen_sources(cfg: Any, meta: Mapping[str, Any]) -> None:
     """`init.llm_checkpoint` / `init.vision_checkpoint` left empty in a run that starts from a previous stage
-    take that stage's (its `meta.frozen_source`), so the frozen weights are the ones it trained against."""
-    if not cfg.init.checkpoint:
-        return
-    _, _, meta = _previous_stage(cfg.init.checkpoint)
+    take that stage's (its `meta.frozen_source`), so the frozen weights are the ones it trained against; the
+    config is updated, so the run's own checkpoints record them too."""
     src = meta.get("frozen_source", {})
     for key in ("llm_checkpoint", "vision_checkpoint"):
         if not cfg.init[key] and src.get(key):
@@ -164,18 +148,18 @@ def inherit_frozen_sources(cfg: Any) -> None:
             _log(f"init: {key} = {src[key]} (from the previous stage {cfg.init.checkpoint})")
 
 
-def _restore_trained(cfg: Any, flat_sh: Mapping[str, Any], flat_abstract: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """The params the previous stage (`init.checkpoint`) trained that exist in this model, on their shardings."""
+def _restore_trained(ckdir: Path, step: int, meta: Mapping[str, Any], flat_sh: Mapping[str, Any],
+                     flat_abstract: Mapping[str, Any], source: str) -> dict[str, jax.Array]:
+    """The params the previous stage trained that exist in this model, on their shardings."""
     import orbax.checkpoint as ocp
 
-    ckdir, step, meta = _previous_stage(cfg.init.checkpoint)
     target = {}
     for p in meta["trainable_paths"]:
         if p in flat_sh:
             a = flat_abstract[p]
             target[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_sh[p])
     if not target:
-        raise ConfigError(f"init.checkpoint={cfg.init.checkpoint}: none of its trained params exist in this model")
+        raise ConfigError(f"init.checkpoint={source}: none of its trained params exist in this model")
     item = {"params": pg.unflatten({p: target.get(p, ocp.PLACEHOLDER) for p in meta["trainable_paths"]})}
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding)
                                 if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), item)
@@ -224,7 +208,11 @@ def _copies(params: Mapping[str, jax.Array], derived: Mapping[str, str], flat_sh
 
 def initial_params(cfg: Any, model: models.TrainModel, mesh: Any, flat_sh: Mapping[str, Any],
                    flat_abstract: Mapping[str, Any]) -> tuple[dict[str, jax.Array], dict[str, int]]:
-    """Flat params of a new run (see the module docstring) and how many came from each source."""
+    """Flat params of a new run (see the module docstring) and how many came from each source. Fills in
+    `cfg.init.llm_checkpoint` / `vision_checkpoint` from the previous stage when they are empty."""
+    stage = _previous_stage(cfg.init.checkpoint) if cfg.init.checkpoint else None
+    if stage is not None:
+        _inherit_frozen_sources(cfg, stage[2])
     loaded: dict[str, jax.Array] = {}
     counts = {}
     if cfg.init.llm_checkpoint:
@@ -235,7 +223,7 @@ def initial_params(cfg: Any, model: models.TrainModel, mesh: Any, flat_sh: Mappi
         got = load_vision(cfg.init.vision_checkpoint, cfg, flat_sh)
         loaded.update(got)
         counts["vision_checkpoint"] = len(got)
-    previous = _restore_trained(cfg, flat_sh, flat_abstract) if cfg.init.checkpoint else {}
+    previous = {} if stage is None else _restore_trained(*stage, flat_sh, flat_abstract, cfg.init.checkpoint)
     counts["previous_stage"] = len(previous)
     derived = {t: s for t, s in expand_derived(model.derived, flat_abstract).items() if t not in previous}
     random_paths = [p for p in flat_abstract if p not in loaded and p not in previous and p not in derived]

@@ -30,7 +30,7 @@ from mm.train import models, param_groups as pg
 from mm.train.checkpoint import Checkpointer, find_trained_params  # noqa: F401 (re-exported)
 from mm.train.data import SyntheticSource
 from mm.train.grain_source import make_source
-from mm.train.initial_params import SOURCES, inherit_frozen_sources, initial_params
+from mm.train.initial_params import SOURCES, initial_params
 from mm.train.metrics import MetricsWriter, Timer
 from mm.train.optimizer import make_optimizer, schedule
 from mm.train.step import init_state, make_eval_step, make_train_step
@@ -90,7 +90,6 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     if log:
         _log(pg.format_report(pg.group_report(flat_abstract, assignment)))
 
-    inherit_frozen_sources(cfg)
     flat, counts = initial_params(cfg, model, mesh, flat_sh, flat_abstract)
     if log:
         _log("init params: " + ", ".join(f"{counts[k]} {label}" for k, label in SOURCES.items() if counts.get(k)))

@@ -6,13 +6,13 @@ sliced in numpy; and the in-memory HF reader for whole checkpoints.
 
 from __future__ import annotations
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mm.convert import name_map as nm
+from mm.convert.errors import ConversionError
 from mm.convert.hf_vision import ConvToHWIO, FusedInProj
 from mm.convert.safetensors_io import PlannedTensor, SafetensorsCheckpoint, ShardedSafetensorsWriter
 
@@ -72,7 +72,7 @@ def test_read_rows_bfloat16_and_bounds(ckpt):
     c, arrays = ckpt
     np.testing.assert_array_equal(c.read_rows("bf16", 2, 5), arrays["bf16"][2:5])
     np.testing.assert_array_equal(c.read_rows("bf16", 1, 8, slice(3, 6), stripe_bytes=1), arrays["bf16"][1:8, 3:6])
-    with pytest.raises(Exception, match="rows 3:99 of bf16"):
+    with pytest.raises(ConversionError, match="rows 3:99 of bf16"):
         c.read_rows("bf16", 3, 99)
 
 
