@@ -1,4 +1,4 @@
-"""`mm-soup`: average, maximum or greedy model soups of mm or HF checkpoints (mm-train runs: export them first).
+"""`mm-soup`: average, maximum or greedy model soups of mm checkpoints, finished mm-train workdirs or HF checkpoints.
 
   mm-soup average INPUT... --dst OUT [--scorer module:function] [--dtype keep|float32|bfloat16|float16]
   mm-soup maximum INPUT... --dst OUT --scorer module:function --top-p K
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="mm-soup", description=__doc__.split("\n\n")[0])
     p.add_argument("method", choices=METHODS, help="which soup")
-    p.add_argument("inputs", nargs="+", help="ingredient directories, all of one kind (mm or HF checkpoints)")
+    p.add_argument("inputs", nargs="+", help="ingredient directories: mm checkpoints and mm-train workdirs (exported first), or HF checkpoints")
     p.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--scorer", default=None, help="module:function scoring a checkpoint dir (higher is better)")
     p.add_argument("--top-p", type=int, default=None, help="maximum: how many of the best ingredients to average")

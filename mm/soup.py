@@ -12,9 +12,11 @@ scorer evaluates on is the scorer's business; it must be a held-out split, never
 
 Ingredients are all of one kind, and the soup is written in that kind:
   - mm checkpoint dirs (`mm_config.json` + Orbax `params/`) of one kind and config;
-  - HF dirs (`config.json` + safetensors) of one architecture;
-A finished `mm-train` workdir is not an ingredient itself: export it first (`mm-convert export-run`, which
-rebuilds the full model from the trained params and their frozen source) and soup the exported mm dirs.
+  - finished `mm-train` workdirs (`config.json` + `checkpoints/`): `soup()` exports each, one at a time, into
+    its staging area (`mm.train.export.export_run`: the trained params of the latest step merged with their
+    frozen source, so host memory holds one model while exporting) and soups the exported mm dirs; they mix
+    with mm dirs. Scorers see the exported directory; the report names the workdir;
+  - HF dirs (`config.json` + safetensors) of one architecture.
 Every tensor name, shape and dtype family is checked across all ingredients from metadata before anything is
 read; the error names the first tensor that differs and the two files. Float tensors stored in different float
 dtypes need an explicit `dtype`.
@@ -183,14 +185,15 @@ class Ingredients:
     where: list[dict[Any, str]]  # per ingredient: tensor key -> file it lives in (for messages)
     frozen: set[Any]
     manifest: dict[str, Any] | None = None  # mm: the first ingredient's mm_config.json
+    labels: list[str] | None = None  # what the user passed (a run's workdir, not its export); default: paths
 
 
 def input_kind(path: Path) -> str:
+    """"mm", "run" (an mm-train workdir) or "hf"; anything else is a ConversionError naming the path."""
     if (path / mmd.MM_CONFIG_FILE).is_file():
         return "mm"
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        raise ConversionError(f"{path}: an mm-train workdir; export it first (mm-convert export-run --src {path} "
-                              f"--dst DIR) and soup the exported directories")
+        return "run"
     if (path / "config.json").is_file() and ((path / INDEX_FILE).is_file() or any(path.glob("*.safetensors"))):
         return "hf"
     raise ConversionError(f"{path}: neither an mm checkpoint (no {mmd.MM_CONFIG_FILE}) nor an HF safetensors directory "
@@ -240,6 +243,10 @@ def open_ingredients(paths: Sequence[str | Path]) -> Ingredients:
         if not p.is_dir():
             raise ConversionError(f"{p}: not a directory")
     kinds = [input_kind(p) for p in paths]
+    for p, k in zip(paths, kinds):
+        if k == "run":
+            raise ConversionError(f"{p}: an mm-train workdir; `soup()` / mm-soup export it first (or run mm-convert "
+                                  f"export-run --src {p} --dst DIR and pass DIR)")
     for p, k in zip(paths, kinds):
         if k != kinds[0]:
             raise ConversionError(f"{paths[0]} is an {kinds[0]} directory but {p} is an {k} directory: a soup's "
@@ -346,9 +353,9 @@ def write_soup(ing: Ingredients, members: Sequence[int], out: Path, *, dtype: st
     if not members:
         raise ConfigError("a soup needs at least one member")
     out.mkdir(parents=True, exist_ok=True)
-    src = [ing.paths[i] for i in members]
+    labels = ing.labels or [str(p.absolute()) for p in ing.paths]
     out_dtypes = {k: _out_dtype(ing, k, dtype) for k in ing.tensors}
-    source = {"format": "mm-soup", "ingredients": [str(p.absolute()) for p in src], **(source or {})}
+    source = {"format": "mm-soup", "ingredients": [labels[i] for i in members], **(source or {})}
     if ing.kind == "mm":
         _write_mm(ing, members, out, out_dtypes, dtype, source)
     else:
@@ -444,7 +451,8 @@ def soup(inputs: Sequence[str | Path], dst: str | Path, *, method: str, scorer: 
             raise ConversionError(f"{p}: not a directory")
     with staged_output(dst, overwrite) as stage:
         work = stage / ".soup-work"
-        ing = open_ingredients(inputs)
+        ing = open_ingredients(exported_inputs(inputs, work / "exports"))
+        ing.labels = [str(p.absolute()) for p in inputs]
         info = {"method": method, **({"top_p": top_p} if top_p else {}), **({"accept": accept} if accept else {})}
         candidates: dict[tuple[int, ...], Path] = {}
 
@@ -477,6 +485,21 @@ def soup(inputs: Sequence[str | Path], dst: str | Path, *, method: str, scorer: 
         shutil.rmtree(work, ignore_errors=True)
         write_report(sel, inputs, stage, dtype=dtype, plot=plot)
     return sel
+
+
+def exported_inputs(inputs: Sequence[Path], work: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """`inputs` with each mm-train workdir replaced by its export under `work` (made one at a time)."""
+    out = []
+    for i, p in enumerate(inputs):
+        if input_kind(p) != "run":
+            out.append(p)
+            continue
+        from mm.train.export import export_run
+
+        dst = work / f"{i:03d}-{p.name}"
+        log(f"mm-soup: exporting run {p} ({i + 1}/{len(inputs)}) -> {dst}")
+        out.append(export_run(p, dst))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- report

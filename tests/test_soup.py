@@ -248,6 +248,50 @@ def test_iaa_soup_averages_the_branch_and_copies_the_shared_base(iaa_model, tmp_
     assert not (tmp_path / "bad").exists()
 
 
+def test_mm_train_workdirs_are_souped_as_their_exports(tmp_path):
+    """Two IAA runs of one base (same init seed, different data order) and one of them already exported: the
+    soup of the workdirs equals the float32 mean of their separate exports (`export_run`), branch tensor by
+    branch tensor; the base is copied; the soup's source and report name the workdirs."""
+    import jax
+
+    from mm.data.synthetic import write_llava_dataset
+    from mm.tiny import train_tokenizer
+    from mm.train.export import export_run
+    from mm.train.loop import train
+    from tests.train.helpers_train import tiny_iaa_llava
+
+    path, root = write_llava_dataset(str(tmp_path / "data"), 12, seed=3, min_side=16, max_side=40)
+    train_tokenizer(240).save_pretrained(str(tmp_path / "tok"))
+    runs = []
+    for k in range(2):
+        c = tiny_iaa_llava(path, root, str(tmp_path / "tok"))
+        c.model.llm.vocab_size = 320
+        c.train.update(dict(steps=2, batch_size=2, seq_len=64))
+        c.optim.grad_accum = 1
+        c.data.seed = 10 + k
+        c.checkpoint.update(dict(every=0, use_async=False))
+        train(c, tmp_path / f"run{k}", devices=jax.devices()[:1])
+        runs.append(tmp_path / f"run{k}")
+    exports = [export_run(r, tmp_path / f"export{k}") for k, r in enumerate(runs)]
+    sel = soup_lib.soup([runs[0], exports[1]], tmp_path / "soup", method="average")
+    assert sel.members == [0, 1]
+    ins, out = [_mm_tensors(d) for d in exports], _mm_tensors(tmp_path / "soup")
+    moved = 0
+    for key, a in out.items():
+        ref = ins[0][key]
+        if key[0] == "mm" and not np.array_equal(ins[0][key], ins[1][key]):
+            moved += 1
+            ref = ((ins[0][key].astype(np.float32) + ins[1][key].astype(np.float32)) / np.float32(2)).astype(a.dtype)
+        np.testing.assert_array_equal(a, ref, err_msg="/".join(key))
+    assert moved > 10
+    assert not any(k[0] == "base" and not np.array_equal(ins[0][k], ins[1][k]) for k in out)
+    src = read_mm_manifest(tmp_path / "soup")["source"]
+    assert src["ingredients"] == [str(runs[0].absolute()), str(exports[1].absolute())]
+    report = json.loads((tmp_path / "soup" / "soup_report.json").read_text())
+    assert report["ingredients"][0]["path"] == str(runs[0].absolute())
+    assert not (tmp_path / "soup" / ".soup-work").exists()
+
+
 # -------------------------------------------------------------------------- scorer, greedy end to end
 def _scorer_module(monkeypatch, fn):
     mod = types.ModuleType("soup_test_scorer")
@@ -310,8 +354,8 @@ def test_mismatched_tensor_is_named_with_both_files(tmp_path):
         soup_lib.soup([ma, a], tmp_path / "out", method="average")
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text("{}")
-    with pytest.raises(ConversionError, match=r"run: an mm-train workdir; export it first \(mm-convert export-run"):
+    (run / "config.json").write_text('{"model": {"kind": "nope"}}')
+    with pytest.raises(ConfigError, match=r"run/config.json: no .* section"):
         soup_lib.soup([run, run], tmp_path / "out", method="average")
     assert not (tmp_path / "out").exists()
 

@@ -30,6 +30,9 @@ def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
         tcfg.check_schema(d)  # a hand-edited or foreign config.json: name the key, not an AttributeError later
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+    missing = [k for k in tcfg.base_config() if k not in d]
+    if missing:  # mm-train writes every section: this file was cut short or written by something else
+        raise ConfigError(f"{path}: no {missing[0]!r} section (not a config.json that mm-train wrote)")
     cfg = ml_collections.ConfigDict(d)
     cfg.param_groups = [tuple(g) for g in cfg.param_groups]
     return cfg
