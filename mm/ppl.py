@@ -96,7 +96,7 @@ def _load_model(model: Any, dtype: str | None, local_devices: int) -> Any:
         if not 1 <= n <= len(devs):
             raise ConfigError(f"local_devices={local_devices}: this process has {len(devs)} local devices")
         mesh = sh.make_mesh({"data": n, "fsdp": 1, "tensor": 1}, devices=devs[:n]) if n > 1 else None
-    handle = mm.from_pretrained(model, dtype=dtype, mesh=mesh)
+    handle = mm.from_pretrained(Path(model).resolve(), dtype=dtype, mesh=mesh)  # Orbax wants absolute paths
     if not isinstance(handle, VLMHandle):
         raise ConfigError(f"{model}: a {type(handle).__name__} checkpoint, not a vision-language model")
     return handle

@@ -255,9 +255,10 @@ def test_filter_keeps_the_lowest_fraction_in_original_order(tmp_path):
         ppl.filter_rows(data, wrong, keep=0.5, out=tmp_path / "w.json")
 
 
-def test_score_then_filter_end_to_end(iaa, tmp_path):
+def test_score_then_filter_end_to_end(iaa, tmp_path, monkeypatch):
     model, data, root = iaa
-    res = ppl.score(model, data, image_root=str(root), out_dir=str(tmp_path / "out"), batch_size=4, max_len=256,
+    monkeypatch.chdir(model.parent)  # a relative model dir loads too
+    res = ppl.score(model.name, data, image_root=str(root), out_dir=str(tmp_path / "out"), batch_size=4, max_len=256,
                     progress=False)
     rep = ppl.filter_rows(data, tmp_path / "out", keep=0.25, out=tmp_path / "kept.json")
     kept = json.loads((tmp_path / "kept.json").read_text())
