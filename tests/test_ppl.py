@@ -318,3 +318,28 @@ def test_two_processes_score_like_one(iaa, tmp_path):
              "--out", str(tmp_path / "kept.json"))
     assert p.returncode == 0, p.stderr
     assert len(json.loads((tmp_path / "kept.json").read_text())) == 12
+
+
+def test_array_record_input_and_a_local_device_mesh_score_the_same(iaa, tmp_path):
+    """Rows packed to ArrayRecord (`mm-data pack`) score as the JSON rows do; a data-parallel mesh over 4 local
+    devices gives the scores of the default single device."""
+    import jax
+
+    from mm.data.pack import pack_llava
+
+    model, data, root = iaa
+    rows = json.loads(data.read_text())[:8]
+    f = tmp_path / "rows.json"
+    f.write_text(json.dumps(rows))
+    pack_llava(str(f), str(root), str(tmp_path / "shards"), num_shards=1)
+    assert jax.local_device_count() >= 4
+    assert dict(ppl._load_model(model, None, 4).runtime.mesh.shape)["data"] == 4
+    base = ppl.score(model, f, image_root=str(root), batch_size=4, max_len=256, progress=False)
+    ar = ppl.score(model, tmp_path / "shards", batch_size=4, max_len=256, progress=False)
+    dp = ppl.score(model, f, image_root=str(root), batch_size=4, max_len=256, local_devices=4, progress=False)
+    assert [r["id"] for r in ar.rows] == [r["id"] for r in dp.rows] == [r["id"] for r in base.rows] == \
+        [r["id"] for r in rows]
+    for a, b, c in zip(base.rows, ar.rows, dp.rows):
+        assert a["n_tokens"] == b["n_tokens"] == c["n_tokens"]
+        assert abs(a["nll_sum"] - b["nll_sum"]) <= 1e-5 * abs(a["nll_sum"])
+        assert abs(a["nll_sum"] - c["nll_sum"]) <= 1e-5 * abs(a["nll_sum"])
