@@ -60,9 +60,13 @@ def random_bf16(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     return bits.view(ml_dtypes.bfloat16).reshape(shape)
 
 
-def make_checkpoint(preset: str, cache_dir: Path) -> Path:
-    """The cached random checkpoint of `preset` (generated on first use)."""
-    path = cache_dir / f"hf-{preset}-bf16"
+def checkpoint_path(preset: str, cache_dir: Path, seed: int = 0) -> Path:
+    return cache_dir / (f"hf-{preset}-bf16" + (f"-seed{seed}" if seed else ""))
+
+
+def make_checkpoint(preset: str, cache_dir: Path, seed: int = 0) -> Path:
+    """The cached random checkpoint of `preset` drawn from `seed` (generated on first use)."""
+    path = checkpoint_path(preset, cache_dir, seed)
     if (path / _DONE).exists():
         return path
     import ml_dtypes
@@ -77,7 +81,7 @@ def make_checkpoint(preset: str, cache_dir: Path) -> Path:
     entries = llm_entries(config)
     plan = [PlannedTensor(e.hf_name, e.hf_shape, np.dtype(ml_dtypes.bfloat16)) for e in entries]
     t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     writer = ShardedSafetensorsWriter(path, plan, max_shard_bytes=5 * 10**9)
     for p in plan:
         writer.write(p.name, random_bf16(p.shape, rng))
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     # Generation runs in a child too: this process must stay small, since a child's ru_maxrss starts from
     # its parent's high-water mark at exec time.
     run_child([sys.executable, __file__, "--_generate", "--preset", args.preset, "--cache-dir", str(args.cache_dir)])
-    src = args.cache_dir / f"hf-{args.preset}-bf16"
+    src = checkpoint_path(args.preset, args.cache_dir)
     files = sorted(str(f) for f in src.glob("*.safetensors"))
     nbytes = sum(os.path.getsize(f) for f in files)
     work = Path(tempfile.mkdtemp(prefix="convert-", dir=args.work_dir or args.cache_dir))

@@ -24,8 +24,8 @@ dtypes need an explicit `dtype`.
 Streaming: tensor by tensor, each ingredient's copy is read in turn and added to one float32 accumulator,
 whatever the stored dtype; the mean is `sum / N` in float32, rounded once to the output dtype (for bf16 inputs
 the float32 sum is exact, so this is the float64 mean rounded once to bf16). Host memory holds about the
-accumulator, the first ingredient's copy and one read-ahead copy per ingredient of one tensor, plus the output
-unit being written (an Orbax save unit such as one decoder layer for mm dirs; one tensor for HF dirs) - never a
+float32 accumulator and one ingredient's copy of one tensor (the first copy is kept only until a second one
+differs from it), the rounded result, plus the output unit being written (an Orbax save unit such as one decoder layer for mm dirs; one tensor for HF dirs) - never a
 whole model. A tensor that is bit-identical in every ingredient (a frozen part) is copied, not averaged. For
 IAA checkpoints (kind "vlm" with branches) the frozen base LLM (`base/...`) must be identical in every
 ingredient - they must be branches of one base - and is copied from the first; the branches and the rest are
@@ -141,7 +141,8 @@ def check_options(method: str, n: int, top_p: int | None, accept: str | None, ha
     if method != "maximum" and top_p is not None:
         raise ConfigError(f"--top-p is for maximum soups only (method={method!r})")
     if method in ("maximum", "greedy") and not have_scorer:
-        raise ConfigError(f"{method} needs scores: pass --scorer module:function")
+        raise ConfigError(f"{method} needs scores: pass --score loss|exact-match --split VAL.json, or "
+                          "--scorer module:function")
 
 
 def load_scorer(spec: str) -> Scorer:
@@ -324,7 +325,7 @@ def mean_tensor(arrays: Iterator[np.ndarray], n: int, out_dtype: np.dtype, *, na
     first = acc = None
     identical = True
     for i, x in enumerate(arrays):
-        if first is None:
+        if i == 0:
             first = x
             if _family(x.dtype) == "float" and n > 1:
                 acc = x.astype(np.float32)
@@ -335,12 +336,14 @@ def mean_tensor(arrays: Iterator[np.ndarray], n: int, out_dtype: np.dtype, *, na
                 why = ("the frozen base of IAA ingredients must be identical (branches of one base)"
                        if must_be_identical else f"non-float ({x.dtype}) tensors cannot be averaged")
                 raise ConversionError(f"tensor {name} differs between {where[0]} and {where[i]}: {why}")
+            first = None  # only the accumulator is needed from here on: one copy less in memory
         if acc is not None:
             acc += x.astype(np.float32, copy=False)
         del x
     if identical:
         return first if first.dtype == out_dtype else first.astype(out_dtype)
-    return (acc / np.float32(n)).astype(out_dtype)
+    np.divide(acc, np.float32(n), out=acc)  # in place: the same float32 quotient as `acc / n`, no second buffer
+    return acc.astype(out_dtype, copy=False)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -420,7 +423,7 @@ def _write_hf(ing: Ingredients, members: list[int], out: Path, out_dtypes: dict[
     writer = ShardedSafetensorsWriter(out, plan, max_shard_bytes)
     with contextlib.ExitStack() as stack:
         cks = [stack.enter_context(SafetensorsCheckpoint(ing.paths[i])) for i in members]
-        # One tensor read ahead per ingredient (read_ahead_bytes=0 still reads the next one).
+        # read_ahead_bytes=0: a stream reads its next tensor only when asked, so one ingredient copy is live at once.
         streams = [stack.enter_context(contextlib.closing(ck.iter_tensors(names, read_ahead_bytes=0))) for ck in cks]
         for n in names:
             arrays = (next(s)[1] for s in streams)
