@@ -1,80 +1,27 @@
 """Evaluates exported demo checkpoints through `mm.from_pretrained`, the way a user would load them.
 
-Prompts are rendered by the training pipeline's own `ConversationEncoder` (so the chat template and the
-text around `<image>` match training) up to the first answer token, with each image span collapsed to the
-single placeholder the handle expands; pixels come from the pipeline's own `ImageTiler`. Decoding is greedy.
+Prompts and decoding are `mm.answers`' (the training pipeline's template; greedy); pixels come from the
+pipeline's own `ImageTiler`; answers are scored by the shapes data's own rules (`shapes.answer_correct`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from mm.answers import Prompter, decode, generate_all, until_stop  # noqa: F401 - the demo's API
 from mm.demo import shapes
 
 
-@dataclasses.dataclass
-class Prompter:
-    """Token prompts for questions, rendered exactly as training renders a conversation's first turn."""
-
-    tokenizer: Any
-    tokens_per_image: int
-
-    def __post_init__(self) -> None:
-        from mm.data.conversations import ConversationEncoder
-
-        self.encoder = ConversationEncoder(self.tokenizer, "chat")
-
-    def __call__(self, question: str, with_image: bool, image_token: int) -> list[int]:
-        turns = [("user", ("<image>\n" if with_image else "") + question), ("assistant", "x")]
-        enc = self.encoder.encode(turns, [self.tokens_per_image] if with_image else [], "eval")
-        first = int(np.flatnonzero(enc.supervised)[0])
-        ids, img = enc.ids[:first].tolist(), enc.image_mask[:first]
-        out: list[int] = []
-        for k, (t, m) in enumerate(zip(ids, img)):
-            if not m:
-                out.append(int(t))
-            elif k == 0 or not img[k - 1]:
-                out.append(int(image_token))  # one placeholder per image span
-        return out
-
-
-def until_stop(rows: Sequence[np.ndarray], stops: Sequence[int]) -> list[list[int]]:
-    """Each generated row's tokens before its first stop token (what the model answered)."""
-    out = []
-    for row in rows:
-        keep = []
-        for t in np.asarray(row).tolist():
-            if t in stops:
-                break
-            keep.append(t)
-        out.append(keep)
-    return out
-
-
-def decode(tokenizer: Any, rows: Sequence[np.ndarray], stops: Sequence[int]) -> list[str]:
-    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in until_stop(rows, stops)]
-
-
-def _batched(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def generate_all(gen: Callable[..., np.ndarray], prompts: list[list[int]], *, batch: int, max_new: int,
-                 stops: Sequence[int], pixels: list[np.ndarray] | None = None, desc: str = "",
-                 log: Callable[[str], None] = print) -> list[np.ndarray]:
-    """Greedy continuations of every prompt, `batch` at a time, with progress."""
-    out: list[np.ndarray] = []
-    t0 = time.perf_counter()
-    for k, sl in enumerate(_batched(len(prompts), batch)):
-        kw = {} if pixels is None else {"pixel_values": pixels[sl]}
-        out += list(gen(prompts[sl], max_new_tokens=max_new, stop_tokens=list(stops), **kw))
-        log(f"eval {desc}: {min(sl.stop, len(prompts))}/{len(prompts)} prompts ({time.perf_counter() - t0:.1f} s)")
-    return out
+def answer_items(h: Any, items: Sequence[shapes.MMItem], pixels: list[np.ndarray], prompter: Prompter, *,
+                 tokenizer: Any, desc: str, **kw: Any) -> list[str]:
+    """A VLM handle's greedy answers (its `mm` workflow) to each item's question about its image; `kw` as for
+    `generate_all` (batch, max_new, stops, log)."""
+    prompts = [prompter(it.question, True, h.image_token) for it in items]
+    toks = generate_all(lambda r, **k: h.generate(r, workflow="mm", **k), prompts, pixels=pixels, desc=desc, **kw)
+    return decode(tokenizer, toks, kw["stops"])
 
 
 def load_pixels(items: Sequence[shapes.MMItem], image_root: str, tiler: Any) -> list[np.ndarray]:

@@ -31,8 +31,8 @@ def _log(msg: str) -> None:
 class Progress:
     """Pipeline-level progress: which of the N parts runs, elapsed time, and an ETA from the parts' weights."""
 
-    def __init__(self, parts: list[tuple[str, float]]):
-        self.parts = parts
+    def __init__(self, parts: list[tuple[str, float]], name: str = "demo"):
+        self.parts, self.name = parts, name
         self.total = sum(w for _, w in parts)
         self.done = 0.0
         self.t0 = time.perf_counter()
@@ -41,7 +41,7 @@ class Progress:
         k = [n for n, _ in self.parts].index(name)
         elapsed = time.perf_counter() - self.t0
         eta = f", ETA {elapsed / self.done * (self.total - self.done):.0f} s" if self.done else ""
-        _log(f"\n=== demo [{k + 1}/{len(self.parts)}] {name} (elapsed {elapsed:.0f} s{eta}) ===")
+        _log(f"\n=== {self.name} [{k + 1}/{len(self.parts)}] {name} (elapsed {elapsed:.0f} s{eta}) ===")
 
     def finish(self, name: str) -> None:
         self.done += dict(self.parts)[name]
@@ -176,10 +176,8 @@ def evaluate_all(demo: Any, workdir: Path, data: Any) -> dict[str, Any]:
     pixels = ev.load_pixels(items, data.image_root, tiler)
     mm_answers = {}
     for name, h in (("iaa", iaa), ("llava", llava)):
-        prompts = [prompter(it.question, True, h.image_token) for it in items]
-        toks = ev.generate_all(lambda r, h=h, **k: h.generate(r, workflow="mm", **k), prompts, pixels=pixels,
-                               desc=f"multimodal / {name}", **kw)
-        mm_answers[name] = ev.decode(tok, toks, stops)
+        mm_answers[name] = ev.answer_items(h, items, pixels, prompter, tokenizer=tok, desc=f"multimodal / {name}",
+                                           **kw)
 
     return {
         "text_exact_match": {k: text_task.exact_match(v, data.text_items) for k, v in text_answers.items()},

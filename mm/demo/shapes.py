@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mm import grounding
-from mm.demo import text_task
+from mm.answers import normalise
 
 COLOURS = {"red": (220, 50, 47), "green": (50, 160, 60), "blue": (40, 90, 220), "yellow": (235, 195, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -197,4 +197,4 @@ def answer_correct(item: MMItem, prediction: str) -> bool:
     """QA: case- and punctuation-insensitive exact match; grounding: first box's IoU >= 0.5."""
     if item.kind == "grounding":
         return item.box is not None and grounding.accuracy_at([prediction], [item.box]) == 1.0
-    return text_task.normalise(prediction) == text_task.normalise(item.answer)
+    return normalise(prediction) == normalise(item.answer)

@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from mm.answers import normalise
+
 WORDS = ("sun", "moon", "tree", "river", "stone", "cloud", "bird", "fish", "apple", "bread", "lamp", "chair",
          "door", "key", "ship", "star", "wolf", "bear", "rain", "snow", "fire", "leaf", "rock", "hill")
 PROMPT = "Reverse the words: {words}"
@@ -52,11 +54,6 @@ def llava_rows(items: list[TextItem], prefix: str = "text") -> list[dict]:
     return [{"id": f"{prefix}{i:06d}", "conversations": [{"from": "human", "value": it.prompt},
                                                          {"from": "gpt", "value": it.answer}]}
             for i, it in enumerate(items)]
-
-
-def normalise(text: str) -> str:
-    """What exact match compares: lower case, single spaces, no trailing full stop."""
-    return " ".join(text.strip().rstrip(".").split()).lower()
 
 
 def exact_match(predictions: list[str], items: list[TextItem]) -> float:

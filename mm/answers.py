@@ -1,0 +1,89 @@
+"""A model's answers to questions: prompts rendered as training renders conversations, greedy continuations in
+batches, decoding up to the first stop token.
+
+Prompts come from the training pipeline's own `ConversationEncoder` (the chat template, the text around
+`<image>`), cut at the first token of the answer, with each image span collapsed to the single placeholder a
+`VLMHandle` expands. Earlier turns of a conversation (with their reference answers) can precede the question.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Prompter:
+    """Token prompts for questions, rendered exactly as training renders a conversation up to an answer."""
+
+    tokenizer: Any
+    tokens_per_image: int
+    template: str = "chat"
+
+    def __post_init__(self) -> None:
+        from mm.data.conversations import ConversationEncoder
+
+        self.encoder = ConversationEncoder(self.tokenizer, self.template)
+
+    def __call__(self, question: str, with_image: bool, image_token: int,
+                 history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The prompt for `question`, after the `(question, answer)` turns of `history`; the image (one, when
+        `with_image`) opens the conversation's first user turn, as in LLaVA rows."""
+        pairs = [*history, (question, "x")]
+        turns = []
+        for k, (q, a) in enumerate(pairs):
+            turns += [("user", ("<image>\n" if with_image and k == 0 else "") + q), ("assistant", a)]
+        enc = self.encoder.encode(turns, [self.tokens_per_image] if with_image else [], "eval")
+        sup = np.flatnonzero(enc.supervised)
+        # the last answer's first token: the first supervised position after the previous answers' tokens
+        first = int(sup[0]) if not history else int(sup[np.flatnonzero(np.diff(sup) > 1)[len(history) - 1] + 1])
+        ids, img = enc.ids[:first].tolist(), enc.image_mask[:first]
+        out: list[int] = []
+        for k, (t, m) in enumerate(zip(ids, img)):
+            if not m:
+                out.append(int(t))
+            elif k == 0 or not img[k - 1]:
+                out.append(int(image_token))  # one placeholder per image span
+        return out
+
+
+def normalise(text: str) -> str:
+    """What exact match compares: lower case, single spaces, no trailing full stop."""
+    return " ".join(text.strip().rstrip(".").split()).lower()
+
+
+def until_stop(rows: Sequence[np.ndarray], stops: Sequence[int]) -> list[list[int]]:
+    """Each generated row's tokens before its first stop token (what the model answered)."""
+    out = []
+    for row in rows:
+        keep = []
+        for t in np.asarray(row).tolist():
+            if t in stops:
+                break
+            keep.append(t)
+        out.append(keep)
+    return out
+
+
+def decode(tokenizer: Any, rows: Sequence[np.ndarray], stops: Sequence[int]) -> list[str]:
+    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in until_stop(rows, stops)]
+
+
+def _batched(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def generate_all(gen: Callable[..., np.ndarray], prompts: list[list[int]], *, batch: int, max_new: int,
+                 stops: Sequence[int], pixels: list[np.ndarray] | None = None, desc: str = "",
+                 log: Callable[[str], None] = print) -> list[np.ndarray]:
+    """Greedy continuations of every prompt, `batch` at a time, with progress."""
+    out: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    for sl in _batched(len(prompts), batch):
+        kw = {} if pixels is None else {"pixel_values": pixels[sl]}
+        out += list(gen(prompts[sl], max_new_tokens=max_new, stop_tokens=list(stops), **kw))
+        log(f"eval {desc}: {min(sl.stop, len(prompts))}/{len(prompts)} prompts ({time.perf_counter() - t0:.1f} s)")
+    return out
