@@ -251,9 +251,9 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
     sharded by the logical-axis `rules` (default `mm.sharding.DEFAULT_RULES`) and every forward and generation
     compiles under that mesh. An invalid value is a `ConfigError` naming the keyword.
     """
-    path = Path(path)
-    if not path.is_dir():
+    if not Path(path).is_dir():
         raise ConfigError(f"{path}: not a directory")
+    path = Path(path).resolve()  # Orbax reads metadata of absolute paths only
     runtime = Runtime(dtype=dtype, param_dtype=param_dtype or "float32", attention_impl=attention_impl, mesh=mesh,
                       rules=tuple(rules or sh.DEFAULT_RULES))
     return _load(path, runtime, vision)

@@ -96,13 +96,15 @@ def _load_model(model: Any, dtype: str | None, local_devices: int) -> Any:
         if not 1 <= n <= len(devs):
             raise ConfigError(f"local_devices={local_devices}: this process has {len(devs)} local devices")
         mesh = sh.make_mesh({"data": n, "fsdp": 1, "tensor": 1}, devices=devs[:n]) if n > 1 else None
-    handle = mm.from_pretrained(Path(model).resolve(), dtype=dtype, mesh=mesh)  # Orbax wants absolute paths
+    handle = mm.from_pretrained(model, dtype=dtype, mesh=mesh)
     if not isinstance(handle, VLMHandle):
         raise ConfigError(f"{model}: a {type(handle).__name__} checkpoint, not a vision-language model")
     return handle
 
 
-def _processor(handle: Any, model: Any) -> Any:
+def processor_for(handle: Any, model: Any) -> Any:
+    """The image processor a VLM checkpoint expects: its `preprocessor_config.json` when the dir has one,
+    else CLIP's or SigLIP's defaults at the tower's image size."""
     from mm.data.images import ProcessorConfig
 
     size = int(handle.config.vision.image_size)
@@ -346,7 +348,7 @@ def score(model: Any, data: Any, *, image_root: str | None = None, out_dir: str 
                       max_tiles=max_tiles, tokens_per_tile=int(handle.config.tokens_per_image),
                       max_tiles_per_row=0 if text_only else max_tiles_per_row, shuffle=False, num_epochs=1,
                       read_threads=read_threads, system_prompt=system_prompt)
-    maker = ExampleMaker(dcfg, tok, image_root, processor=_processor(handle, model))
+    maker = ExampleMaker(dcfg, tok, image_root, processor=processor_for(handle, model))
 
     out = Path(out_dir) if out_dir is not None else None
     done: dict[int, dict[str, Any]] = {}
