@@ -59,7 +59,8 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-PIPELINES = ("demo",)  # values of a config's `pipeline` key; each names a module with check() and run()
+# values of a config's `pipeline` key -> the module (with check() and run()) that runs it
+PIPELINES = {"demo": "mm.demo.pipeline", "soups": "mm.demo.soups"}
 
 
 def _run_pipeline(cfg, workdir: str) -> int:
@@ -67,7 +68,9 @@ def _run_pipeline(cfg, workdir: str) -> int:
 
     if cfg.pipeline not in PIPELINES:
         return cli.report(_PROG, f"config key 'pipeline' = {cfg.pipeline!r}: known pipelines are {list(PIPELINES)}")
-    from mm.demo import pipeline as mod
+    import importlib
+
+    mod = importlib.import_module(PIPELINES[cfg.pipeline])
 
     try:
         mod.check(cfg, workdir)  # every stage's config, before any work

@@ -36,6 +36,7 @@ class Progress:
         self.total = sum(w for _, w in parts)
         self.done = 0.0
         self.t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}
 
     def start(self, name: str) -> None:
         k = [n for n, _ in self.parts].index(name)
@@ -45,6 +46,15 @@ class Progress:
 
     def finish(self, name: str) -> None:
         self.done += dict(self.parts)[name]
+
+    def run(self, name: str, fn: Any) -> Any:
+        """`fn()` as part `name`: announced with the ETA, timed into `timings` (seconds)."""
+        self.start(name)
+        t = time.perf_counter()
+        out = fn()
+        self.timings[name] = round(time.perf_counter() - t, 1)
+        self.finish(name)
+        return out
 
 
 def resolve(demo: Any) -> ml_collections.ConfigDict:
@@ -110,23 +120,14 @@ def run(demo: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any
               ("evaluate", 0.05 * (3 * d.text_eval + 8 * d.mm_eval_images) + 10.0), ("report", 2.0)]
     prog = Progress(parts)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def part(name: str, fn: Any) -> Any:
-        prog.start(name)
-        t = time.perf_counter()
-        out = fn()
-        timings[name] = time.perf_counter() - t
-        prog.finish(name)
-        return out
-
+    part = prog.run
     p = stages.paths(workdir)
     tok = demo.init.tokenizer or (stages.tokenizer_dir(demo, workdir) if real_llm else "")
     data = part("data", lambda: write_demo_data(p["data"], demo.data, seed=int(demo.seed), tokenizer=tok, log=_log))
     for stage in ([] if real_llm else ["base"]) + ["iaa", "llava"]:
         part(stage, lambda stage=stage: _train_stage(demo, stage, workdir, devices))
     results = part("evaluate", lambda: evaluate_all(demo, workdir, data))
-    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    results["timings_s"] = dict(prog.timings)
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
     part("report", lambda: write_report(workdir, demo, results))
     _log(f"\ndemo finished in {results['wall_time_s']:.0f} s; report: {workdir / 'report.md'}")

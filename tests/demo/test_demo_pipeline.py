@@ -5,22 +5,17 @@ base -> IAA and LLaVA-style -> evaluation -> report; then the same pipeline on t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.demo.pipeline_runs import mm_train, quick_run as run_quick
 
 
 def _mm_train(workdir: Path, *flags: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT))  # one CPU device, as on a user's machine
-    cmd = [sys.executable, "-m", "launch.train", "--config=configs/demo.py", f"--workdir={workdir}",
-           "--config.quick=True", *flags]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return mm_train("configs/demo.py", workdir, *flags)
 
 
 def _check_report(workdir: Path) -> dict:
@@ -42,10 +37,7 @@ def _check_report(workdir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    w = tmp_path_factory.mktemp("demo") / "run"
-    proc = _mm_train(w)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return w, proc.stdout
+    return run_quick("configs/demo.py", tmp_path_factory.mktemp("demo") / "run")
 
 
 def test_quick_demo_runs_end_to_end_and_reports(quick_run):
