@@ -19,7 +19,9 @@ import ml_collections
 from mm.config import ConfigError, LLMConfig, unknown_key_error
 
 MODEL_KINDS = ("llm", "llava", "iaa", "vlm")  # vlm: ViT in the graph (POINTS-style per-layer ViT training)
-DATA_KINDS = ("synthetic_text", "synthetic_mm", "llava_json")  # llava_json: the Grain pipeline of mm.data
+# llava_json: the Grain pipeline of mm.data; preference: the same on rows with `chosen` / `rejected` answers (DPO)
+DATA_KINDS = ("synthetic_text", "synthetic_mm", "llava_json", "preference")
+GRAIN_KINDS = ("llava_json", "preference")
 
 
 def _llm_defaults() -> dict[str, Any]:
@@ -109,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
         tiling="square", max_tiles=4, max_tiles_per_row=4, max_skip_fraction=0.5,
         eval_path="",  # held-out rows for eval losses ("" = data.path with data.eval_seed's order)
     ))
+    # data.kind "preference": the DPO-family loss (mm.dpo_losses, TRL 1.13's names); reference "" = the run's
+    # starting weights, else an HF / mm LLM dir of model.llm's shape (mm.train.preference)
+    c.dpo = ml_collections.ConfigDict(dict(loss_type=["sigmoid"], loss_weights=[], beta=0.1, label_smoothing=0.0,
+                                           reference=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, use_async=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = ml_collections.ConfigDict(dict())  # logical axis overrides, e.g. {"embed": None}
@@ -214,8 +220,9 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
     if cfg.data.kind not in DATA_KINDS:
         raise ConfigError(f"config key data.kind = {cfg.data.kind!r}: choose one of {DATA_KINDS}")
     llm_config_from(cfg)
-    if cfg.data.kind == "llava_json":
+    if cfg.data.kind in GRAIN_KINDS:
         _check_llava_json(cfg, pending_paths)
+    _check_dpo(cfg, pending_paths)
     if m.kind == "vlm":
         vision_config_from(cfg)
     for key in ("steps", "batch_size", "seq_len", "log_every"):
@@ -273,19 +280,39 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
 
 def has_tower(cfg: Any) -> bool:
     """Whether the step runs a ViT (`vision/` params): kind vlm, or llava / iaa on pixel data."""
-    return cfg.model.kind == "vlm" or (cfg.model.kind in ("llava", "iaa") and cfg.data.kind == "llava_json")
+    return cfg.model.kind == "vlm" or (cfg.model.kind in ("llava", "iaa") and cfg.data.kind in GRAIN_KINDS)
+
+
+def _check_dpo(cfg: Any, pending_paths: Collection[str] = ()) -> None:
+    """The `dpo` section: the options `mm.dpo_losses.DPOSettings` takes (its errors name the key)."""
+    from mm.dpo_losses import DPOSettings
+
+    d = cfg.dpo
+    if cfg.data.kind == "preference" and cfg.model.kind != "llm":
+        raise ConfigError(f"config key data.kind = 'preference' is implemented for model.kind 'llm' only; got "
+                          f"model.kind = {cfg.model.kind!r}")
+    weights = list(d.loss_weights)
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights):
+        raise ConfigError(f"config key dpo.loss_weights = {weights!r}: expected a list of numbers (or empty)")
+    try:
+        DPOSettings(loss_type=tuple(d.loss_type), loss_weights=tuple(weights) or None, beta=float(d.beta),
+                    label_smoothing=float(d.label_smoothing))
+    except ValueError as e:
+        raise ConfigError(f"config key {e}") from e
+    if d.reference and d.reference not in pending_paths and not Path(d.reference).exists():
+        raise ConfigError(f"config key dpo.reference = {d.reference!r}: no such file or directory")
 
 
 def _check_llava_json(cfg: Any, pending_paths: Collection[str] = ()) -> None:
     d = cfg.data
     if cfg.model.kind not in ("vlm", "llava", "iaa", "llm"):
-        raise ConfigError(f"config key data.kind = 'llava_json' needs model.kind llm (text-only rows) or a "
+        raise ConfigError(f"config key data.kind = {d.kind!r} needs model.kind llm (text-only rows) or a "
                           f"multimodal one (vlm, llava, iaa); got {cfg.model.kind!r}")
     if cfg.model.kind != "llm":
         vision_config_from(cfg)  # the ViT (model.vision) runs on the pipeline's pixel tiles in the step
     for key in ("path", "tokenizer"):
         if not d[key]:
-            raise ConfigError(f"config key data.{key} must be set for data.kind = 'llava_json'")
+            raise ConfigError(f"config key data.{key} must be set for data.kind = {d.kind!r}")
     for key in ("path", "image_root", "tokenizer", "eval_path"):
         if d[key] and d[key] not in pending_paths and not Path(d[key]).exists():
             raise ConfigError(f"config key data.{key} = {d[key]!r}: no such file or directory")

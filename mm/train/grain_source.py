@@ -1,4 +1,6 @@
-"""The trainer's data source over the Grain pipeline of `mm.data` (config `data.kind = "llava_json"`).
+"""The trainer's data source over the Grain pipeline of `mm.data` (config `data.kind = "llava_json"`, or
+`"preference"` for rows with `chosen` / `rejected` answers: each batch key comes twice, `chosen/<key>` and
+`rejected/<key>`, the two halves of a pair at the same row index, one pair a row, see `mm.data.pipeline`).
 
 `DataPipeline` gives batches of this process's rows of one micro batch; a training step takes `grad_accum`
 of them stacked as `[grad_accum, micro_local, ...]` (the layout of `mm.train.data.SyntheticSource`). The
@@ -37,7 +39,8 @@ def data_config(cfg: Any, *, seed: int, local_rows: int) -> DataConfig:
     d, v = cfg.data, cfg.model.vision
     grid = int(v.image_size) // int(v.patch_size)
     text_only = cfg.model.kind == "llm"  # a plain LLM: rows with images are skipped, batches carry no tiles
-    return DataConfig(template=str(d.template), max_len=int(cfg.train.seq_len), batch_size=local_rows,
+    kind = "preference" if d.kind == "preference" else "sft"  # preference: chosen / rejected pairs
+    return DataConfig(kind=kind, template=str(d.template), max_len=int(cfg.train.seq_len), batch_size=local_rows,
                       pack=bool(d.pack), buckets=(int(cfg.train.seq_len),), tiling="none" if text_only else str(d.tiling), tile=int(v.image_size),
                       max_tiles=int(d.max_tiles), tokens_per_tile=grid * grid,
                       max_tiles_per_row=0 if text_only else int(d.max_tiles_per_row), seed=seed, num_epochs=None, read_threads=int(d.read_threads), worker_count=int(d.workers),
@@ -92,7 +95,7 @@ class GrainSource:
     def __next__(self) -> dict[str, np.ndarray]:
         micro = [next(self.pipe) for _ in range(self.accum)]
         out = {k: np.stack([m[k] for m in micro]) for k in micro[0] if isinstance(micro[0][k], np.ndarray)
-               and k not in self.drop}
+               and k.rsplit("/", 1)[-1] not in self.drop}
         # no per-example ids through packing: (step, accum, row) names a row in non-finite-step reports
         out["example_id"] = (self.step * 1_000_000 + np.arange(self.accum * self.local)).reshape(
             self.accum, self.local).astype(np.int64)
@@ -103,7 +106,9 @@ class GrainSource:
 def make_source(cfg: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
                 multimodal: bool | None = None) -> Any:
     """The training (or, with `seed=data.eval_seed`, evaluation) source `data.kind` selects."""
-    if cfg.data.kind == "llava_json":
+    from mm.train.config import GRAIN_KINDS
+
+    if cfg.data.kind in GRAIN_KINDS:
         path = str(cfg.data.eval_path) if seed is not None and cfg.data.eval_path else None
         return GrainSource(cfg, seed=seed, path=path, process_index=process_index, process_count=process_count)
     from mm.train.data import SyntheticSource

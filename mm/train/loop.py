@@ -96,6 +96,10 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     trainable, frozen = pg.split(pg.unflatten(flat), assignment)
     if not jax.tree.leaves(trainable):
         raise ConfigError("param_groups: every parameter is frozen; nothing to train")
+    if cfg.data.kind == "preference":  # rebuilt from the init sources on every start, never checkpointed
+        from mm.train import preference
+
+        frozen = {**frozen, preference.REFERENCE_KEY: preference.build_reference(cfg, model, trainable, flat_sh, mesh)}
 
     optimizer = make_optimizer(cfg, trainable, assignment)
     with jax.set_mesh(mesh):
@@ -107,8 +111,11 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     step_fn = shd.sharded_jit(step, mesh, rules, in_shardings=(state_sh, frozen_sh, bsh),
                               out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
     tokens = int(cfg.train.batch_size) * int(cfg.train.seq_len)
+    pairs = cfg.data.kind == "preference"  # two rows (chosen, rejected) a pair, and the reference's forward
     fl = flops_lib.step_flops(model.stages(int(cfg.train.seq_len)), flops_lib.shapes_sizes(flat_abstract),
-                              assignment, tokens)
+                              assignment, tokens * (2 if pairs else 1))
+    if pairs:
+        fl = {"forward": 2 * fl["forward"], "backward": fl["backward"], "total": 2 * fl["forward"] + fl["backward"]}
     return Built(cfg, mesh, rules, model, assignment, optimizer, state, frozen, bsh, step_fn, fl)
 
 
@@ -210,6 +217,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                         "tflops_per_device": b.flops["total"] / max(dt, 1e-9) / n_dev / 1e12,
                         "mfu": flops_lib.mfu(b.flops["total"], dt, n_dev, kind), "skipped": skipped_count[0],
                         "step_time_s": dt, "finite": bool(m["finite"])})
+            row.update({k: float(v) for k, v in m["extra"].items()})  # e.g. the preference loss's TRL metrics
             writer.write(s, row)
             writer.progress(s, int(t.steps), row, dt * (int(t.steps) - s))
 

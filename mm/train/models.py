@@ -41,7 +41,8 @@ class TrainModel:
     llm_config: LLMConfig
     abstract: Any  # boxed abstract params (logical axes)
     init: Callable[[Array], Any]  # rng -> full params (unboxed)
-    loss: Callable[[Any, dict[str, Array]], tuple[Array, Array]]  # (params, micro batch) -> (sum, tokens)
+    # (params, micro batch) -> (sum, tokens) or (sum, count, metric sums), see `mm.train.step`
+    loss: Callable[[Any, dict[str, Array]], tuple[Any, ...]]
     eval_losses: dict[str, Callable[[Any, dict[str, Array]], tuple[Array, Array]]]
     stages: Callable[[int], list[Stage]]  # seq_len -> forward-ordered stages
     base_prefix: str = ""  # where the base LLM lives in the tree ("" for llm, "llm" llava, "base" iaa)
@@ -52,6 +53,9 @@ class TrainModel:
     # params that start as copies of others: target subtree -> source subtree ('/'-joined). The trainer copies
     # them from whatever the source holds once checkpoints are loaded (IAA branches from the loaded base).
     derived: dict[str, str] = dataclasses.field(default_factory=dict)
+    # (params, plain batch) -> (summed completion log-probs [B], completion tokens [B]) over the batch's
+    # `labels` / `loss_mask`: what the preference loss scores (`mm.train.preference`); None: not supported
+    sequence_logps: Callable[[Any, dict[str, Array]], tuple[Array, Array]] | None = None
 
 
 def cross_entropy(logits: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
@@ -116,6 +120,14 @@ def _llm_model(cfg: Any) -> TrainModel:
                                return_hidden=return_hidden)[0]
         return token_loss(b, forward, params, c.tie_word_embeddings, chunk)
 
+    def sequence_logps(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
+        from mm.losses import completion_logprobs
+
+        h = model.apply({"params": params}, b["input_ids"], b["positions"], segment_ids=b["segment_ids"],
+                        return_hidden=True)[0]
+        kernel = params["embed_tokens"]["embedding"].T if c.tie_word_embeddings else params["lm_head"]["kernel"]
+        return completion_logprobs(h, kernel.astype(h.dtype), b["labels"], _mask(b), chunk_size=chunk or 512)
+
     def stages(seq_len: int) -> list[Stage]:
         out = [Stage((), 0.0, ("embed_tokens/embedding",))]
         for i in range(c.num_layers):
@@ -123,7 +135,7 @@ def _llm_model(cfg: Any) -> TrainModel:
         return out + [_head_stage("", c)]
 
     return TrainModel("llm", c, llm_lib.abstract_params(c), lambda rng: llm_lib.init_params(c, rng), loss,
-                      {"text": loss}, stages, decode={"text": llm_lib.decode_fns(c)})
+                      {"text": loss}, stages, decode={"text": llm_lib.decode_fns(c)}, sequence_logps=sequence_logps)
 
 
 def tile_features(vc: Any, layer: int) -> Callable[[Any, Array], Array]:
@@ -333,7 +345,15 @@ def _vlm_model(cfg: Any) -> TrainModel:
 
 
 def build(cfg: Any) -> TrainModel:
-    return {"llm": _llm_model, "llava": _llava_model, "iaa": _iaa_model, "vlm": _vlm_model}[cfg.model.kind](cfg)
+    m = {"llm": _llm_model, "llava": _llava_model, "iaa": _iaa_model, "vlm": _vlm_model}[cfg.model.kind](cfg)
+    if cfg.data.kind == "preference":  # the DPO-family loss on chosen / rejected pairs, also for evaluation
+        from mm.train import preference
+
+        if m.sequence_logps is None:
+            raise ValueError(f"data.kind = 'preference': model.kind {m.kind!r} has no sequence log-probs")
+        loss = preference.make_loss(m.sequence_logps, preference.settings(cfg))
+        m = dataclasses.replace(m, loss=loss, eval_losses={"dpo": loss}, decode={})
+    return m
 
 
 def unboxed_shapes(abstract: Any) -> Any:

@@ -9,6 +9,10 @@ Gradient accumulation scans over axis 0 of the batch (`[grad_accum, micro, ...]`
 all supervised tokens of the step (sums first, one division), so the result does not depend on how the batch
 is split over micro-batches or processes. A step whose loss or gradient norm is not finite keeps params and
 optimizer state unchanged (the whole update is selected away) and counts the skip.
+
+A loss function returns `(loss sum, count)` or `(loss sum, count, sums)`: `sums` (a dict, e.g. the preference
+loss's TRL metrics times its pair count) are summed like the loss and divided by the step's count, and come
+out as `metrics["extra"]`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import optax
 from mm.train.param_groups import merge
 
 Array = jax.Array
-LossFn = Callable[[Any, dict[str, Array]], tuple[Array, Array]]
+LossFn = Callable[[Any, dict[str, Array]], tuple[Any, ...]]  # (sum, count) or (sum, count, extra sums)
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> dict[str, Any]:
@@ -31,34 +35,41 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
             "consecutive": jnp.zeros((), jnp.int32)}
 
 
-def _grads(loss_fn: LossFn, trainable: Any, frozen: Any, batch: dict[str, Array]) -> tuple[Any, Array, Array]:
-    """Summed gradients, loss sum and token count over the accumulation axis."""
+def _call(loss_fn: LossFn, params: Any, mb: dict[str, Array]) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+    """(loss sum, (count, extra sums)) whichever form `loss_fn` returns."""
+    out = loss_fn(params, mb)
+    return out[0], (out[1], dict(out[2]) if len(out) > 2 else {})
 
-    def f(tp: Any, mb: dict[str, Array]) -> tuple[Array, Array]:
-        s, n = loss_fn(merge(tp, frozen), mb)
-        return s, n
+
+def _grads(loss_fn: LossFn, trainable: Any, frozen: Any, batch: dict[str, Array]
+           ) -> tuple[Any, Array, Array, dict[str, Array]]:
+    """Summed gradients, loss sum, token count and extra sums over the accumulation axis."""
+
+    def f(tp: Any, mb: dict[str, Array]) -> tuple[Array, tuple[Array, dict[str, Array]]]:
+        return _call(loss_fn, merge(tp, frozen), mb)
 
     grad_fn = jax.value_and_grad(f, has_aux=True)
     accum = jax.tree.leaves(batch)[0].shape[0]
     if accum == 1:
-        (s, n), g = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch))
-        return g, s, n
+        (s, (n, extra)), g = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch))
+        return g, s, n, extra
 
     def body(carry: Any, mb: dict[str, Array]) -> tuple[Any, None]:
-        g_acc, s_acc, n_acc = carry
-        (s, n), g = grad_fn(trainable, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
+        (s, aux), g = grad_fn(trainable, mb)
+        return jax.tree.map(jnp.add, carry, (g, s, aux)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    (g, s, n), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch)
-    return g, s, n
+    zero = jnp.zeros((), jnp.float32)
+    shapes = jax.eval_shape(lambda: _call(loss_fn, merge(trainable, frozen), jax.tree.map(lambda x: x[0], batch)))
+    zeros_aux = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes[1])  # (count, extra sums)
+    (g, s, (n, extra)), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, trainable), zero, zeros_aux), batch)
+    return g, s, n, extra
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     lr_schedule: Callable[[Any], Any]) -> Callable[..., tuple[dict[str, Any], dict[str, Array]]]:
     def train_step(state: dict[str, Any], frozen: Any, batch: dict[str, Array]) -> tuple[dict[str, Any], dict]:
         batch = {k: v for k, v in batch.items() if k != "example_id"}
-        g, s, n = _grads(loss_fn, state["params"], frozen, batch)
+        g, s, n, extra = _grads(loss_fn, state["params"], frozen, batch)
         denom = jnp.maximum(n, 1.0)
         g = jax.tree.map(lambda x: x / denom.astype(x.dtype), g)
         loss = s / denom
@@ -77,7 +88,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             "consecutive": jnp.where(ok, 0, state["consecutive"] + 1).astype(jnp.int32),
         }
         metrics = {"loss": loss, "tokens": n, "grad_norm": gnorm, "lr": jnp.asarray(lr_schedule(_opt_count(state["opt"])), jnp.float32),
-                   "finite": ok}
+                   "finite": ok, "extra": {k: v / denom for k, v in extra.items()}}
         return new_state, metrics
 
     return train_step
@@ -96,7 +107,7 @@ def make_eval_step(loss_fn: LossFn) -> Callable[..., tuple[Array, Array]]:
     def eval_step(trainable: Any, frozen: Any, batch: dict[str, Array]) -> tuple[Array, Array]:
         batch = {k: v for k, v in batch.items() if k != "example_id"}
         params = merge(trainable, frozen)
-        s, n = jax.lax.map(lambda mb: loss_fn(params, mb), batch)
+        s, n = jax.lax.map(lambda mb: tuple(loss_fn(params, mb)[:2]), batch)
         return jnp.sum(s), jnp.sum(n)
 
     return eval_step

@@ -1,0 +1,231 @@
+"""Preference (DPO) training in mm-train (`data.kind = "preference"`, `model.kind = "llm"`).
+
+The acceptance check trains a tiny random HF Llama (policy A, reference B, same shape) for 5 steps with TRL
+1.13's `DPOTrainer` and with `mm.train.loop.train` (init.llm_checkpoint = A, dpo.reference = B) on the same
+rows (the whole set each step, AdamW at a constant lr, no clipping, no weight decay) and compares the per-step
+losses and reward margins; the token ids TRL prepares are checked against the ones mm's pipeline makes. With
+policy == reference (dpo.reference = "") the first step's sigmoid loss is ln 2, and a run resumed from a
+mid-run checkpoint (the reference rebuilt from the init sources) gives the uninterrupted run's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mm.config import ConfigError
+from mm.train import config as tcfg
+from mm.train.config import base_config
+from mm.train.from_checkpoints import llm_section
+
+ROWS = [  # prompt / chosen / rejected
+    ("what is in the image?", "a dog playing in the park", "a cat sitting on a red mat"),
+    ("describe the scene in one sentence", "there are two people and a bicycle", "the lazy dog"),
+    ("the quick brown fox", "jumps over the lazy dog", "is near the river"),
+    ("a picture of", "a cat sitting on a mat", "two people near the river please"),
+]
+STEPS, LR, SEQ = 5, 1e-3, 48
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tests.helpers.hf_models import make_llama
+    from tests.helpers.tokenizer import make_tokenizer
+
+    tmp = tmp_path_factory.mktemp("dpo_train")
+    a, b = make_llama(tmp / "a", seed=1), make_llama(tmp / "b", seed=2)  # same shape, different weights
+    tok = make_tokenizer()
+    tok.save_pretrained(str(tmp / "tok"))
+    rows = [{"id": f"r{i}", "conversations": [{"from": "human", "value": p}], "chosen": c, "rejected": r}
+            for i, (p, c, r) in enumerate(ROWS)]
+    (tmp / "pref.json").write_text(json.dumps(rows))
+    return {"a": a, "b": b, "tok": tok, "tok_dir": str(tmp / "tok"), "data": str(tmp / "pref.json")}
+
+
+def _cfg(setup, reference: str = "", steps: int = STEPS):
+    c = base_config()
+    c.model.kind = "llm"
+    c.model.llm.update(llm_section(setup["a"]))
+    c.init.update(dict(llm_checkpoint=str(setup["a"]), prng_impl="unsafe_rbg"))
+    c.data.update(dict(kind="preference", path=setup["data"], tokenizer=setup["tok_dir"], template="chat",
+                       pack=False))
+    c.dpo.update(dict(reference=reference, beta=0.1, loss_type=["sigmoid"]))
+    c.train.update(dict(steps=steps, batch_size=len(ROWS), seq_len=SEQ, log_every=1))
+    c.optim.update(dict(lr=LR, warmup_frac=0.0, min_lr_ratio=1.0, weight_decay=0.0, clip_norm=0.0))
+    c.checkpoint.update(dict(every=0, use_async=False))
+    c.metrics.tensorboard = False
+    return c
+
+
+def _rows(workdir):
+    return {r["step"]: r for r in map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+
+
+def _mm_token_ids(setup):
+    """(prompt ids, chosen completion ids, rejected completion ids) per row as the trainer's source makes them:
+    the supervised run of each half (the answer and its end-of-turn token) and everything before it."""
+    from mm.train.grain_source import GrainSource
+
+    src = GrainSource(_cfg(setup))
+    try:
+        batch = next(src)
+    finally:
+        src.close()
+    out = {}
+    for r in range(len(ROWS)):
+        parts = []
+        for half in ("chosen", "rejected"):
+            ids, mask = batch[f"{half}/input_ids"][0, r], batch[f"{half}/loss_mask"][0, r]
+            sup = np.flatnonzero(mask) + 1  # loss_mask[t] scores the token at t + 1
+            assert np.array_equal(sup, np.arange(sup[0], sup[-1] + 1)), "one contiguous completion"
+            parts.append((ids[:sup[0]].tolist(), ids[sup[0]:sup[-1] + 1].tolist()))
+        (p, c), (p2, rj) = parts
+        assert p == p2, "both halves of a pair share the prompt"
+        out[tuple(p)] = (p, c, rj)
+    return out
+
+
+def _trl_train(setup, tmp_path):
+    """TRL's per-step logged loss and reward margin; prompts are the chat template's rendering with the
+    generation header, completions ' ' + answer (TRL appends the EOS text), so the ids equal mm's."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from tests.helpers.hf_models import load_hf
+
+    tok = setup["tok"]
+    data = Dataset.from_list([{"prompt": tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                                 add_generation_prompt=True),
+                               "chosen": " " + c, "rejected": " " + r} for p, c, r in ROWS])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(ROWS), max_steps=STEPS,
+                     learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                     max_grad_norm=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1,
+                     save_strategy="no", report_to=[], use_cpu=True, bf16=False, max_length=None, beta=0.1,
+                     loss_type=["sigmoid"], seed=0)
+    trainer = DPOTrainer(model=load_hf(setup["a"]), ref_model=load_hf(setup["b"]), args=args, train_dataset=data,
+                         processing_class=tok)
+    trl_ids = {tuple(e["prompt_ids"]): (e["prompt_ids"], e["chosen_ids"], e["rejected_ids"])
+               for e in trainer.train_dataset}
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    return trl_ids, {h["step"]: (h["loss"], h["rewards/margins"]) for h in logged}
+
+
+def test_losses_equal_trl_dpo_trainer(setup, tmp_path):
+    from mm.train.loop import train
+
+    mm_ids = _mm_token_ids(setup)
+    trl_ids, trl = _trl_train(setup, tmp_path)
+    assert mm_ids == trl_ids, "mm's pipeline and TRL tokenise the pairs differently"
+
+    res = train(_cfg(setup, reference=str(setup["b"])), tmp_path / "mm", devices=jax.devices()[:1])
+    rows = _rows(tmp_path / "mm")
+    assert sorted(trl) == list(range(1, STEPS + 1)), trl
+    diffs = [abs(res.losses[s] - trl[s][0]) for s in range(1, STEPS + 1)]
+    margins = [abs(rows[s]["rewards/margins"] - trl[s][1]) for s in range(1, STEPS + 1)]
+    print("per-step loss mm / TRL:", [(round(res.losses[s], 6), trl[s][0]) for s in range(1, STEPS + 1)])
+    print(f"max |loss diff| {max(diffs):.2e}, max |margin diff| {max(margins):.2e}")
+    assert max(diffs) <= 1e-3 and max(margins) <= 1e-3, (diffs, margins)
+    # A and B differ, so step 1 is not at ln 2, and training moves the loss
+    assert abs(res.losses[1] - math.log(2)) > 1e-2 and res.losses[STEPS] < res.losses[1] - 1e-3, res.losses
+
+
+def test_reference_is_the_start_and_resume_matches(setup, tmp_path):
+    from mm.train.loop import train
+
+    one = jax.devices()[:1]
+    c = _cfg(setup, steps=4)
+    c.checkpoint.update(dict(every=2, keep=5))
+    ref = train(c, tmp_path / "ref", devices=one)
+    full = _rows(tmp_path / "ref")
+    assert abs(ref.losses[1] - math.log(2)) < 1e-6, ref.losses  # policy == reference at step 1
+    # (the policy and the reference forward compile to different fusions: equal up to float32 rounding)
+    assert abs(full[1]["rewards/margins"]) < 1e-5 and abs(full[1]["rewards/chosen"]) < 1e-5, full[1]
+    assert full[4]["rewards/margins"] > 0 and ref.losses[4] < ref.losses[1], (full[4], ref.losses)
+
+    run = tmp_path / "run"  # "killed" after step 2's checkpoint
+    shutil.copytree(tmp_path / "ref" / "checkpoints", run / "checkpoints")
+    for p in (run / "checkpoints").iterdir():
+        if p.name.isdigit() and int(p.name) > 2:
+            shutil.rmtree(p)
+    got = train(c, run, devices=one)
+    assert sorted(got.losses) == [3, 4]
+    resumed = _rows(run)
+    for s in (3, 4):
+        assert got.losses[s] == ref.losses[s], (s, got.losses, ref.losses)
+        for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert resumed[s][k] == full[s][k], (s, k)
+
+
+def test_grad_accum_gives_the_same_losses_and_eval_runs(setup, tmp_path):
+    """Two micro batches of two pairs each: the step's mean over its pairs (loss and metrics) equals one batch
+    of four; the held-out DPO loss is logged as `eval_dpo` (on the training rows: after step 1's update it is
+    below step 1's loss)."""
+    from mm.train.loop import train
+
+    one = jax.devices()[:1]
+    c1, c2 = _cfg(setup, steps=2), _cfg(setup, steps=2)
+    c2.optim.grad_accum = 2
+    c2.train.update(dict(eval_every=1, eval_batches=1))
+    c2.data.eval_path = setup["data"]
+    r1, r2 = train(c1, tmp_path / "one", devices=one), train(c2, tmp_path / "two", devices=one)
+    rows1, rows2 = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    for s in (1, 2):
+        assert abs(r1.losses[s] - r2.losses[s]) < 1e-5, (r1.losses, r2.losses)
+        assert abs(rows1[s]["logps/chosen"] - rows2[s]["logps/chosen"]) < 1e-4, (rows1[s], rows2[s])
+    evals = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["loss"] for r in evals if r["kind"] == "eval_dpo"}
+    assert sorted(evals) == [1, 2] and evals[1] < r2.losses[1], evals  # after one update the loss is lower
+
+
+def test_step_flops_count_both_halves_and_the_reference(setup):
+    """The analytic model FLOPs of a preference step (policy forward + backward on chosen and rejected rows,
+    the reference's forward on both) against XLA's cost analysis of the compiled step."""
+    from mm.train import flops as F
+    from mm.train import loop
+    from mm.train.grain_source import GrainSource
+
+    c = _cfg(setup)
+    c.init.llm_checkpoint = ""  # random, wide enough that the matmuls dominate XLA's count
+    c.model.llm.update(dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_heads=4, num_kv_heads=2,
+                            head_dim=64))
+    c.train.seq_len = 64
+    b = loop.build(c, log=False, devices=jax.devices()[:1])
+    src = GrainSource(c)
+    try:
+        x = next(src)
+    finally:
+        src.close()
+    x.pop("example_id")
+    xla = F.xla_flops(b.step_fn.lower(b.state, b.frozen, loop._to_global(x, b.batch_sharding, 1)).compile())
+    assert abs(xla / b.flops["total"] - 1) < 0.10, (xla, b.flops)
+    assert b.flops["forward"] == b.flops["backward"]  # everything trains: backward 2x the policy's forward
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(loss_type=["nope"]), "dpo.loss_type"),
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), "dpo.loss_weights"),
+    (dict(loss_weights=["x"]), "dpo.loss_weights"),
+    (dict(beta=0.0), "dpo.beta"),
+    (dict(label_smoothing=1.5), "dpo.label_smoothing"),
+    (dict(reference="/nonexistent/ref"), "dpo.reference"),
+])
+def test_dpo_config_errors_name_the_key(setup, change, key):
+    c = _cfg(setup)
+    c.dpo.update(change)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        tcfg.validate(c)
+
+
+def test_preference_needs_model_kind_llm(setup):
+    c = _cfg(setup)
+    c.model.kind = "llava"
+    with pytest.raises(ConfigError, match="data.kind = 'preference'.*model.kind 'llm'"):
+        tcfg.validate(c)
