@@ -30,11 +30,9 @@ list or JSONL, order and format kept) and draws the PPL histogram with the cut.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -43,8 +41,8 @@ import numpy as np
 
 from mm.config import ConfigError
 from mm.data.skips import REASONS, DataError, SkipCounter
+from mm.row_chunks import RowChunks, barrier, my_rows, write_atomic
 
-CHUNK_RE = re.compile(r"^scores-p(\d+)-(\d{5})\.jsonl$")
 META_KEYS = ("rows", "data", "model", "workflow", "template", "tiling", "max_len", "max_tiles", "system_prompt")
 
 
@@ -225,50 +223,13 @@ def _records(batch_rows: Sequence[Sequence[dict[str, Any]]], nll: np.ndarray, b:
 
 
 # ------------------------------------------------------------------------------------------ out_dir
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+PREFIX = "scores"  # chunk files OUT/scores-p{P}-{C:05d}.jsonl (mm.row_chunks)
 
 
 def read_chunks(out_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """Every record of every chunk file in `out_dir`, by row index; a row in two records is an error."""
-    out: dict[int, dict[str, Any]] = {}
-    where: dict[int, str] = {}
-    for f in sorted(glob.glob(os.path.join(str(out_dir), "scores-p*-*.jsonl"))):
-        if not CHUNK_RE.match(os.path.basename(f)):
-            continue
-        with open(f, encoding="utf-8") as fh:
-            for k, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f} line {k + 1}: not JSON ({e})") from e
-                i = int(rec["index"])
-                if i in out:
-                    raise DataError(f"row {i} ({rec.get('id')}) has records in {where[i]} and {f}")
-                out[i], where[i] = rec, f
-    return out
-
-
-def _check_meta(out: Path, meta: dict[str, Any]) -> None:
-    f = out / "meta.json"
-    if f.exists():
-        old = json.loads(f.read_text())
-        diff = [k for k in META_KEYS if old.get(k) != meta.get(k)]
-        if diff:
-            what = ", ".join(f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in diff)
-            raise ConfigError(f"{out}: holds scores of another run ({what}); use a new output directory")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(f, json.dumps(meta, indent=1) + "\n")
-
-
-def _next_chunk(out: Path, proc: int) -> int:
-    nums = [int(m.group(2)) for f in os.listdir(out) if (m := CHUNK_RE.match(f)) and int(m.group(1)) == proc]
-    return max(nums, default=-1) + 1
+    """Every record of every chunk file in `out_dir`, by row index (one record a row)."""
+    recs = RowChunks(out_dir, PREFIX, json.loads((Path(out_dir) / "meta.json").read_text()), ()).records()
+    return {i: r[0] for i, r in recs.items()}
 
 
 def _result(records: dict[int, dict[str, Any]], total: int, out_dir: str | None) -> ScoreResult:
@@ -282,20 +243,11 @@ def merge(out_dir: str | os.PathLike, total: int) -> ScoreResult:
     res = _result(read_chunks(out_dir), total, str(out_dir))
     if res.complete:
         out = Path(out_dir)
-        _write_atomic(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in res.rows))
+        write_atomic(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in res.rows))
         summary = {"rows": total, "scored": len(res.rows), "tokens": res.tokens, "mean_nll": res.mean_nll,
                    "skips": res.skips, "skipped": res.skipped[:100]}
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return res
-
-
-def _barrier(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -352,15 +304,13 @@ def score(model: Any, data: Any, *, image_root: str | None = None, out_dir: str 
 
     out = Path(out_dir) if out_dir is not None else None
     done: dict[int, dict[str, Any]] = {}
-    chunk = 0
     if out is not None:
         meta = {"rows": total, "data": str(data) if not isinstance(data, list) else "<list>", "model": str(model),
                 "workflow": workflow, "template": template, "tiling": dcfg.tiling, "max_len": max_len,
                 "max_tiles": max_tiles, "system_prompt": system_prompt}
-        _check_meta(out, meta)
-        done = read_chunks(out)
-        chunk = _next_chunk(out, proc)
-    mine = range(proc, total, nproc)
+        chunks = RowChunks(out, PREFIX, meta, META_KEYS)
+        done = {i: r[0] for i, r in chunks.records().items()}
+    mine = my_rows(total, proc, nproc)
     todo = [i for i in mine if i not in done]
     fn = _nll_fn(handle, workflow)
     counter = SkipCounter(max_skip_fraction=1.0)
@@ -380,11 +330,9 @@ def score(model: Any, data: Any, *, image_root: str | None = None, out_dir: str 
               f"{rate:.1f} samples/s, ETA {'0s' if final else eta}", flush=True)
 
     def flush() -> None:
-        nonlocal chunk, written
+        nonlocal written
         if out is not None and buffer:
-            text = "".join(json.dumps(r) + "\n" for r in sorted(buffer, key=lambda r: r["index"]))
-            _write_atomic(out / f"scores-p{proc}-{chunk:05d}.jsonl", text)
-            chunk += 1
+            chunks.write(proc, buffer)
             written += 1
         buffer.clear()
 
@@ -422,10 +370,10 @@ def score(model: Any, data: Any, *, image_root: str | None = None, out_dir: str 
         return _result(new, total, None)
     if stopped:
         return _result(read_chunks(out), total, str(out))
-    _barrier("mm-ppl: shards done")
+    barrier("mm-ppl: shards done")
     if proc == 0:
         res = merge(out, total)
-    _barrier("mm-ppl: merged")
+    barrier("mm-ppl: merged")
     if proc != 0:
         res = _result(read_chunks(out), total, str(out))
     if progress and res.complete and proc == 0:
@@ -516,9 +464,9 @@ def filter_rows(data: str | os.PathLike, scores: Any, *, keep: float | None = No
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if lines is None:
-        _write_atomic(out, json.dumps([rows[i] for i in kept], ensure_ascii=False) + "\n")
+        write_atomic(out, json.dumps([rows[i] for i in kept], ensure_ascii=False) + "\n")
     else:
-        _write_atomic(out, "".join(lines[i] + "\n" for i in kept))
+        write_atomic(out, "".join(lines[i] + "\n" for i in kept))
     hist = Path(histogram) if histogram is not None else out.with_name(out.stem + ".ppl_hist.png")
     _histogram([float(r["ppl"]) for r in recs], set(kept), [int(r["index"]) for r in recs], threshold, hist)
     return {"rows": len(rows), "scored": len(recs), "unscored": len(rows) - len(recs), "kept": len(kept),
