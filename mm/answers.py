@@ -78,12 +78,17 @@ def _batched(n: int, size: int) -> list[slice]:
 
 def generate_all(gen: Callable[..., np.ndarray], prompts: list[list[int]], *, batch: int, max_new: int,
                  stops: Sequence[int], pixels: list[np.ndarray] | None = None, desc: str = "",
-                 log: Callable[[str], None] = print) -> list[np.ndarray]:
-    """Greedy continuations of every prompt, `batch` at a time, with progress."""
+                 log: Callable[[str], None] = print, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> list[np.ndarray]:
+    """Continuations of every prompt, `batch` at a time, with progress: greedy by default; with a
+    `temperature`, sampled (nucleus `top_p`), batch k drawing from `seed + k`."""
     out: list[np.ndarray] = []
     t0 = time.perf_counter()
-    for sl in _batched(len(prompts), batch):
+    sampling = {} if temperature == 0.0 else {"temperature": temperature, "top_p": top_p}
+    for k, sl in enumerate(_batched(len(prompts), batch)):
         kw = {} if pixels is None else {"pixel_values": pixels[sl]}
+        if sampling:
+            kw.update(sampling, seed=seed + k)
         out += list(gen(prompts[sl], max_new_tokens=max_new, stop_tokens=list(stops), **kw))
         log(f"eval {desc}: {min(sl.stop, len(prompts))}/{len(prompts)} prompts ({time.perf_counter() - t0:.1f} s)")
     return out
