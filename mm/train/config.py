@@ -112,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_path="",  # held-out rows for eval losses ("" = data.path with data.eval_seed's order)
     ))
     # data.kind "preference": the DPO-family loss (mm.dpo_losses, TRL 1.13's names); reference "" = the run's
-    # starting weights, else an HF / mm LLM dir of model.llm's shape (mm.train.preference)
+    # starting weights, else an HF / mm LLM dir of model.llm's shape for the base LLM (mm.train.preference)
     c.dpo = ml_collections.ConfigDict(dict(loss_type=["sigmoid"], loss_weights=[], beta=0.1, label_smoothing=0.0,
                                            reference=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, use_async=True))
@@ -288,9 +288,6 @@ def _check_dpo(cfg: Any, pending_paths: Collection[str] = ()) -> None:
     from mm.dpo_losses import DPOSettings
 
     d = cfg.dpo
-    if cfg.data.kind == "preference" and cfg.model.kind != "llm":
-        raise ConfigError(f"config key data.kind = 'preference' is implemented for model.kind 'llm' only; got "
-                          f"model.kind = {cfg.model.kind!r}")
     weights = list(d.loss_weights)
     if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights):
         raise ConfigError(f"config key dpo.loss_weights = {weights!r}: expected a list of numbers (or empty)")

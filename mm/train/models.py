@@ -87,6 +87,16 @@ def token_loss(b: dict[str, Array], forward: Callable[..., Array], head_params: 
                                  _mask(b).reshape(-1), reduction="sum", return_count=True, chunk_size=chunk)
 
 
+def completion_logps(h: Array, head_params: Any, tied: bool, b: dict[str, Array], chunk: int
+                     ) -> tuple[Array, Array]:
+    """Summed log-probs `[B]` of each row's supervised labels and their count, from final hidden states `h`
+    (`mm.losses.completion_logprobs`: float32 logits, chunked over tokens)."""
+    from mm.losses import completion_logprobs
+
+    kernel = head_params["embed_tokens"]["embedding"].T if tied else head_params["lm_head"]["kernel"]
+    return completion_logprobs(h, kernel.astype(h.dtype), b["labels"], _mask(b), chunk_size=chunk or 512)
+
+
 def _layer_stages(prefix: str, c: LLMConfig, seq_len: int) -> list[Stage]:
     p = f"{prefix}/" if prefix else ""
     attn = 0.5 * 4.0 * seq_len * c.num_heads * c.head_dim
@@ -121,12 +131,9 @@ def _llm_model(cfg: Any) -> TrainModel:
         return token_loss(b, forward, params, c.tie_word_embeddings, chunk)
 
     def sequence_logps(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-        from mm.losses import completion_logprobs
-
         h = model.apply({"params": params}, b["input_ids"], b["positions"], segment_ids=b["segment_ids"],
                         return_hidden=True)[0]
-        kernel = params["embed_tokens"]["embedding"].T if c.tie_word_embeddings else params["lm_head"]["kernel"]
-        return completion_logprobs(h, kernel.astype(h.dtype), b["labels"], _mask(b), chunk_size=chunk or 512)
+        return completion_logps(h, params, c.tie_word_embeddings, b, chunk)
 
     def stages(seq_len: int) -> list[Stage]:
         out = [Stage((), 0.0, ("embed_tokens/embedding",))]
@@ -257,12 +264,17 @@ def _llava_model(cfg: Any) -> TrainModel:
 
     chunk = int(cfg.train.loss_chunk)
 
+    def run(params: Any, b: dict[str, Array], return_hidden: bool) -> Array:
+        return model.apply({"params": _without_vision(params)}, b["input_ids"], b["positions"],
+                           image_features=_image_inputs(tower, params, b), image_mask=b.get("image_mask"),
+                           segment_ids=b["segment_ids"], return_hidden=return_hidden)[0]
+
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-        def forward(return_hidden: bool) -> Array:
-            return model.apply({"params": _without_vision(params)}, b["input_ids"], b["positions"],
-                               image_features=_image_inputs(tower, params, b), image_mask=b.get("image_mask"),
-                               segment_ids=b["segment_ids"], return_hidden=return_hidden)[0]
-        return token_loss(b, forward, params["llm"], c.tie_word_embeddings, chunk)
+        return token_loss(b, lambda return_hidden: run(params, b, return_hidden), params["llm"],
+                          c.tie_word_embeddings, chunk)
+
+    def sequence_logps(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
+        return completion_logps(run(params, b, True), params["llm"], c.tie_word_embeddings, b, chunk)
 
     init, abstract, feats = _with_tower(tower, lambda k1, k2: llava.init_params(lc, llm_lib.init_params(c, k1), k2),
                                         llava.abstract_params(lc))
@@ -275,7 +287,7 @@ def _llava_model(cfg: Any) -> TrainModel:
         return out + [_head_stage("llm", c)]
 
     return TrainModel("llava", c, abstract, init, loss, {"mm": loss}, stages, "llm",
-                      {"mm": llava.decode_fns(lc)}, feats)
+                      {"mm": llava.decode_fns(lc)}, feats, sequence_logps=sequence_logps)
 
 
 def _iaa_model(cfg: Any) -> TrainModel:
@@ -289,19 +301,25 @@ def _iaa_model(cfg: Any) -> TrainModel:
 
     chunk = int(cfg.train.loss_chunk)
 
+    def run(params: Any, b: dict[str, Array], workflow: str, return_hidden: bool) -> Array:
+        mm_in = workflow != iaa.TEXT
+        ids = b["input_ids"] if mm_in else jnp.maximum(b["input_ids"], 0)
+        return model.apply({"params": _without_vision(params)}, ids, b["positions"], workflow=workflow,
+                           image_features=_image_inputs(tower, params, b) if mm_in else None,
+                           image_mask=b.get("image_mask") if mm_in else None, segment_ids=b["segment_ids"],
+                           return_hidden=return_hidden)[0]
+
+    def head(params: Any, workflow: str) -> Any:
+        return params["base"] if workflow == iaa.TEXT else params[workflow]
+
     def make_loss(workflow: str) -> Callable[[Any, dict[str, Array]], tuple[Array, Array]]:
         def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:
-            mm_in = workflow != iaa.TEXT
-            ids = b["input_ids"] if mm_in else jnp.maximum(b["input_ids"], 0)
-
-            def forward(return_hidden: bool) -> Array:
-                return model.apply({"params": _without_vision(params)}, ids, b["positions"], workflow=workflow,
-                                   image_features=_image_inputs(tower, params, b) if mm_in else None,
-                                   image_mask=b.get("image_mask") if mm_in else None, segment_ids=b["segment_ids"],
-                                   return_hidden=return_hidden)[0]
-            head = params["base"] if workflow == iaa.TEXT else params[workflow]
-            return token_loss(b, forward, head, c.tie_word_embeddings, chunk)
+            return token_loss(b, lambda return_hidden: run(params, b, workflow, return_hidden),
+                              head(params, workflow), c.tie_word_embeddings, chunk)
         return loss
+
+    def sequence_logps(params: Any, b: dict[str, Array]) -> tuple[Array, Array]:  # the workflow this stage trains
+        return completion_logps(run(params, b, wf, True), head(params, wf), c.tie_word_embeddings, b, chunk)
 
     init, abstract, feats = _with_tower(tower, lambda k1, k2: iaa.init_params(ic, llm_lib.init_params(c, k1), k2),
                                         iaa.abstract_params(ic))
@@ -319,7 +337,7 @@ def _iaa_model(cfg: Any) -> TrainModel:
     evals = {wf: make_loss(wf), "text": make_loss(iaa.TEXT)}
     derived = {f"{b.name}/{k}": f"base/{src}" for b in ic.branches for k, src in iaa.branch_sources(ic, b.name).items()}
     return TrainModel("iaa", c, abstract, init, make_loss(wf), evals, stages, "base",
-                      {w: iaa.decode_fns(ic, w) for w in evals}, feats, derived)
+                      {w: iaa.decode_fns(ic, w) for w in evals}, feats, derived, sequence_logps)
 
 
 def _vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) -> list[Stage]:
@@ -351,7 +369,7 @@ def build(cfg: Any) -> TrainModel:
 
         if m.sequence_logps is None:
             raise ValueError(f"data.kind = 'preference': model.kind {m.kind!r} has no sequence log-probs")
-        loss = preference.make_loss(m.sequence_logps, preference.settings(cfg))
+        loss = preference.make_loss(m.sequence_logps, preference.settings(cfg), m.pixel_features)
         m = dataclasses.replace(m, loss=loss, eval_losses={"dpo": loss}, decode={})
     return m
 

@@ -4,6 +4,7 @@ With `data.kind = "preference"` a batch holds each key twice, `chosen/<key>` and
 row, see `mm.train.grain_source`). The loss runs the model's `sequence_logps` (summed completion log-probs,
 float32 logits, `mm.losses.completion_logprobs`) on both halves at once for the policy and for the reference,
 and scores them with `mm.dpo_losses.preference_loss` (config section `dpo`, TRL 1.13's loss names and metrics).
+Multimodal models (`llava`, `iaa`'s trained workflow, `vlm`) run the ViT once per image for both halves.
 
 The reference lives in the frozen tree under `REFERENCE_KEY`: only the params it replaces, i.e. a copy of the
 trainable params as the run starts (`dpo.reference = ""`), or every param of the base LLM read from the
@@ -61,16 +62,30 @@ def without_reference(frozen: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in frozen.items() if k != REFERENCE_KEY}
 
 
-def make_loss(sequence_logps: Callable[[Any, dict[str, Array]], tuple[Array, Array]], s: DPOSettings
+def _with_features(both: dict[str, Array], feats: Array) -> dict[str, Array]:
+    out = {k: v for k, v in both.items() if k not in ("pixel_values", "tile_mask")}
+    out["image_features"] = jnp.concatenate([feats, feats], axis=0)
+    return out
+
+
+def make_loss(sequence_logps: Callable[[Any, dict[str, Array]], tuple[Array, Array]], s: DPOSettings,
+              pixel_features: Callable[[Any, Array], Array] | None = None
               ) -> Callable[[Any, dict[str, Array]], tuple[Array, Array, dict[str, Array]]]:
     """The preference loss of a model whose `sequence_logps(params, batch) -> (summed log-probs [B], completion
-    tokens [B])` scores a plain batch."""
+    tokens [B])` scores a plain batch. With `pixel_features` (a ViT in the step) each image's features are
+    computed once, from the chosen half's tiles (both halves hold the row's images), and serve both halves;
+    the reference reuses the policy's unless it holds its own `vision` params."""
 
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array, dict[str, Array]]:
         policy, reference = reference_params(params)
-        both = _both_halves(b)
+        both = ref_both = _both_halves(b)
+        if pixel_features is not None and "pixel_values" in both:
+            feats = pixel_features(policy, b["chosen/pixel_values"])
+            both = _with_features(both, feats)
+            own = "vision" in params[REFERENCE_KEY]  # a trained (or other) ViT: the reference's own features
+            ref_both = _with_features(ref_both, pixel_features(reference, b["chosen/pixel_values"]) if own else feats)
         lp, n = sequence_logps(policy, both)
-        ref, _ = sequence_logps(reference, both)
+        ref, _ = sequence_logps(reference, ref_both)
         ref = jax.lax.stop_gradient(ref)
         pairs = lp.shape[0] // 2
         value, metrics = preference_loss(PairLogps(lp[:pairs], lp[pairs:], ref[:pairs], ref[pairs:], n[:pairs],

@@ -5,7 +5,8 @@ The acceptance check trains a tiny random HF Llama (policy A, reference B, same 
 rows (the whole set each step, AdamW at a constant lr, no clipping, no weight decay) and compares the per-step
 losses and reward margins; the token ids TRL prepares are checked against the ones mm's pipeline makes. With
 policy == reference (dpo.reference = "") the first step's sigmoid loss is ln 2, and a run resumed from a
-mid-run checkpoint (the reference rebuilt from the init sources) gives the uninterrupted run's metrics.
+mid-run checkpoint (the reference rebuilt from the init sources) gives the uninterrupted run's metrics. IAA and
+LLaVA train on image pairs with one ViT pass per image (two when the ViT trains: the reference keeps its own).
 """
 
 from __future__ import annotations
@@ -224,8 +225,94 @@ def test_dpo_config_errors_name_the_key(setup, change, key):
         tcfg.validate(c)
 
 
-def test_preference_needs_model_kind_llm(setup):
-    c = _cfg(setup)
-    c.model.kind = "llava"
-    with pytest.raises(ConfigError, match="data.kind = 'preference'.*model.kind 'llm'"):
-        tcfg.validate(c)
+@pytest.fixture(scope="module")
+def image_pairs(tmp_path_factory):
+    """Four rows of the tiny LLaVA set (a step's batch: every step sees them all) as preference rows: the prompt,
+    its own answer (chosen) and the next row's (rejected)."""
+    from tests.train.helpers_train import write_tiny_llava
+
+    d = tmp_path_factory.mktemp("dpo_images")
+    path, root, tok = write_tiny_llava(d)
+    rows = [r for r in json.loads(Path(path).read_text()) if r["id"] != "planted_corrupt"][:4]  # one batch
+    pref = [{**{k: v for k, v in r.items() if k != "conversations"}, "conversations": r["conversations"][:1],
+             "chosen": r["conversations"][1]["value"],
+             "rejected": rows[(i + 1) % len(rows)]["conversations"][1]["value"]} for i, r in enumerate(rows)]
+    (d / "pref.json").write_text(json.dumps(pref))
+    return str(d / "pref.json"), root, tok
+
+
+def _mm_cfg(image_pairs, kind):
+    from tests.train.helpers_train import tiny_iaa_llava
+
+    c = tiny_iaa_llava(*image_pairs)  # the mm branch trains; base LLM and ViT (run in the step) frozen
+    if kind == "llava":  # LLaVA's instruction stage: projector and LLM train, the ViT is frozen
+        c.model.kind = "llava"
+        c.param_groups = [("(projector|llm)/.*", 1.0), ("vision/.*", "frozen")]
+    c.data.kind = "preference"
+    c.train.update(dict(steps=3, log_every=1))
+    c.checkpoint.update(dict(every=0, use_async=False))
+    return c
+
+
+def _first_micro_batch(c):
+    from mm.train.grain_source import GrainSource
+
+    src = GrainSource(c)
+    try:
+        x = next(src)
+    finally:
+        src.close()
+    return {k: jax.numpy.asarray(v[0]) for k, v in x.items() if k != "example_id"}
+
+
+def _assert_vit_passes(b, mb, monkeypatch, want):
+    """Traces the step's loss and counts the ViT forwards in it."""
+    from mm.models import vision
+    from mm.train import param_groups as pg
+
+    calls = []
+    real = vision.image_features
+    with monkeypatch.context() as m:
+        m.setattr(vision, "image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+        jax.make_jaxpr(b.model.loss)(pg.merge(b.state["params"], b.frozen), mb)
+    assert len(calls) == want, calls
+
+
+def test_a_trained_vit_gives_the_reference_its_own_features(image_pairs, monkeypatch):
+    from mm.train import loop
+
+    c = _mm_cfg(image_pairs, "llava")
+    c.param_groups = [(".*", 1.0)]  # the ViT trains too: the reference keeps its starting ViT
+    b = loop.build(c, log=False, devices=jax.devices()[:1])
+    _assert_vit_passes(b, _first_micro_batch(c), monkeypatch, 2)
+
+
+@pytest.mark.parametrize("kind", ["iaa", "llava"])
+def test_multimodal_trains_with_one_vit_pass_per_image(image_pairs, tmp_path, monkeypatch, kind):
+    """IAA's trained workflow / LLaVA on image pairs: ln 2 at the start, the loss falls; the step's loss traces
+    the ViT once (features shared by both halves, policy and reference); each half's summed log-probs equal the
+    SFT loss's materialised-logits NLL of that half's rows."""
+    from mm.train import loop, param_groups as pg, preference
+
+    one = jax.devices()[:1]
+    c = _mm_cfg(image_pairs, kind)
+    res = loop.train(c, tmp_path / kind, devices=one)
+    assert abs(res.losses[1] - math.log(2)) < 1e-5 and res.losses[3] < res.losses[1], res.losses
+
+    b = loop.build(c, log=False, devices=one)
+    mb = _first_micro_batch(c)
+    assert mb["chosen/tile_mask"].any() and np.array_equal(mb["chosen/pixel_values"], mb["rejected/pixel_values"])
+    params = pg.merge(b.state["params"], b.frozen)
+    _assert_vit_passes(b, mb, monkeypatch, 1)
+
+    policy, _ = preference.reference_params(params)
+    # the kind's SFT loss (train.loss_chunk 0: materialised logits)
+    sft = {"iaa": loop.models._iaa_model, "llava": loop.models._llava_model}[kind](c).loss
+    for half in preference.HALVES:
+        plain = {k.split("/", 1)[1]: v for k, v in mb.items() if k.startswith(half + "/")}
+        lp, n = b.model.sequence_logps(policy, plain)
+        for r in range(lp.shape[0]):
+            row = {k: v[r:r + 1] for k, v in plain.items()}
+            nll, cnt = sft(policy, row)
+            assert abs(float(lp[r]) + float(nll)) < 1e-4 * max(1.0, abs(float(nll))), (half, r, lp[r], nll)
+            assert float(n[r]) == float(cnt) > 0
