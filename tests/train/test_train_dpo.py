@@ -225,6 +225,18 @@ def test_dpo_config_errors_name_the_key(setup, change, key):
         tcfg.validate(c)
 
 
+def test_cli_exits_2_naming_the_dpo_key(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/tiny_llm.py:full",
+                        f"--workdir={tmp_path}/w", "--config.dpo.beta=0.0"], cwd=root, capture_output=True,
+                       text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert (r.returncode, r.stderr) == (2, "mm-train: error: config key dpo.beta must be positive, got 0.0\n"), r.stderr
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.fixture(scope="module")
 def image_pairs(tmp_path_factory):
     """Four rows of the tiny LLaVA set (a step's batch: every step sees them all) as preference rows: the prompt,
