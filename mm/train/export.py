@@ -43,6 +43,7 @@ def trained_params(workdir: str | Path, step: int | None = None) -> tuple[Any, d
     from mm.train.checkpoint import Checkpointer
     from mm.train.loop import build
     from mm.train.param_groups import merge
+    from mm.train.preference import without_reference
 
     cfg = read_run_config(workdir)
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
@@ -59,7 +60,7 @@ def trained_params(workdir: str | Path, step: int | None = None) -> tuple[Any, d
         state, _, _ = ck.restore(step, b.state)
     finally:
         ck.close()
-    params = jax.tree.map(np.asarray, merge(state["params"], b.frozen))
+    params = jax.tree.map(np.asarray, merge(state["params"], without_reference(b.frozen)))  # not a DPO reference
     return cfg, params, step
 
 

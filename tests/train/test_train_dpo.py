@@ -163,6 +163,10 @@ def test_reference_is_the_start_and_resume_matches(setup, tmp_path):
         assert got.losses[s] == ref.losses[s], (s, got.losses, ref.losses)
         for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert resumed[s][k] == full[s][k], (s, k)
+    from mm.train.export import trained_params
+
+    _, params, _ = trained_params(run)  # what an export (or mm-soup of DPO runs) writes: the policy alone
+    assert "dpo_reference" not in params and "embed_tokens" in params, sorted(params)
 
 
 def test_grad_accum_gives_the_same_losses_and_eval_runs(setup, tmp_path):
