@@ -14,7 +14,6 @@ from PIL import Image
 
 from mm import bpo
 from mm.config import ConfigError
-from tests.helpers.tokenizer import make_tokenizer
 
 
 def test_schedule_matches_the_design_literals():
@@ -42,15 +41,10 @@ def test_pair_rules():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tests.helpers.vlm_dirs import tiny_iaa_vlm
+    from tests.helpers.vlm_dirs import tiny_iaa_vlm_with_tokenizer
 
     d = tmp_path_factory.mktemp("bpo")
-    model, _, _ = tiny_iaa_vlm(d / "model", scale=3.0)
-    make_tokenizer(64).save_pretrained(str(model))
-    # the placeholder is the tokenizer's own "<image>" (id 4), as with a real tokenizer: the fixture's default
-    # id 5 is "," in this tiny vocabulary, which the text-only rewrite prompt contains
-    cfg = model / "mm_config.json"
-    cfg.write_text(cfg.read_text().replace('"image_token_id": 5', '"image_token_id": 4'))
+    model = tiny_iaa_vlm_with_tokenizer(d / "model")  # the rewrite prompt has commas: not the placeholder
     (d / "img").mkdir()
     rs = np.random.RandomState(0)
     for k in range(3):

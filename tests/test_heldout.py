@@ -13,18 +13,16 @@ from PIL import Image
 
 from mm import heldout
 from mm.config import ConfigError
-from tests.helpers.tokenizer import make_tokenizer
 
 MAX_NEW = 6
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from tests.helpers.vlm_dirs import tiny_iaa_vlm
+    from tests.helpers.vlm_dirs import tiny_iaa_vlm_with_tokenizer
 
     d = tmp_path_factory.mktemp("heldout")
-    path, _, _ = tiny_iaa_vlm(d / "model", scale=3.0)
-    make_tokenizer(64).save_pretrained(str(path))
+    path = tiny_iaa_vlm_with_tokenizer(d / "model")
     (d / "img").mkdir()
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (30, 40, 3)).astype(np.uint8)).save(d / "img" / "a.png")
     return path, d

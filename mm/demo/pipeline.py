@@ -86,31 +86,37 @@ def check(demo: Any, workdir: str | Path) -> None:
             raise ConfigError(f"stage {stage} (configs/demo.py:{stage}): {e}") from e
 
 
-def _train_stage(demo: Any, stage: str, workdir: Path, devices: Any) -> None:
+def train_stage(stage: str, cfg: Any, stage_dir: Path, config_file: str, workdir: Path, devices: Any) -> None:
+    """Trains one stage of a pipeline (an ordinary `mm-train` run in `stage_dir`; a finished one trains no
+    further) and exports it to `stage_dir/export`; logs the command that reruns it by hand."""
     from mm.train.export import export_run
     from mm.train.loop import train  # validates the config before anything heavy
 
-    p = stages.paths(workdir)
-    cfg = stages.stage_config(demo, stage, workdir)
-    _log(f"stage {stage}: the same run by hand: mm-train --config=configs/demo.py:{stage},{workdir} "
-         f"--workdir={p[stage]}")
-    res = train(cfg, p[stage], devices=devices)
-    _log(f"stage {stage}: finished at step {res.last_step}; exporting to {p[stage + '_export']}")
-    export_run(p[stage], p[stage + "_export"], overwrite=True)
+    _log(f"stage {stage}: the same run by hand: mm-train --config={config_file}:{stage},{workdir} "
+         f"--workdir={stage_dir}")
+    res = train(cfg, stage_dir, devices=devices)
+    _log(f"stage {stage}: finished at step {res.last_step}; exporting to {stage_dir / 'export'}")
+    export_run(stage_dir, stage_dir / "export", overwrite=True)
+
+
+def begin(c: Any, workdir: str | Path, devices: Any, name: str) -> tuple[Path, list[Any]]:
+    """(the absolute workdir, made; the devices: one by default) of a pipeline run whose effective config `c`
+    is saved as `WORKDIR/{name}_config.json`."""
+    import jax
+
+    w = Path(workdir).absolute()
+    w.mkdir(parents=True, exist_ok=True)
+    (w / f"{name}_config.json").write_text(json.dumps(c.to_dict(), indent=2, sort_keys=True))
+    return w, list(jax.devices()[:1] if devices is None else devices)
 
 
 def run(demo: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     """Runs the whole demo; returns the results written to `WORKDIR/results.json`."""
-    import jax
-
     from mm.demo.data import write_demo_data
     from mm.demo.report import write_report
 
     demo = resolve(demo)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    devices = list(jax.devices()[:1] if devices is None else devices)
-    (workdir / "demo_config.json").write_text(json.dumps(demo.to_dict(), indent=2, sort_keys=True))
+    workdir, devices = begin(demo, workdir, devices, "demo")
     real_llm = bool(demo.init.llm_checkpoint)
     # weights: seconds each part took on a 2-core CPU per unit of work; the ETA rescales them by the measured pace
     d = demo.data
@@ -125,7 +131,8 @@ def run(demo: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any
     tok = demo.init.tokenizer or (stages.tokenizer_dir(demo, workdir) if real_llm else "")
     data = part("data", lambda: write_demo_data(p["data"], demo.data, seed=int(demo.seed), tokenizer=tok, log=_log))
     for stage in ([] if real_llm else ["base"]) + ["iaa", "llava"]:
-        part(stage, lambda stage=stage: _train_stage(demo, stage, workdir, devices))
+        part(stage, lambda stage=stage: train_stage(stage, stages.stage_config(demo, stage, workdir), p[stage],
+                                                    "configs/demo.py", workdir, devices))
     results = part("evaluate", lambda: evaluate_all(demo, workdir, data))
     results["timings_s"] = dict(prog.timings)
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)

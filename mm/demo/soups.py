@@ -195,21 +195,15 @@ def make_soups(c: Any, p: dict[str, Any], scorer: Callable[[str], float]) -> dic
 
 def run(c: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     """Runs the whole soup pipeline; returns what it writes to `WORKDIR/results.json`."""
-    import jax
     from transformers import AutoTokenizer
 
     from mm.data.pipeline import ImageTiler
     from mm.demo.data import write_demo_data
     from mm.heldout import Loader
-    from mm.train.export import export_run
     from mm.train.grain_source import data_config
-    from mm.train.loop import train
 
     c = resolve(c)
-    w = Path(workdir).absolute()
-    w.mkdir(parents=True, exist_ok=True)
-    devices = list(jax.devices()[:1] if devices is None else devices)
-    (w / "soups_config.json").write_text(json.dumps(c.to_dict(), indent=2, sort_keys=True))
+    w, devices = demo_pipeline.begin(c, workdir, devices, "soups")
     p = paths(w, c)
     n_mix = len(c.mixtures)
     parts = [("data", 1.0 + 0.002 * sum(int(m.images) for m in c.mixtures.values())),
@@ -219,12 +213,8 @@ def run(c: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     prog = demo_pipeline.Progress(parts, "soups")
     part = prog.run
 
-    def stage(name: str, workdir_: Path) -> None:
-        cfg = stage_config(c, name, w)
-        _log(f"stage {name}: the same run by hand: mm-train --config=configs/soups.py:{name},{w} --workdir={workdir_}")
-        res = train(cfg, workdir_, devices=devices)
-        _log(f"stage {name}: finished at step {res.last_step}; exporting to {workdir_ / 'export'}")
-        export_run(workdir_, workdir_ / "export", overwrite=True)
+    def stage(name: str, stage_dir: Path) -> None:
+        demo_pipeline.train_stage(name, stage_config(c, name, w), stage_dir, "configs/soups.py", w, devices)
 
     def data() -> Any:
         d = write_demo_data(p["data"], c.data, seed=int(c.seed), log=_log)

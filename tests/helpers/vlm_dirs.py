@@ -32,3 +32,15 @@ def tiny_iaa_vlm(path: Path, scale: float = 1.0) -> tuple[Path, Any, Any]:
     if scale != 1.0:
         params = jax.tree.map(lambda x: np.asarray(x) * scale if x.ndim > 1 else np.asarray(x), params)
     return vlm_dir.save_mm_vlm(cfg, params, path), cfg, params
+
+
+def tiny_iaa_vlm_with_tokenizer(path: Path, scale: float = 3.0) -> Path:
+    """`tiny_iaa_vlm` with the tiny test tokenizer beside it and its own `<image>` (id 4) as the placeholder, as
+    with a real tokenizer (the default id 5 is "," in that vocabulary, so plain text would hold placeholders)."""
+    from tests.helpers.tokenizer import make_tokenizer
+
+    model, _, _ = tiny_iaa_vlm(path, scale=scale)
+    make_tokenizer(64).save_pretrained(str(model))
+    cfg = model / "mm_config.json"
+    cfg.write_text(cfg.read_text().replace(f'"image_token_id": {PH}', '"image_token_id": 4'))
+    return model
