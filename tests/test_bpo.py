@@ -15,6 +15,8 @@ from PIL import Image
 from mm import bpo
 from mm.config import ConfigError
 
+pytestmark = pytest.mark.heavy  # its own CI step (.ci/run), not the README test command
+
 
 def test_schedule_matches_the_design_literals():
     a = bpo.alphas_bar()

@@ -14,6 +14,8 @@ from PIL import Image
 from mm import heldout
 from mm.config import ConfigError
 
+pytestmark = pytest.mark.heavy  # its own CI step (.ci/run), not the README test command
+
 MAX_NEW = 6
 
 

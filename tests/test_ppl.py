@@ -16,6 +16,8 @@ from PIL import Image
 from mm import ppl
 from tests.helpers.tokenizer import _CORPUS, make_tokenizer
 
+pytestmark = pytest.mark.heavy  # its own CI step (.ci/run), not the README test command
+
 WORDS = sorted(set(" ".join(_CORPUS).split()))
 REPO = Path(__file__).resolve().parents[1]
 

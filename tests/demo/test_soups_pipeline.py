@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from tests.demo.pipeline_runs import mm_train, quick_run as run_quick
+
+pytestmark = pytest.mark.heavy  # its own CI step (.ci/run), not the README test command
 MIXTURES = ("colour_heavy", "count_heavy", "grounding_heavy")
 
 

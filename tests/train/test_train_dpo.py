@@ -25,6 +25,8 @@ from mm.train import config as tcfg
 from mm.train.config import base_config
 from mm.train.from_checkpoints import llm_section
 
+pytestmark = pytest.mark.heavy  # its own CI step (.ci/run), not the README test command
+
 ROWS = [  # prompt / chosen / rejected
     ("what is in the image?", "a dog playing in the park", "a cat sitting on a red mat"),
     ("describe the scene in one sentence", "there are two people and a bicycle", "the lazy dog"),
