@@ -135,12 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-export", action="store_true", help="do not time mm-to-hf")
     ap.add_argument("--_read", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--_generate", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._read:
         read_all(args._read)
         return
     if args._generate:
-        make_checkpoint(args.preset, args.cache_dir)
+        make_checkpoint(args.preset, args.cache_dir, args._seed)
         return
 
     # Generation runs in a child too: this process must stay small, since a child's ru_maxrss starts from

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,12 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch.local_cluster import free_port  # noqa: E402
 
 
 def run(n: int, args: argparse.Namespace, out: Path) -> float:
@@ -36,7 +32,7 @@ def run(n: int, args: argparse.Namespace, out: Path) -> float:
     base = [sys.executable, "-m", "launch.ppl", "score", "--model", args.model, "--data", args.data, "--out", str(out),
             "--batch-size", str(args.batch_size), "--max-len", str(args.max_len)]
     base += ["--image-root", args.image_root] if args.image_root else []
-    port = _port()
+    port = free_port()
     extra = [[] if n == 1 else ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
              for i in range(n)]
     t0 = time.perf_counter()

@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     convert = str(REPO / "bench" / "convert.py")
     srcs = []
     for seed in range(args.models):  # generation in children: this process must stay small (see bench/convert.py)
-        run_child([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; "
-                   f"from bench.convert import make_checkpoint; make_checkpoint({args.preset!r}, "
-                   f"Path({str(args.cache_dir)!r}), seed={seed})"])
+        run_child([sys.executable, convert, "--_generate", "--preset", args.preset, "--cache-dir", str(args.cache_dir),
+                   "--_seed", str(seed)])
         srcs.append(checkpoint_path(args.preset, args.cache_dir, seed))
     files = sorted(str(f) for s in srcs for f in s.glob("*.safetensors"))
     total = sum(os.path.getsize(f) for f in files)

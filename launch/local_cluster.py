@@ -19,7 +19,8 @@ import threading
 from typing import Sequence
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a local coordinator)."""
     import socket
 
     with socket.socket() as s:
@@ -36,7 +37,7 @@ def _pump(prefix: str, stream, out) -> None:
 def launch(num_processes: int, train_args: Sequence[str], *, devices_per_process: int = 1,
            port: int | None = None, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """Starts the processes (not waiting); stdout/stderr are pipes the caller reads."""
-    port = port or _free_port()
+    port = port or free_port()
     base_env = dict(os.environ if env is None else env)
     base_env["XLA_FLAGS"] = " ".join(
         [f for f in base_env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]

@@ -50,6 +50,32 @@ class Prompter:
         return out
 
 
+def answer_turns(row: dict[str, Any], rid: str) -> list[tuple[list[tuple[str, str]], str, str]]:
+    """`(history, question, answer)` of every answer turn of a LLaVA row, `history` being the earlier
+    `(question, answer)` pairs; `<image>` markers and system turns dropped. SampleSkip (naming the row) when
+    the row has no answer or its turns do not alternate user / assistant."""
+    from mm.data.conversations import normalise_turns
+    from mm.data.skips import SampleSkip
+
+    turns = [(r, t.replace("<image>", "").strip()) for r, t in normalise_turns(row.get("conversations"), rid)
+             if r != "system"]
+    out: list[tuple[list[tuple[str, str]], str, str]] = []
+    history: list[tuple[str, str]] = []
+    for (r0, q), (r1, a) in zip(turns[::2], turns[1::2]):
+        if (r0, r1) != ("user", "assistant"):
+            raise SampleSkip("bad_row", rid, "turns must alternate user / assistant")
+        out.append((list(history), q, a))
+        history.append((q, a))
+    return out
+
+
+def stop_tokens(handle: Any, tokenizer: Any = None) -> list[int]:
+    """What ends an answer: the tokenizer's eos and the model config's eos ids (LLM or VLM handle)."""
+    tok = tokenizer if tokenizer is not None else handle.tokenizer
+    cfg = handle.config.lm.llm if hasattr(handle.config, "lm") else handle.config
+    return sorted({int(tok.eos_token_id)} | {int(x) for x in (cfg.eos_token_id or ())})
+
+
 def normalise(text: str) -> str:
     """What exact match compares: lower case, single spaces, no trailing full stop."""
     return " ".join(text.strip().rstrip(".").split()).lower()

@@ -75,21 +75,13 @@ def verdict(chosen: str, rejected: str, max_words: int = 350) -> str | None:
 
 def _turns(row: dict[str, Any], rid: str) -> list[tuple[list[tuple[str, str]], str, str]]:
     """(history, question, answer) of every answer turn; SampleSkip for rows BPO cannot use."""
-    from mm.data.conversations import normalise_turns
+    from mm.answers import answer_turns
     from mm.data.skips import SampleSkip
     from mm.data.sources import image_paths
 
     if len(image_paths(row)) != 1:
         raise SampleSkip("bad_row", rid, f"BPO negatives need rows of one image, this one has {len(image_paths(row))}")
-    turns = [(r, t.replace("<image>", "").strip()) for r, t in normalise_turns(row.get("conversations"), rid)
-             if r != "system"]
-    out, history = [], []
-    for (r0, q), (r1, a) in zip(turns[::2], turns[1::2]):
-        if (r0, r1) != ("user", "assistant"):
-            raise SampleSkip("bad_row", rid, "turns must alternate user / assistant")
-        out.append((list(history), q, a))
-        history.append((q, a))
-    return out
+    return answer_turns(row, rid)
 
 
 def _prompt_turns(history: list[tuple[str, str]], question: str) -> list[dict[str, str]]:
@@ -110,7 +102,7 @@ def negatives(model: Any, data: str | os.PathLike, *, image_root: str, out: str 
     `out` (work files in `out + ".parts/"`); returns the summary (counts). See the module docstring."""
     import jax
 
-    from mm.answers import Prompter, decode, generate_all
+    from mm.answers import Prompter, decode, generate_all, stop_tokens
     from mm.api import VLMHandle
     from mm.data import images as img_lib
     from mm.data.pipeline import DataConfig, ImageTiler
@@ -131,9 +123,9 @@ def negatives(model: Any, data: str | os.PathLike, *, image_root: str, out: str 
     if tok is None:
         raise ConfigError(f"{model}: no tokenizer beside the checkpoint")
     llm_workflow = "text" if "text" in h.workflows else "mm"  # IAA: the frozen base; LLaVA-style: its LLM
-    stops = sorted({int(tok.eos_token_id)} | {int(x) for x in (h.config.lm.llm.eos_token_id or ())})
+    stops = stop_tokens(h)
     prompter = Prompter(tok, h.config.tokens_per_image)
-    tiler = ImageTiler(DataConfig(tiling="square", tile=int(h.config.vision.image_size)), processor_for(h, model))
+    tiler = ImageTiler(DataConfig(tiling="square", tile=int(h.config.vision.image_size)), processor_for(h))
 
     proc, nproc = jax.process_index(), jax.process_count()
     out = Path(out)

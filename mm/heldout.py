@@ -55,13 +55,13 @@ class Loader:
         if self.handle is None or type(self.handle) is not type(h) or self.handle.config != h.config:
             self.handle = h
         else:
-            self.handle.params = h.params
+            self.handle.params, self.handle.source = h.params, h.source
         return self.handle
 
 
 def _questions(rows: list[dict[str, Any]]) -> tuple[list[tuple[int, list[tuple[str, str]], str, str]], dict[str, int]]:
     """(row index, history, question, reference) of every answer turn, and skip counts by reason."""
-    from mm.data.conversations import normalise_turns
+    from mm.answers import answer_turns
     from mm.data.skips import SampleSkip
     from mm.data.sources import image_paths, row_id
 
@@ -71,18 +71,9 @@ def _questions(rows: list[dict[str, Any]]) -> tuple[list[tuple[int, list[tuple[s
         try:
             if len(image_paths(row)) > 1:
                 raise SampleSkip("too_many_images", rid, "exact match takes rows of at most one image")
-            turns = [(r, t.replace("<image>", "").strip()) for r, t in normalise_turns(row.get("conversations"), rid)
-                     if r != "system"]
+            out += [(i, history, q, a) for history, q, a in answer_turns(row, rid)]
         except SampleSkip as e:
             skips[e.reason] = skips.get(e.reason, 0) + 1
-            continue
-        history: list[tuple[str, str]] = []
-        for (r0, q), (r1, a) in zip(turns[::2], turns[1::2]):
-            if (r0, r1) != ("user", "assistant"):
-                skips["bad_row"] = skips.get("bad_row", 0) + 1
-                break
-            out.append((i, list(history), q, a))
-            history.append((q, a))
     return out, skips
 
 
@@ -101,31 +92,34 @@ class ExactMatch:
         self.image_root, self.workflow = image_root, workflow
         self.max_new, self.batch, self.log = int(max_new_tokens), int(batch_size), log
         self.load = Loader()
-        self._pixels: dict[int, np.ndarray] | None = None
+        self._pixels: dict[tuple[int, str], dict[int, np.ndarray]] = {}
         self.last: dict[str, Any] = {}
 
-    def _row_pixels(self, h: Any, path: str) -> dict[int, np.ndarray]:
-        """Each image row's `[1, C, T, T]` tile (computed once: every checkpoint of a soup has one tower)."""
-        if self._pixels is None:
-            from mm.data import images as img_lib
-            from mm.data.pipeline import DataConfig, ImageTiler
-            from mm.data.sources import image_paths, resolve_image_path, row_id
-            from mm.ppl import processor_for
+    def _row_pixels(self, h: Any) -> dict[int, np.ndarray]:
+        """Each image row's `[1, C, T, T]` tile for this handle's tower, computed once per tile size and
+        processor (every checkpoint of a soup has one tower)."""
+        from mm.data import images as img_lib
+        from mm.data.pipeline import DataConfig, ImageTiler
+        from mm.data.sources import image_paths, resolve_image_path, row_id
+        from mm.ppl import processor_for
 
-            size = int(h.config.vision.image_size)
-            tiler = ImageTiler(DataConfig(tiling="square", tile=size), processor_for(h, path))
-            self._pixels = {}
+        size, processor = int(h.config.vision.image_size), processor_for(h)
+        key = (size, repr(processor))
+        if key not in self._pixels:
+            tiler = ImageTiler(DataConfig(tiling="square", tile=size), processor)
+            pixels = {}
             for i in sorted({q[0] for q in self.questions}):
                 rel = image_paths(self.rows[i])
                 if rel:
                     if self.image_root is None:
                         raise ConfigError(f"--split {self.split}: rows have images; pass --image-root")
                     f = resolve_image_path(self.image_root, rel[0], row_id(self.rows[i], i))
-                    self._pixels[i] = tiler(img_lib.load_image(f))[0]
-        return self._pixels
+                    pixels[i] = tiler(img_lib.load_image(f))[0]
+            self._pixels[key] = pixels
+        return self._pixels[key]
 
     def __call__(self, path: str) -> float:
-        from mm.answers import Prompter, decode, generate_all, normalise
+        from mm.answers import Prompter, decode, generate_all, normalise, stop_tokens
         from mm.api import VLMHandle
 
         h = self.load(path)
@@ -133,10 +127,9 @@ class ExactMatch:
         if tok is None:
             raise ConfigError(f"{path}: no tokenizer beside the checkpoint (exact match decodes answers)")
         vlm = isinstance(h, VLMHandle)
-        llm_cfg = h.config.lm.llm if vlm else h.config
-        stops = sorted({int(tok.eos_token_id)} | {int(x) for x in (llm_cfg.eos_token_id or ())})
+        stops = stop_tokens(h)
         use_images = vlm and self.workflow != "text"
-        pixels = self._row_pixels(h, path) if use_images else {}
+        pixels = self._row_pixels(h) if use_images else {}
         skips = dict(self.skips)
         qs = []
         for q in self.questions:

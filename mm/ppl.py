@@ -100,16 +100,18 @@ def _load_model(model: Any, dtype: str | None, local_devices: int) -> Any:
     return handle
 
 
-def processor_for(handle: Any, model: Any) -> Any:
-    """The image processor a VLM checkpoint expects: its `preprocessor_config.json` when the dir has one,
-    else CLIP's or SigLIP's defaults at the tower's image size."""
+def processor_for(handle: Any) -> Any:
+    """The image processor a loaded VLM expects: the `preprocessor_config.json` of the directory it was loaded
+    from (`handle.source`, or its `tokenizer/`) when there is one, else CLIP's or SigLIP's defaults at the
+    tower's image size."""
     from mm.data.images import ProcessorConfig
 
     size = int(handle.config.vision.image_size)
-    for d in (Path(str(model)), Path(str(model)) / "tokenizer"):
-        f = d / "preprocessor_config.json"
-        if isinstance(model, (str, os.PathLike)) and f.exists():
-            return ProcessorConfig.from_hf_dict(json.loads(f.read_text()), str(f))
+    if handle.source:
+        for d in (Path(handle.source), Path(handle.source) / "tokenizer"):
+            f = d / "preprocessor_config.json"
+            if f.exists():
+                return ProcessorConfig.from_hf_dict(json.loads(f.read_text()), str(f))
     if "siglip" in handle.config.vision.model_type:
         return ProcessorConfig.siglip(size)
     return ProcessorConfig.clip(size)
@@ -300,7 +302,7 @@ def score(model: Any, data: Any, *, image_root: str | None = None, out_dir: str 
                       max_tiles=max_tiles, tokens_per_tile=int(handle.config.tokens_per_image),
                       max_tiles_per_row=0 if text_only else max_tiles_per_row, shuffle=False, num_epochs=1,
                       read_threads=read_threads, system_prompt=system_prompt)
-    maker = ExampleMaker(dcfg, tok, image_root, processor=processor_for(handle, model))
+    maker = ExampleMaker(dcfg, tok, image_root, processor=processor_for(handle))
 
     out = Path(out_dir) if out_dir is not None else None
     done: dict[int, dict[str, Any]] = {}

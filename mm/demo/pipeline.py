@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from mm.answers import stop_tokens
 from mm.demo import evaluate as ev
 from mm.demo import stages, text_task
 
@@ -162,7 +163,7 @@ def evaluate_all(demo: Any, workdir: Path, data: Any) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(data.tokenizer)
-    stops = sorted({int(tok.eos_token_id)} | {int(x) for x in (base.config.eos_token_id or ())})
+    stops = stop_tokens(base, tok)
     prompter = ev.Prompter(tok, iaa.config.tokens_per_image)
     text_prompts = [prompter(it.prompt, False, iaa.image_token) for it in data.text_items]
     kw = dict(batch=int(e.batch_size), max_new=int(e.max_new_tokens), stops=stops, log=_log)

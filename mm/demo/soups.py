@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from mm.answers import stop_tokens
 from mm.demo import evaluate as ev
 from mm.demo import pipeline as demo_pipeline
 from mm.demo import shapes, stages
@@ -150,7 +151,7 @@ class SplitAccuracy:
         key = str(Path(path).absolute())
         if key not in self.cache:
             h = self.load(path)
-            stops = sorted({int(self.tokenizer.eos_token_id)} | {int(x) for x in (h.config.lm.llm.eos_token_id or ())})
+            stops = stop_tokens(h, self.tokenizer)
             answers = ev.answer_items(h, self.items, self.pixels, ev.Prompter(self.tokenizer, h.config.tokens_per_image),
                                       tokenizer=self.tokenizer, desc=f"{self.name} / {Path(path).name}",
                                       batch=int(self.c.eval.batch_size), max_new=int(self.c.eval.max_new_tokens),
