@@ -1,14 +1,19 @@
 """`mm.bpo` / `mm-bpo negatives`: the noise schedule against DESIGN.md's literals, the pair rules, and a run on a
 tiny IAA model: pairs in the preference format with provenance, counts that add up, the injection rewrite on
-the IAA text workflow (the frozen base), an interrupted run that resumes to the uninterrupted output, and the
-pairs feeding `data.kind=preference` examples."""
+the IAA text workflow (the frozen base), an interrupted run that resumes to the uninterrupted output, the
+pairs feeding `data.kind=preference` examples, and two processes (jax.distributed) writing one process's pairs."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import portpicker
 import pytest
 from PIL import Image
 
@@ -16,6 +21,7 @@ from mm import bpo
 from mm.config import ConfigError
 
 pytestmark = pytest.mark.heavy  # its own CI step (.ci/run), not the README test command
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_schedule_matches_the_design_literals():
@@ -128,3 +134,38 @@ def test_cli_errors_exit_2(setup, tmp_path, capsys):
     assert "nope.json" in capsys.readouterr().err
     assert main(base + ["--data", str(data), "--methods", "noise,blur"]) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+def test_two_processes_make_the_pairs_of_one(setup, tmp_path):
+    """Two CPU processes joined by jax.distributed (gloo) run `mm-bpo negatives` through the CLI: process p's
+    chunks hold exactly rows p::2, both log progress with an ETA, and the merged pairs and summary equal one
+    process's. One row a chunk (`--chunk-rows 1`) keeps the chunk layout - and so every sampling seed and
+    every generation batch - the same for any process count; with more rows a chunk, a chunk is a block of
+    a process's own rows p::P, so its seed (its first row's index) and batch make-up change with P and so do
+    the sampled negatives (the module promises equal output across restarts, not across process counts)."""
+    model, data, root = setup
+    n_rows = len(json.loads(data.read_text()))
+    one = bpo.negatives(model, data, image_root=str(root), out=tmp_path / "one.jsonl", max_new_tokens=4,
+                        batch_size=4, chunk_rows=1, log=lambda _: None)
+    out = tmp_path / "two.jsonl"
+    port = portpicker.pick_unused_port()
+    args = ["negatives", "--model", str(model), "--data", str(data), "--image-root", str(root), "--out", str(out),
+            "--max-new-tokens", "4", "--batch-size", "4", "--chunk-rows", "1", "--coordinator",
+            f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "launch.bpo", *args, "--process-id", str(i)], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (stdout, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, err[-3000:]
+        assert f"mm-bpo p{i}/2: {len(range(i, n_rows, 2))}/{len(range(i, n_rows, 2))} rows" in stdout, stdout
+        assert "ETA" in stdout, stdout
+    parts = out.with_name(out.name + ".parts")
+    for i in range(2):
+        files = sorted(parts.glob(f"pairs-p{i}-*.jsonl"))
+        assert [f.name for f in files] == [f"pairs-p{i}-{c:05d}.jsonl" for c in range(len(range(i, n_rows, 2)))]
+        rows = [sorted({r["index"] for r in _read(f)}) for f in files]
+        assert rows == [[j] for j in range(i, n_rows, 2)], rows  # chunk c of process i: its c-th row of i::2
+    assert _read(out) == _read(tmp_path / "one.jsonl") and len(_read(out)) == one["kept"] > 0
+    assert json.loads((parts / "summary.json").read_text()) == json.loads(
+        (tmp_path / "one.jsonl.parts" / "summary.json").read_text())
