@@ -29,6 +29,7 @@ SIZES = {
 def mm_tokens_per_s(size: str, steps: int) -> tuple[float, int]:
     import jax
 
+    from mm.sharding import global_batch
     from mm.train import loop
     from mm.train.config import base_config
     from mm.train.data import SyntheticSource
@@ -51,7 +52,7 @@ def mm_tokens_per_s(size: str, steps: int) -> tuple[float, int]:
     for i in range(steps + 1):
         x = src.batch_at(i)
         x.pop("example_id")
-        g = loop._to_global(x, b.batch_sharding, 1)
+        g = global_batch(x, b.batch_sharding, 1)
         t0 = time.perf_counter()
         state, m = b.step_fn(state, b.frozen, g)
         jax.block_until_ready((state, m))

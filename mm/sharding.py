@@ -109,6 +109,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Iterable[tuple[str, Any]] =
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def global_batch(local: Mapping[str, Any], sharding: NamedSharding, process_count: int) -> dict[str, jax.Array]:
+    """Global arrays from this process's `[accum, local_rows, ...]` numpy batch: the row axis (1) is the one
+    the processes split, so the global shape is `[accum, local_rows * process_count, ...]`."""
+    out = {}
+    for k, v in local.items():
+        shape = (v.shape[0], v.shape[1] * process_count, *v.shape[2:])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -7,6 +7,8 @@ a contiguous range, `segment_ids` is s (1-based; 0 is padding), `positions` rest
 `labels[t] = ids[t+1]` within the segment and `loss_mask[t] = supervised[t+1]`, so the last token of a
 segment never predicts the first token of the next. A row's tiles are laid out in order of appearance, so
 the model's splice (`image_mask` cumsum) pairs feature k with the k-th image position of the row.
+Examples of a preference pair with precomputed reference log-probs (`ref_logps`, a float; one example a row)
+also give the per-row `ref_logps` float32 [B] (`mm.train.reference_logps`).
 """
 
 from __future__ import annotations
@@ -83,4 +85,6 @@ def assemble(rows: Sequence[Sequence[dict[str, Any]]], length: int, max_tiles: i
             t, k = t + n, k + m
         if not row:
             out["loss_weight"][r] = 0.0
+    if any("ref_logps" in ex for row in rows for ex in row):  # precomputed DPO reference: one example a row
+        out["ref_logps"] = np.array([sum(ex["ref_logps"] for ex in row) for row in rows], np.float32)
     return out

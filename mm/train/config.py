@@ -112,9 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
         eval_path="",  # held-out rows for eval losses ("" = data.path with data.eval_seed's order)
     ))
     # data.kind "preference": the DPO-family loss (mm.dpo_losses, TRL 1.13's names); reference "" = the run's
-    # starting weights, else an HF / mm LLM dir of model.llm's shape for the base LLM (mm.train.preference)
+    # starting weights, else an HF / mm LLM dir of model.llm's shape for the base LLM (mm.train.preference);
+    # precompute_reference: the reference's log-probs in one pass over the data before step 1, kept in
+    # WORKDIR/reference_logps/ (TRL's precompute_ref_log_probs): no reference params or forward in the step
     c.dpo = ml_collections.ConfigDict(dict(loss_type=["sigmoid"], loss_weights=[], beta=0.1, label_smoothing=0.0,
-                                           reference=""))
+                                           reference="", precompute_reference=False))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, use_async=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = ml_collections.ConfigDict(dict())  # logical axis overrides, e.g. {"embed": None}

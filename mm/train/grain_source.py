@@ -47,11 +47,38 @@ def data_config(cfg: Any, *, seed: int, local_rows: int) -> DataConfig:
                       max_skip_fraction=float(d.max_skip_fraction))
 
 
+def device_arrays(batch: dict[str, Any], dcfg: DataConfig) -> dict[str, np.ndarray]:
+    """The arrays of a pipeline batch the step takes: text-only batches (tiling "none") ship no image arrays."""
+    drop = ("pixel_values", "tile_mask", "image_mask") if dcfg.tiling == "none" else ()
+    return {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and k.rsplit("/", 1)[-1] not in drop}
+
+
+class WithReference:
+    """An `ExampleMaker` whose pair examples carry their row's precomputed reference log-probs (`ref_logps`).
+    Picklable, like the maker, for Grain workers."""
+
+    def __init__(self, maker: Any, table: Any, path: str):
+        self.maker, self.table, self.path = maker, table, path
+
+    def __call__(self, row: Any) -> dict[str, Any]:
+        ex = self.maker(row)
+        if "pair" in ex:
+            v = self.table.get(ex["id"])
+            if v is None:
+                raise ValueError(f"{self.path}: row {ex['id']!r} has no precomputed reference log-probs (the data "
+                                  f"changed after reference_logps/ was written?)")
+            for e, x in zip(ex["pair"], v):
+                e["ref_logps"] = float(x)
+        return ex
+
+
 class GrainSource:
-    """Iterator of `[grad_accum, micro_local, ...]` numpy batches; `state/restore/metrics/close`."""
+    """Iterator of `[grad_accum, micro_local, ...]` numpy batches; `state/restore/metrics/close`. With
+    `reference_logps` (a preference run's precomputed table, `mm.train.reference_logps`) each pair's batch
+    rows carry `chosen/ref_logps` and `rejected/ref_logps`."""
 
     def __init__(self, cfg: Any, *, seed: int | None = None, path: str | None = None, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, reference_logps: Any = None):
         from transformers import AutoTokenizer
 
         self.accum = int(cfg.optim.grad_accum)
@@ -65,12 +92,15 @@ class GrainSource:
         if len(tok) > int(cfg.model.llm.vocab_size):
             raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has {len(tok)} tokens > model.llm.vocab_size "
                              f"{cfg.model.llm.vocab_size}")
-        maker = ExampleMaker(self.dcfg, tok, str(cfg.data.image_root) or None)
-        self.pipe = DataPipeline(read_rows(str(path or cfg.data.path)), self.dcfg, maker, shard_index=process_index,
+        path = str(path or cfg.data.path)
+        maker: Any = ExampleMaker(self.dcfg, tok, str(cfg.data.image_root) or None)
+        if cfg.data.kind == "preference" and cfg.dpo.precompute_reference:
+            if reference_logps is None:
+                raise ValueError(f"data: dpo.precompute_reference is set but no reference log-probs for {path}")
+            maker = WithReference(maker, reference_logps, path)
+        self.pipe = DataPipeline(read_rows(path), self.dcfg, maker, shard_index=process_index,
                                  shard_count=process_count)
         self.step = 0
-        # text-only batches (tiling "none"): no image arrays to ship to the devices
-        self.drop = ("pixel_values", "tile_mask", "image_mask") if self.dcfg.tiling == "none" else ()
 
     def state(self) -> dict[str, Any]:
         return {"next_step": self.step, "seed": self.seed, "pipeline": self.pipe.state()}
@@ -93,9 +123,8 @@ class GrainSource:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        micro = [next(self.pipe) for _ in range(self.accum)]
-        out = {k: np.stack([m[k] for m in micro]) for k in micro[0] if isinstance(micro[0][k], np.ndarray)
-               and k.rsplit("/", 1)[-1] not in self.drop}
+        micro = [device_arrays(next(self.pipe), self.dcfg) for _ in range(self.accum)]
+        out = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
         # no per-example ids through packing: (step, accum, row) names a row in non-finite-step reports
         out["example_id"] = (self.step * 1_000_000 + np.arange(self.accum * self.local)).reshape(
             self.accum, self.local).astype(np.int64)
@@ -103,14 +132,21 @@ class GrainSource:
         return out
 
 
+def source_path(cfg: Any, evaluation: bool = False) -> str:
+    """The rows a Grain source reads: `data.eval_path` for evaluation when set, else `data.path`."""
+    return str(cfg.data.eval_path) if evaluation and cfg.data.eval_path else str(cfg.data.path)
+
+
 def make_source(cfg: Any, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
-                multimodal: bool | None = None) -> Any:
-    """The training (or, with `seed=data.eval_seed`, evaluation) source `data.kind` selects."""
+                multimodal: bool | None = None, reference_logps: Any = None) -> Any:
+    """The training (or, with `seed=data.eval_seed`, evaluation) source `data.kind` selects; `reference_logps`:
+    {data path: table} of a run with `dpo.precompute_reference` (`mm.train.reference_logps.prepare`)."""
     from mm.train.config import GRAIN_KINDS
 
     if cfg.data.kind in GRAIN_KINDS:
-        path = str(cfg.data.eval_path) if seed is not None and cfg.data.eval_path else None
-        return GrainSource(cfg, seed=seed, path=path, process_index=process_index, process_count=process_count)
+        path = source_path(cfg, evaluation=seed is not None)
+        return GrainSource(cfg, seed=seed, path=path, process_index=process_index, process_count=process_count,
+                           reference_logps=(reference_logps or {}).get(path))
     from mm.train.data import SyntheticSource
 
     return SyntheticSource(cfg, seed=seed, process_index=process_index, process_count=process_count,

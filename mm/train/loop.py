@@ -96,7 +96,9 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     trainable, frozen = pg.split(pg.unflatten(flat), assignment)
     if not jax.tree.leaves(trainable):
         raise ConfigError("param_groups: every parameter is frozen; nothing to train")
-    if cfg.data.kind == "preference":  # rebuilt from the init sources on every start, never checkpointed
+    pairs = cfg.data.kind == "preference"  # two rows (chosen, rejected) a pair
+    own_reference = pairs and not cfg.dpo.precompute_reference  # else mm.train.reference_logps, before step 1
+    if own_reference:  # rebuilt from the init sources on every start, never checkpointed
         from mm.train import preference
 
         frozen = {**frozen, preference.REFERENCE_KEY: preference.build_reference(cfg, model, trainable, flat_sh, mesh)}
@@ -111,20 +113,11 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     step_fn = shd.sharded_jit(step, mesh, rules, in_shardings=(state_sh, frozen_sh, bsh),
                               out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
     tokens = int(cfg.train.batch_size) * int(cfg.train.seq_len)
-    pairs = cfg.data.kind == "preference"  # two rows (chosen, rejected) a pair, and the reference's forward
     fl = flops_lib.step_flops(model.stages(int(cfg.train.seq_len)), flops_lib.shapes_sizes(flat_abstract),
                               assignment, tokens * (2 if pairs else 1))
-    if pairs:
+    if own_reference:  # and the reference's forward
         fl = {"forward": 2 * fl["forward"], "backward": fl["backward"], "total": 2 * fl["forward"] + fl["backward"]}
     return Built(cfg, mesh, rules, model, assignment, optimizer, state, frozen, bsh, step_fn, fl)
-
-
-def _to_global(local: dict[str, np.ndarray], sharding: NamedSharding, process_count: int) -> dict[str, jax.Array]:
-    out = {}
-    for k, v in local.items():
-        shape = (v.shape[0], v.shape[1] * process_count, *v.shape[2:])
-        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
-    return out
 
 
 class _Preemption:
@@ -164,7 +157,13 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
          f"{b.flops['total']:.3e} (fwd {b.flops['forward']:.3e}, bwd {b.flops['backward']:.3e})")
     _log("peak FLOP/s table (MFU is n/a on devices not listed):\n" + flops_lib.format_peak_table())
 
-    data = make_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    ref_logps = {}
+    if cfg.data.kind == "preference" and cfg.dpo.precompute_reference:  # before a checkpoint replaces the start
+        from mm.train import reference_logps
+
+        ref_logps = reference_logps.prepare(cfg, b, workdir, log=_log)
+    data = make_source(cfg, process_index=jax.process_index(), process_count=jax.process_count(),
+                       reference_logps=ref_logps)
     ckpt = Checkpointer(workdir, keep=int(cfg.checkpoint.keep), use_async=bool(cfg.checkpoint.use_async))
     meta = {"trainable_paths": b.assignment.trainable_paths, "frozen_source": {
         "llm_checkpoint": cfg.init.llm_checkpoint, "checkpoint": cfg.init.checkpoint,
@@ -183,7 +182,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
 
     writer = MetricsWriter(workdir, enabled=is_main, tensorboard=bool(cfg.metrics.tensorboard),
                            jsonl=bool(cfg.metrics.jsonl))
-    evaluator = _Evaluator(cfg, b) if t.eval_every else None
+    evaluator = _Evaluator(cfg, b, ref_logps) if t.eval_every else None
     prof = list(cfg.profile.steps)
     timer = Timer()
     losses: dict[int, float] = {}
@@ -231,7 +230,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                 local = next(data)
                 data_metrics = data.metrics() if hasattr(data, "metrics") else {}
                 ids = local.pop("example_id")
-                batch = _to_global(local, b.batch_sharding, jax.process_count())
+                batch = shd.global_batch(local, b.batch_sharding, jax.process_count())
                 with jax.profiler.StepTraceAnnotation("train", step_num=s + 1):
                     state, metrics = b.step_fn(state, b.frozen, batch)
                     if tracing:  # inside the annotation, so the step's window covers its device work
@@ -283,13 +282,14 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
 class _Evaluator:
     """Held-out loss per workflow on fixed batches (text-only batches for the text workflow)."""
 
-    def __init__(self, cfg: Any, b: Built):
+    def __init__(self, cfg: Any, b: Built, reference_logps: Any = None):
         self.b = b
         self.batches = {}
         self.fns = {}
         for name, loss in b.model.eval_losses.items():
             src = make_source(cfg, seed=int(cfg.data.eval_seed), process_index=jax.process_index(),
-                              process_count=jax.process_count(), multimodal=name != "text")
+                              process_count=jax.process_count(), multimodal=name != "text",
+                              reference_logps=reference_logps)
             if isinstance(src, SyntheticSource):
                 src.nan_at_steps = set()
                 batches = [src.batch_at(i) for i in range(int(cfg.train.eval_batches))]
@@ -299,7 +299,7 @@ class _Evaluator:
                 self.sample_rows = {k: v[0] for k, v in batches[0].items()}  # first micro batch, this process
             for x in batches:
                 x.pop("example_id")
-            self.batches[name] = [_to_global(x, b.batch_sharding, jax.process_count()) for x in batches]
+            self.batches[name] = [shd.global_batch(x, b.batch_sharding, jax.process_count()) for x in batches]
             self.fns[name] = shd.sharded_jit(make_eval_step(loss), b.mesh, b.rules)
 
     def samples(self, state: dict[str, Any]) -> dict[str, str]:

@@ -13,7 +13,8 @@ reference does not replace are the policy's own arrays, shared, never duplicated
 checkpointed: `mm.train.loop.build` rebuilds it from the same init sources on every start (the config's
 `init.*` and `dpo.reference`, which a resumed run reads again), so a resumed run scores against the same
 reference as an uninterrupted one. Reference log-probs carry no gradient (`stop_gradient`; the reference is
-also outside the differentiated tree).
+also outside the differentiated tree). With `dpo.precompute_reference` there is no `REFERENCE_KEY` subtree:
+the reference scores the data once before step 1 (`mm.train.reference_logps`) and batches bring its sums.
 
 The loss function returns `(loss * pairs, pairs, metrics * pairs)`, so the train step's sums over micro
 batches and its division by the count give the mean over the step's pairs. Loss types that look across the
@@ -34,6 +35,7 @@ from mm.train import param_groups as pg
 Array = jax.Array
 REFERENCE_KEY = "dpo_reference"  # not a param name: the merged tree's extra subtree
 HALVES = ("chosen", "rejected")
+REF_LOGPS = "ref_logps"  # batch key (under chosen/ and rejected/) of precomputed reference log-probs
 
 
 def settings(cfg: Any) -> DPOSettings:
@@ -44,14 +46,17 @@ def settings(cfg: Any) -> DPOSettings:
 
 def _both_halves(b: Mapping[str, Array]) -> dict[str, Array]:
     """`chosen/<key>` and `rejected/<key>` stacked into one `[2B, ...]` batch: chosen rows first."""
-    keys = [k.split("/", 1)[1] for k in b if k.startswith("chosen/")]
+    keys = [k.split("/", 1)[1] for k in b if k.startswith("chosen/") and k != f"chosen/{REF_LOGPS}"]
     return {k: jnp.concatenate([b[f"chosen/{k}"], b[f"rejected/{k}"]], axis=0) for k in keys}
 
 
-def reference_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def reference_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(policy params, reference params) from a merged tree holding `REFERENCE_KEY`: the reference is the
-    policy's tree with the reference's leaves in place of its own."""
+    policy's tree with the reference's leaves in place of its own. No reference (None) without that key (the
+    reference log-probs are precomputed)."""
     policy = {k: v for k, v in params.items() if k != REFERENCE_KEY}
+    if REFERENCE_KEY not in params:
+        return policy, None
     flat = pg.flatten(policy)
     flat.update(pg.flatten(params[REFERENCE_KEY]))
     return policy, pg.unflatten(flat)
@@ -68,25 +73,41 @@ def _with_features(both: dict[str, Array], feats: Array) -> dict[str, Array]:
     return out
 
 
-def make_loss(sequence_logps: Callable[[Any, dict[str, Array]], tuple[Array, Array]], s: DPOSettings,
-              pixel_features: Callable[[Any, Array], Array] | None = None
+SequenceLogps = Callable[[Any, dict[str, Array]], tuple[Array, Array]]
+
+
+def pair_logps(sequence_logps: SequenceLogps, pixel_features: Callable[[Any, Array], Array] | None, params: Any,
+               b: Mapping[str, Array], feats: Array | None = None) -> tuple[Array, Array, Array | None]:
+    """(summed completion log-probs `[2B]`, completion tokens `[2B]`, the ViT features used) of a pair batch
+    under `params`, chosen rows first. A multimodal model's ViT runs once per image (from the chosen half's
+    tiles: both halves hold the row's images), or not at all when `feats` are given."""
+    both = _both_halves(b)
+    if pixel_features is not None and "pixel_values" in both:
+        feats = pixel_features(params, b["chosen/pixel_values"]) if feats is None else feats
+        both = _with_features(both, feats)
+    lp, n = sequence_logps(params, both)
+    return lp, n, feats
+
+
+def make_loss(sequence_logps: SequenceLogps, s: DPOSettings, pixel_features: Callable[[Any, Array], Array] | None = None
               ) -> Callable[[Any, dict[str, Array]], tuple[Array, Array, dict[str, Array]]]:
     """The preference loss of a model whose `sequence_logps(params, batch) -> (summed log-probs [B], completion
     tokens [B])` scores a plain batch. With `pixel_features` (a ViT in the step) each image's features are
-    computed once, from the chosen half's tiles (both halves hold the row's images), and serve both halves;
-    the reference reuses the policy's unless it holds its own `vision` params."""
+    computed once and serve both halves; the reference reuses the policy's unless it holds its own `vision`
+    params. A batch with `chosen/ref_logps` and `rejected/ref_logps` (`dpo.precompute_reference`,
+    `mm.train.reference_logps`) brings the reference's log-probs: no reference forward runs."""
 
     def loss(params: Any, b: dict[str, Array]) -> tuple[Array, Array, dict[str, Array]]:
         policy, reference = reference_params(params)
-        both = ref_both = _both_halves(b)
-        if pixel_features is not None and "pixel_values" in both:
-            feats = pixel_features(policy, b["chosen/pixel_values"])
-            both = _with_features(both, feats)
+        lp, n, feats = pair_logps(sequence_logps, pixel_features, policy, b)
+        if f"chosen/{REF_LOGPS}" in b:
+            ref = jnp.concatenate([b[f"chosen/{REF_LOGPS}"], b[f"rejected/{REF_LOGPS}"]], axis=0)
+        else:
+            if reference is None:
+                raise ValueError("preference loss: neither reference params nor precomputed reference log-probs")
             own = "vision" in params[REFERENCE_KEY]  # a trained (or other) ViT: the reference's own features
-            ref_both = _with_features(ref_both, pixel_features(reference, b["chosen/pixel_values"]) if own else feats)
-        lp, n = sequence_logps(policy, both)
-        ref, _ = sequence_logps(reference, ref_both)
-        ref = jax.lax.stop_gradient(ref)
+            ref, _, _ = pair_logps(sequence_logps, pixel_features, reference, b, None if own else feats)
+        ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
         pairs = lp.shape[0] // 2
         value, metrics = preference_loss(PairLogps(lp[:pairs], lp[pairs:], ref[:pairs], ref[pairs:], n[:pairs],
                                                    n[pairs:]), s)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from mm.config import ConfigError
+from mm.sharding import global_batch
 from mm.train import config as tcfg
 from mm.train.config import base_config
 from mm.train.from_checkpoints import llm_section
@@ -211,9 +212,57 @@ def test_step_flops_count_both_halves_and_the_reference(setup):
     finally:
         src.close()
     x.pop("example_id")
-    xla = F.xla_flops(b.step_fn.lower(b.state, b.frozen, loop._to_global(x, b.batch_sharding, 1)).compile())
+    xla = F.xla_flops(b.step_fn.lower(b.state, b.frozen, global_batch(x, b.batch_sharding, 1)).compile())
     assert abs(xla / b.flops["total"] - 1) < 0.10, (xla, b.flops)
     assert b.flops["forward"] == b.flops["backward"]  # everything trains: backward 2x the policy's forward
+
+
+def test_precomputed_reference_gives_the_same_run_and_is_kept(setup, tmp_path):
+    """dpo.precompute_reference: one pass of reference B over the training and the eval rows before step 1,
+    kept in WORKDIR/reference_logps/; the run's losses, TRL metrics and eval losses equal the run that keeps B
+    and runs its forward in every step; the step holds no reference params and counts no reference FLOPs;
+    a resumed run reads the files, another reference is refused naming the file."""
+    from mm.train import loop, preference
+
+    one = jax.devices()[:1]
+    (tmp_path / "eval.json").write_text(Path(setup["data"]).read_text())
+
+    def cfg(precompute, steps=3, reference=str(setup["b"])):
+        c = _cfg(setup, reference=reference, steps=steps)
+        c.train.update(dict(eval_every=1, eval_batches=1))
+        c.data.eval_path = str(tmp_path / "eval.json")
+        c.dpo.precompute_reference = precompute
+        c.checkpoint.update(dict(every=3, keep=2))
+        return c
+
+    live = loop.train(cfg(False), tmp_path / "live", devices=one)
+    pre = loop.train(cfg(True), tmp_path / "pre", devices=one)
+    rows_live, rows_pre = _rows(tmp_path / "live"), _rows(tmp_path / "pre")
+    for s in (1, 2, 3):
+        assert abs(live.losses[s] - pre.losses[s]) < 1e-5, (live.losses, pre.losses)
+        for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert abs(rows_live[s][k] - rows_pre[s][k]) < 1e-5, (s, k, rows_live[s][k], rows_pre[s][k])
+    evals = [{r["step"]: r["loss"] for r in map(json.loads, (tmp_path / w / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "eval_dpo"} for w in ("live", "pre")]
+    assert sorted(evals[0]) == [1, 2, 3] and all(abs(evals[0][s] - evals[1][s]) < 1e-5 for s in evals[0]), evals
+    files = {n: json.loads((tmp_path / "pre" / "reference_logps" / f"{n}.json").read_text()) for n in ("train", "eval")}
+    assert sorted(files["train"]["logps"]) == ["r0", "r1", "r2", "r3"] and files["eval"]["logps"] == files["train"]["logps"]
+    assert all(c < 0 and r < 0 for c, r in files["train"]["logps"].values())
+
+    b_pre, b_live = (loop.build(cfg(p), log=False, devices=one) for p in (True, False))
+    assert preference.REFERENCE_KEY not in b_pre.frozen and preference.REFERENCE_KEY in b_live.frozen
+    assert b_pre.flops["backward"] == b_live.flops["backward"]
+    assert abs(b_live.flops["forward"] - 2 * b_pre.flops["forward"]) < 1e-6 * b_live.flops["forward"]
+
+    mtime = (tmp_path / "pre" / "reference_logps" / "train.json").stat().st_mtime_ns
+    more = loop.train(cfg(True, steps=4), tmp_path / "pre", devices=one)  # resumes after step 3's checkpoint
+    assert sorted(more.losses) == [4] and (tmp_path / "pre" / "reference_logps" / "train.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match=r"reference_logps/train\.json: reference log-probs of another run "
+                                          r"\(reference differ"):
+        loop.train(cfg(True, steps=5, reference=""), tmp_path / "pre", devices=one)
+
+    start = loop.train(cfg(True, steps=1, reference=""), tmp_path / "start", devices=one)
+    assert abs(start.losses[1] - math.log(2)) < 1e-5, start.losses  # the start scored itself: ln 2 at step 1
 
 
 @pytest.mark.parametrize("change, key", [
@@ -334,3 +383,18 @@ def test_multimodal_trains_with_one_vit_pass_per_image(image_pairs, tmp_path, mo
             nll, cnt = sft(policy, row)
             assert abs(float(lp[r]) + float(nll)) < 1e-4 * max(1.0, abs(float(nll))), (half, r, lp[r], nll)
             assert float(n[r]) == float(cnt) > 0
+
+
+def test_iaa_precomputed_reference_equals_the_live_one(image_pairs, tmp_path):
+    """The IAA branch on image pairs with the reference precomputed (the ViT's features of the pass are the
+    step's): the same losses as the run whose step holds the branch's starting copy."""
+    from mm.train import loop
+
+    one = jax.devices()[:1]
+    live = loop.train(_mm_cfg(image_pairs, "iaa"), tmp_path / "live", devices=one)
+    c = _mm_cfg(image_pairs, "iaa")
+    c.dpo.precompute_reference = True
+    pre = loop.train(c, tmp_path / "pre", devices=one)
+    assert sorted(pre.losses) == [1, 2, 3]
+    assert all(abs(live.losses[s] - pre.losses[s]) < 1e-5 for s in (1, 2, 3)), (live.losses, pre.losses)
+    assert len(json.loads((tmp_path / "pre" / "reference_logps" / "train.json").read_text())["logps"]) == 4

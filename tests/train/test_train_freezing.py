@@ -9,6 +9,7 @@ import pytest
 
 from helpers_train import tiny
 from mm.config import ConfigError
+from mm.sharding import global_batch
 from mm.train import flops as F
 from mm.train import loop, param_groups as pg
 from mm.train.data import SyntheticSource
@@ -26,7 +27,7 @@ def compiled():
         b = loop.build(c, log=False, devices=jax.devices()[:1])
         x = SyntheticSource(c).batch_at(0)
         x.pop("example_id")
-        batch = loop._to_global(x, b.batch_sharding, 1)
+        batch = global_batch(x, b.batch_sharding, 1)
         out[variant] = (b, b.step_fn.lower(b.state, b.frozen, batch).compile(), batch)
     return out
 
@@ -108,7 +109,7 @@ def test_multimodal_stage_flops_match_xla(spec):
     b = loop.build(c, log=False, devices=jax.devices()[:1])
     x = SyntheticSource(c).batch_at(0)
     x.pop("example_id")
-    batch = loop._to_global(x, b.batch_sharding, 1)
+    batch = global_batch(x, b.batch_sharding, 1)
     xla = F.xla_flops(b.step_fn.lower(b.state, b.frozen, batch).compile())
     assert abs(xla / b.flops["total"] - 1) < 0.10, (xla, b.flops)
     assert b.flops["backward"] > b.flops["forward"]  # not forward-only although the LLM is frozen

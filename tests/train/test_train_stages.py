@@ -11,6 +11,7 @@ import pytest
 
 from mm.config import load_config_file
 from mm.models import llm as llm_lib
+from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
 from mm.train.config import llm_config_from
 from mm.train.data import SyntheticSource
@@ -105,7 +106,7 @@ def test_points_trains_only_the_last_k_vit_layers_below_the_feature_layer():
     x = SyntheticSource(c).batch_at(0)
     x.pop("example_id")
     before = pg.flatten(jax.device_get(b.state["params"]))
-    state, m = b.step_fn(b.state, b.frozen, loop._to_global(x, b.batch_sharding, 1))
+    state, m = b.step_fn(b.state, b.frozen, global_batch(x, b.batch_sharding, 1))
     after = pg.flatten(jax.device_get(state["params"]))
     assert bool(m["finite"])
     changed = {p for p in before if not np.array_equal(before[p], after[p])}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from helpers_train import tiny
+from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
 from mm.train.data import SyntheticSource
 from mm.train.optimizer import make_optimizer, schedule
@@ -49,7 +50,7 @@ def _run_steps(c, n):
     for _ in range(n):
         x = next(src)
         x.pop("example_id")
-        state, m = b.step_fn(state, b.frozen, loop._to_global(x, b.batch_sharding, 1))
+        state, m = b.step_fn(state, b.frozen, global_batch(x, b.batch_sharding, 1))
         out.append(jax.device_get(m))
     return state, out
 
@@ -79,7 +80,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
         x.pop("example_id")
         if i == 1:
             before = jax.device_get(state["params"])
-        state, m = b.step_fn(state, b.frozen, loop._to_global(x, b.batch_sharding, 1))
+        state, m = b.step_fn(state, b.frozen, global_batch(x, b.batch_sharding, 1))
         m = jax.device_get(m)
         assert bool(m["finite"]) == (i != 1)
         if i == 1:
@@ -121,7 +122,7 @@ def test_chunked_loss_for_multimodal_heads_matches_materialised_logits(spec):
         b = loop.build(c, log=False, devices=_one())
         x = SyntheticSource(c).batch_at(0)
         x.pop("example_id")
-        state, m = b.step_fn(b.state, b.frozen, loop._to_global(x, b.batch_sharding, 1))
+        state, m = b.step_fn(b.state, b.frozen, global_batch(x, b.batch_sharding, 1))
         runs.append(jax.device_get(m))
     assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-5)
     assert runs[0]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-4)
