@@ -6,9 +6,14 @@ answers, for DPO (`data.kind=preference`).
                    [--inject-temperature 0.8 --inject-top-p 0.95] [--max-new-tokens 64] [--max-words 350]
                    [--batch-size 8] [--chunk-rows 64] [--coordinator host:port --num-processes N --process-id I]
 
+  mm-bpo evaluate --model MM_VLM_DIR [--reference MM_VLM_DIR] --pairs pairs.jsonl --image-root DIR
+                  [--beta 0.1] [--workflow mm] [--batch-size 16] [--out metrics.json]
+
 Work files (resumable chunks, `summary.json` with kept / dropped / skipped counts) go to `pairs.jsonl.parts/`;
-run the same command again to continue an interrupted run. `mm.bpo` documents the pairs' format. Bad input exits
-with status 2 and one line naming the flag or file.
+run the same command again to continue an interrupted run. `mm.bpo` documents the pairs' format. `evaluate`
+prints the held-out preference metrics of `mm.preference_eval` (TRL's reward metrics against the reference -
+by default the model itself - and the model's own log-prob preference). Bad input exits with status 2 and one
+line naming the flag or file.
 """
 
 from __future__ import annotations
@@ -40,7 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--coordinator", default=None, help="host:port of process 0 (jax.distributed)")
     n.add_argument("--num-processes", type=int, default=None)
     n.add_argument("--process-id", type=int, default=None)
+    e = sub.add_parser("evaluate", help="held-out preference metrics of a model (against a reference) on pairs")
+    e.add_argument("--model", required=True, help="mm VLM dir: the policy")
+    e.add_argument("--reference", default=None, help="mm VLM dir of the reference (default: --model itself)")
+    e.add_argument("--pairs", required=True, help="preference rows (JSON / JSONL), e.g. from mm-bpo negatives")
+    e.add_argument("--image-root", required=True)
+    e.add_argument("--beta", type=float, default=0.1)
+    e.add_argument("--workflow", default="mm", help="the IAA workflow that answers (mm)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", default=None, help="write the metrics here as JSON too")
     return p
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from launch.cli import require_paths
+
+    require_paths(model=args.model, reference=args.reference, pairs=args.pairs, image_root=args.image_root)
+    from mm import preference_eval
+
+    m = preference_eval.evaluate(args.model, args.reference or args.model, args.pairs, image_root=args.image_root,
+                                 beta=args.beta, workflow=args.workflow, batch_size=args.batch_size)
+    text = json.dumps(m, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
 
 
 def _negatives(args: argparse.Namespace) -> int:
@@ -64,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from launch import cli
 
-    return cli.run("mm-bpo", _negatives, args)
+    return cli.run("mm-bpo", {"negatives": _negatives, "evaluate": _evaluate}[args.command], args)
 
 
 if __name__ == "__main__":

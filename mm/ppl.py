@@ -133,7 +133,7 @@ def read_rows(data: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ the model
-def _nll_fn(handle: Any, workflow: str) -> Any:
+def nll_fn(handle: Any, workflow: str) -> Any:
     """(params, batch arrays) -> per-token NLL `[B, L]` (0 where not scored), compiled by the handle's runtime."""
     from mm.losses import chunked_cross_entropy
     from mm.models import vlm
@@ -206,7 +206,7 @@ def _packed(examples: Iterable[dict[str, Any]], dcfg: Any) -> Iterator[tuple[str
         yield "batch", fit.rows
 
 
-def _records(batch_rows: Sequence[Sequence[dict[str, Any]]], nll: np.ndarray, b: dict[str, np.ndarray]
+def example_sums(batch_rows: Sequence[Sequence[dict[str, Any]]], nll: np.ndarray, b: dict[str, np.ndarray]
              ) -> list[dict[str, Any]]:
     """Per-example sums from segment ids: position t of segment s carries the NLL of its token t + 1."""
     out = []
@@ -314,7 +314,7 @@ def score(model: Any, data: Any, *, image_root: str | None = None, out_dir: str 
         done = {i: r[0] for i, r in chunks.records().items()}
     mine = my_rows(total, proc, nproc)
     todo = [i for i in mine if i not in done]
-    fn = _nll_fn(handle, workflow)
+    fn = nll_fn(handle, workflow)
     counter = SkipCounter(max_skip_fraction=1.0)
     new: dict[int, dict[str, Any]] = {}
     buffer: list[dict[str, Any]] = []
@@ -351,7 +351,7 @@ def score(model: Any, data: Any, *, image_root: str | None = None, out_dir: str 
             pix = None if text_only else b["pixel_values"]
             args = handle.runtime.inputs(b["input_ids"], b["positions"], b["segment_ids"], b["labels"],
                                          b["loss_mask"], b["image_mask"], pix)
-            recs = _records(item, np.asarray(fn(handle.params, *args)), b)
+            recs = example_sums(item, np.asarray(fn(handle.params, *args)), b)
             counter.used += len(recs)
         for r in recs:
             new[r["index"]] = r

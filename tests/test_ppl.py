@@ -11,25 +11,15 @@ from pathlib import Path
 import numpy as np
 import portpicker
 import pytest
-from PIL import Image
 
 from mm import ppl
+from tests.helpers.hf_llava import IMG_ID, hf_llava, hf_pixels, write_images
 from tests.helpers.tokenizer import _CORPUS, make_tokenizer
 
 pytestmark = pytest.mark.heavy  # its own CI step (.ci/run), not the README test command
 
 WORDS = sorted(set(" ".join(_CORPUS).split()))
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _images(root: Path, sizes) -> list[str]:
-    rs = np.random.RandomState(0)
-    names = []
-    for k, (w, h) in enumerate(sizes):
-        name = f"img{k}.png"
-        Image.fromarray(rs.randint(0, 256, (h, w, 3)).astype(np.uint8)).save(root / name)
-        names.append(name)
-    return names
 
 
 def _text(rs, n):
@@ -60,47 +50,13 @@ def iaa(tmp_path_factory):
     model, _, _ = tiny_iaa_vlm(d / "model", scale=3.0)
     make_tokenizer(64).save_pretrained(str(model))
     (d / "img").mkdir()
-    names = _images(d / "img", [(28, 28), (40, 28), (28, 50), (60, 60)])
+    names = write_images(d / "img", [(28, 28), (40, 28), (28, 50), (60, 60)])
     data = d / "rows.json"
     data.write_text(json.dumps(_rows(names, 24)))
     return model, data, d / "img"
 
 
 # --------------------------------------------------------------------------------------- parity vs HF
-IMG_ID = 4  # the tiny tokenizer's <image>: the id the pipeline puts at image positions, HF's image_token_index
-
-
-def _hf_llava():
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=28, patch_size=14, hidden_act="quick_gelu")
-    tc = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, pad_token_id=0)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMG_ID,
-                                                      image_seq_length=4)).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if ("norm" in n and n.endswith("weight"))
-                    else 0.15 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def _hf_pixels(path: Path):
-    """LLaVA's pad-to-square on the CLIP mean colour, then transformers' own CLIP processor (PIL path)."""
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    proc = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    side = max(w, h)
-    canvas = Image.new("RGB", (side, side), tuple(int(x * 255) for x in proc.image_mean))
-    canvas.paste(im, ((side - w) // 2, (side - h) // 2))
-    return proc(images=[canvas], return_tensors="pt")["pixel_values"]
-
-
 def test_scores_match_transformers_llava(tmp_path):
     """mm's packed scores of an HF Llava converted to an mm dir == the mean NLL transformers gives the same
     supervised tokens (float32), row by row."""
@@ -110,13 +66,13 @@ def test_scores_match_transformers_llava(tmp_path):
     from mm.data.images import ProcessorConfig
     from mm.data.pipeline import DataConfig, ExampleMaker
 
-    hf = _hf_llava()
+    hf = hf_llava()
     hf.save_pretrained(str(tmp_path / "hf"))
     assert mm_convert(["hf-to-mm", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "mm"), "--no-progress"]) == 0
     tok = make_tokenizer()
     tok.save_pretrained(str(tmp_path / "mm"))
     (tmp_path / "img").mkdir()
-    names = _images(tmp_path / "img", [(28, 28), (40, 28), (28, 50), (33, 61)])
+    names = write_images(tmp_path / "img", [(28, 28), (40, 28), (28, 50), (33, 61)])
     rows = _rows(names, 6, seed=1, answer_words=(20, 40))
     data = tmp_path / "rows.json"
     data.write_text(json.dumps(rows))
@@ -136,7 +92,7 @@ def test_scores_match_transformers_llava(tmp_path):
         imgs = r["image"] if isinstance(r["image"], list) else [r["image"]]
         assert (ex["ids"][ex["image_mask"]] == IMG_ID).all() and ex["image_mask"].sum() == 4 * len(imgs)
         assert (ex["ids"][~ex["image_mask"]] != IMG_ID).all()
-        pix = torch.cat([_hf_pixels(tmp_path / "img" / n) for n in imgs])
+        pix = torch.cat([hf_pixels(tmp_path / "img" / n) for n in imgs])
         with torch.no_grad():
             logits = hf(input_ids=torch.tensor(ex["ids"][None], dtype=torch.long), pixel_values=pix).logits[0]
         target = torch.tensor(ex["ids"][1:], dtype=torch.long)
