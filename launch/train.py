@@ -60,7 +60,7 @@ def _run(argv: list[str]) -> int:
 
 
 # values of a config's `pipeline` key -> the module (with check() and run()) that runs it
-PIPELINES = {"demo": "mm.demo.pipeline", "soups": "mm.demo.soups"}
+PIPELINES = {"demo": "mm.demo.pipeline", "soups": "mm.demo.soups", "bpo": "mm.demo.bpo"}
 
 
 def _run_pipeline(cfg, workdir: str) -> int:

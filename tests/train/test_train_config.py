@@ -22,10 +22,12 @@ def test_defaults_and_stage_configs_validate(tmp_path):
         from mm.config import load_config_file
 
         cfg = load_config_file(str(spec))
-        if "pipeline" in cfg:  # configs/demo.py: a multi-stage pipeline; its own check validates every stage
-            from mm.demo.pipeline import check
+        if "pipeline" in cfg:  # demo, soups, bpo: a multi-stage pipeline; its own check validates every stage
+            import importlib
 
-            check(cfg, tmp_path / spec.stem)
+            from launch.train import PIPELINES
+
+            importlib.import_module(PIPELINES[cfg.pipeline]).check(cfg, tmp_path / spec.stem)
             continue
         tcfg.validate(cfg)  # no device check: presets target pods
 
