@@ -96,7 +96,7 @@ def _mm_token_ids(setup):
     return out
 
 
-def _trl_train(setup, tmp_path):
+def _trl_train(setup, tmp_path, loss_type="sigmoid"):
     """TRL's per-step logged loss and reward margin; prompts are the chat template's rendering with the
     generation header, completions ' ' + answer (TRL appends the EOS text), so the ids equal mm's."""
     from datasets import Dataset
@@ -112,7 +112,7 @@ def _trl_train(setup, tmp_path):
                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                      max_grad_norm=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1,
                      save_strategy="no", report_to=[], use_cpu=True, bf16=False, max_length=None, beta=0.1,
-                     loss_type=["sigmoid"], seed=0)
+                     loss_type=[loss_type], seed=0)
     trainer = DPOTrainer(model=load_hf(setup["a"]), ref_model=load_hf(setup["b"]), args=args, train_dataset=data,
                          processing_class=tok)
     trl_ids = {tuple(e["prompt_ids"]): (e["prompt_ids"], e["chosen_ids"], e["rejected_ids"])
@@ -122,23 +122,27 @@ def _trl_train(setup, tmp_path):
     return trl_ids, {h["step"]: (h["loss"], h["rewards/margins"]) for h in logged}
 
 
-def test_losses_equal_trl_dpo_trainer(setup, tmp_path):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_losses_equal_trl_dpo_trainer(setup, tmp_path, loss_type):
     from mm.train.loop import train
 
     mm_ids = _mm_token_ids(setup)
-    trl_ids, trl = _trl_train(setup, tmp_path)
+    trl_ids, trl = _trl_train(setup, tmp_path, loss_type)
     assert mm_ids == trl_ids, "mm's pipeline and TRL tokenise the pairs differently"
 
-    res = train(_cfg(setup, reference=str(setup["b"])), tmp_path / "mm", devices=jax.devices()[:1])
+    c = _cfg(setup, reference=str(setup["b"]))
+    c.dpo.loss_type = [loss_type]
+    res = train(c, tmp_path / "mm", devices=jax.devices()[:1])
     rows = _rows(tmp_path / "mm")
     assert sorted(trl) == list(range(1, STEPS + 1)), trl
     diffs = [abs(res.losses[s] - trl[s][0]) for s in range(1, STEPS + 1)]
     margins = [abs(rows[s]["rewards/margins"] - trl[s][1]) for s in range(1, STEPS + 1)]
-    print("per-step loss mm / TRL:", [(round(res.losses[s], 6), trl[s][0]) for s in range(1, STEPS + 1)])
+    print(f"{loss_type}: per-step loss mm / TRL:", [(round(res.losses[s], 6), trl[s][0]) for s in range(1, STEPS + 1)])
     print(f"max |loss diff| {max(diffs):.2e}, max |margin diff| {max(margins):.2e}")
     assert max(diffs) <= 1e-3 and max(margins) <= 1e-3, (diffs, margins)
-    # A and B differ, so step 1 is not at ln 2, and training moves the loss
-    assert abs(res.losses[1] - math.log(2)) > 1e-2 and res.losses[STEPS] < res.losses[1] - 1e-3, res.losses
+    # A and B differ, so step 1 is not at the policy == reference value, and training moves the loss
+    at_start = {"sigmoid": math.log(2), "ipo": 25.0, "hinge": 1.0}[loss_type]
+    assert abs(res.losses[1] - at_start) > 1e-2 and res.losses[STEPS] < res.losses[1] - 1e-3, res.losses
 
 
 def test_reference_is_the_start_and_resume_matches(setup, tmp_path):
