@@ -7,6 +7,7 @@ matching HF form back (an mm "vlm" IAA checkpoint becomes the release layout wit
   mm-convert hf-to-mm --src HF_DIR --dst MM_DIR [--dtype keep|float32|bfloat16|float16] [--overwrite]
   mm-convert mm-to-hf --src MM_DIR --dst HF_DIR [--dtype ...] [--shard-size 5GB] [--overwrite]
   mm-convert export-run --src TRAIN_WORKDIR --dst MM_DIR [--step N] [--overwrite]   # an mm-train run's model
+      [--merge-lora | --lora-format peft]                                            # LoRA runs: merged, or adapters
 
 LLMs and towers stream tensor by tensor (peak memory about one decoder layer; VLMs load in memory), checks every name and shape before
 writing anything, and never leaves a partial `--dst`. Bad input exits with status 2 and a message naming
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
     s.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest finished)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    s.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA run: merge the adapters into the weights (W + alpha/r * B A) and write the whole model")
+    s.add_argument("--lora-format", choices=("peft",), default=None,
+                   help="a LoRA run: write the adapters alone as an HF PEFT adapter dir (model.kind llm)")
     return p
 
 
@@ -62,7 +67,8 @@ def _convert(args: argparse.Namespace) -> int:
     if args.command == "export-run":
         from mm.train.export import export_run
 
-        out = export_run(args.src, args.dst, step=args.step, overwrite=args.overwrite)
+        out = export_run(args.src, args.dst, step=args.step, overwrite=args.overwrite, merge_lora=args.merge_lora,
+                         lora_format=args.lora_format)
     elif args.command == "hf-to-mm":
         out = hf_to_mm(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
     else:

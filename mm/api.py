@@ -239,8 +239,13 @@ def _load_tokenizer(path: Path) -> Any:
 
 def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: str | None = None,
                     mesh: Any = None, rules: Sequence[tuple[str, Any]] | None = None,
-                    attention_impl: str | None = None, vision: str | Path | None = None) -> Any:
+                    attention_impl: str | None = None, vision: str | Path | None = None,
+                    adapter: str | Path | None = None) -> Any:
     """Loads an HF or mm checkpoint directory and returns the handle for its kind (see module docstring).
+
+    `adapter=` an HF PEFT LoRA adapter dir (`adapter_config.json` + `adapter_model.safetensors`, e.g. what
+    `mm-convert export-run --lora-format peft` writes) for this LLM: it is merged into the loaded weights
+    (`W + alpha / r * B A`, PEFT's `merge_and_unload`), so the handle runs at the base model's speed.
 
     LLMs: HF Llama / Qwen2 safetensors dirs and mm "llm" dirs. VLMs: HF Llava dirs, IAA release dirs
     (`vision=` a local CLIP dir overrides `mm_vision_tower`), mm "vlm" dirs. Towers: HF CLIP / SigLIP dirs.
@@ -256,7 +261,33 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
     path = Path(path).resolve()  # Orbax reads metadata of absolute paths only
     runtime = Runtime(dtype=dtype, param_dtype=param_dtype or "float32", attention_impl=attention_impl, mesh=mesh,
                       rules=tuple(rules or sh.DEFAULT_RULES))
-    return _load(path, runtime, vision)
+    handle = _load(path, runtime, vision)
+    return handle if adapter is None else _merge_adapter(handle, Path(adapter))
+
+
+def _merge_adapter(handle: Any, adapter: Path) -> Any:
+    from mm.convert.errors import ConversionError
+    from mm.convert.llm_map import llm_name_map
+    from mm.convert.peft_adapter import llm_candidates, read_peft
+    from mm.models import lora
+
+    if not isinstance(handle, LLMHandle):
+        raise ConfigError(f"adapter={adapter}: PEFT adapters load onto LLMs (HF Llama / Qwen2, mm llm dirs); "
+                          f"{handle.source} loads as a {type(handle).__name__}")
+    c = dataclasses.replace(handle.config, scan_layers=False)
+    try:
+        adapters = read_peft(adapter, llm_name_map(c), llm_candidates(c))
+    except ConversionError as e:
+        raise ConfigError(f"adapter={adapter}: {e}") from e
+    params = handle.params
+    scanned = handle.config.scan_layers
+    if scanned:
+        params = llm.unscan_params(params, c.num_layers)
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+    merged = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in lora.merged({**flat, **adapters}).items()})
+    handle.params = llm.scan_params(merged, c.num_layers) if scanned else merged
+    handle.source = f"{handle.source} + {adapter}"
+    return handle
 
 
 @dataclasses.dataclass

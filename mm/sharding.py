@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters (mm.models.lora): the rank axis is never split
 )
 
 LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)

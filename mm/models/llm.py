@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mm.attention import attention
 from mm.config import LLMConfig, RopeScaling
+from mm.models import lora
 from mm.models.partitioning import KERNEL_INIT, constrain, param
 
 Array = jax.Array
@@ -138,7 +139,7 @@ class _Proj(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], *self.features), self.axes, self.param_dtype)
-        y = jnp.einsum("btd,dhk->bthk", x, w.astype(self.dtype))
+        y = lora.add(self, x, jnp.einsum("btd,dhk->bthk", x, w.astype(self.dtype)), self.axes, 1)
         if self.use_bias:
             b = param(self, "bias", nn.initializers.zeros, self.features, self.axes[1:], self.param_dtype)
             y = y + b.astype(self.dtype)
@@ -155,23 +156,25 @@ class _OutProj(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = param(self, "kernel", KERNEL_INIT, (*self.in_shape, self.features), ("heads", "head_dim", "embed"),
-                   self.param_dtype)
-        return jnp.einsum("bthk,hkd->btd", x, w.astype(self.dtype))
+        axes = ("heads", "head_dim", "embed")
+        w = param(self, "kernel", KERNEL_INIT, (*self.in_shape, self.features), axes, self.param_dtype)
+        return lora.add(self, x, jnp.einsum("bthk,hkd->btd", x, w.astype(self.dtype)), axes, 2)
 
 
 class Dense(nn.Module):
-    """Bias-free dense layer with logical axes on its kernel."""
+    """Bias-free dense layer with logical axes on its kernel (LoRA-adaptable unless `adaptable=False`)."""
 
     features: int
     axes: tuple[str, str]
     dtype: Any
     param_dtype: Any
+    adaptable: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], self.features), self.axes, self.param_dtype)
-        return jnp.einsum("...d,df->...f", x, w.astype(self.dtype))
+        y = jnp.einsum("...d,df->...f", x, w.astype(self.dtype))
+        return lora.add(self, x, y, self.axes, 1) if self.adaptable else y
 
 
 class MLP(nn.Module):
@@ -259,8 +262,9 @@ class LLM(nn.Module):
             self.layers_list = [cls(c, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.compute_dtype, param_dtype=c.params_dtype)
         if not c.tie_word_embeddings:
+            # the loss reads its kernel directly (chunked cross-entropy): no adapter could act there
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=c.compute_dtype,
-                                  param_dtype=c.params_dtype)
+                                  param_dtype=c.params_dtype, adaptable=False)
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
 
     def embed(self, input_ids: Array) -> Array:

@@ -33,6 +33,7 @@ import numpy as np
 
 from mm.attention import attention
 from mm.config import VisionConfig
+from mm.models import lora
 from mm.models.partitioning import KERNEL_INIT, constrain, param
 
 Array = jax.Array
@@ -122,7 +123,9 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], self.features), self.axes, self.param_dtype)
         b = param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:], self.param_dtype)
-        return jnp.einsum("...d,df->...f", x.astype(self.dtype), w.astype(self.dtype)) + b.astype(self.dtype)
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...d,df->...f", x, w.astype(self.dtype)) + b.astype(self.dtype)
+        return lora.add(self, x, y, self.axes, 1)
 
 
 class _HeadProj(nn.Module):
@@ -136,10 +139,10 @@ class _HeadProj(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         shape = (self.heads, self.head_dim)
-        w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], *shape), ("embed", "heads", "head_dim"),
-                   self.param_dtype)
+        axes = ("embed", "heads", "head_dim")
+        w = param(self, "kernel", KERNEL_INIT, (x.shape[-1], *shape), axes, self.param_dtype)
         b = param(self, "bias", nn.initializers.zeros, shape, ("heads", "head_dim"), self.param_dtype)
-        return jnp.einsum("btd,dhk->bthk", x, w.astype(self.dtype)) + b.astype(self.dtype)
+        return lora.add(self, x, jnp.einsum("btd,dhk->bthk", x, w.astype(self.dtype)) + b.astype(self.dtype), axes, 1)
 
 
 class _OutProj(nn.Module):
@@ -151,10 +154,10 @@ class _OutProj(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = param(self, "kernel", KERNEL_INIT, (*x.shape[-2:], self.features), ("heads", "head_dim", "embed"),
-                   self.param_dtype)
+        axes = ("heads", "head_dim", "embed")
+        w = param(self, "kernel", KERNEL_INIT, (*x.shape[-2:], self.features), axes, self.param_dtype)
         b = param(self, "bias", nn.initializers.zeros, (self.features,), ("embed",), self.param_dtype)
-        return jnp.einsum("bthk,hkd->btd", x, w.astype(self.dtype)) + b.astype(self.dtype)
+        return lora.add(self, x, jnp.einsum("bthk,hkd->btd", x, w.astype(self.dtype)) + b.astype(self.dtype), axes, 2)
 
 
 class SelfAttention(nn.Module):

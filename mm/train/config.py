@@ -89,8 +89,12 @@ def base_config() -> ml_collections.ConfigDict:
         # HF CLIP / SigLIP dir or mm "vision" dir for the ViT run in the step (data.kind llava_json, or
         # model.kind vlm); "" = seeded random init. Its shapes must equal model.vision's.
         vision_checkpoint="",
+        # an HF PEFT LoRA adapter dir the run's adapters start from (model.kind llm; param_groups' LoRA rules
+        # must ask for the same modules and ranks); "" = PEFT's fresh start (B = 0)
+        lora_checkpoint="",
     ))
-    # Ordered (regex over '/'-joined param paths, lr multiplier | "frozen"); first match wins.
+    # Ordered (regex over '/'-joined param paths, lr multiplier | "frozen" | {"lora": {rank, alpha, rslora,
+    # dropout, lr_mult}}); first match wins (mm/train/param_groups.py).
     c.param_groups = ((".*", 1.0),)
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_frac=0.03, min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
@@ -191,6 +195,8 @@ def llm_config_from(cfg: Any) -> LLMConfig:
 def _check_groups(groups: Any) -> None:
     import re
 
+    from mm.train.param_groups import lora_spec
+
     if not isinstance(groups, (list, tuple)) or not groups:
         raise ConfigError("config key 'param_groups' must be a non-empty list of (regex, lr_mult | 'frozen')")
     for i, g in enumerate(groups):
@@ -201,8 +207,11 @@ def _check_groups(groups: Any) -> None:
             re.compile(pattern)
         except (re.error, TypeError) as e:
             raise ConfigError(f"config key param_groups[{i}]: bad regex {pattern!r} ({e})") from e
+        if lora_spec(value, f"param_groups[{i}]") is not None:
+            continue
         if value != "frozen" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ConfigError(f"config key param_groups[{i}] value {value!r}: a multiplier >= 0 or 'frozen'")
+            raise ConfigError(f"config key param_groups[{i}] value {value!r}: a multiplier >= 0, 'frozen' or "
+                              "{'lora': {...}}")
 
 
 def check_schema(cfg: Any) -> None:
@@ -245,10 +254,19 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
     if cfg.init.vision_checkpoint and not has_tower(cfg):
         raise ConfigError(f"config key init.vision_checkpoint = {cfg.init.vision_checkpoint!r}: this run has no ViT "
                           "in the step (needs data.kind = 'llava_json' with model.kind llava / iaa, or model.kind vlm)")
-    for key in ("llm_checkpoint", "checkpoint", "vision_checkpoint"):
+    for key in ("llm_checkpoint", "checkpoint", "vision_checkpoint", "lora_checkpoint"):
         path = cfg.init[key]
         if path and path not in pending_paths and not Path(path).exists():
             raise ConfigError(f"config key init.{key} = {path!r}: no such file or directory")
+    if cfg.init.lora_checkpoint:
+        from mm.train.param_groups import has_lora
+
+        if not has_lora(cfg.param_groups):
+            raise ConfigError(f"config key init.lora_checkpoint = {cfg.init.lora_checkpoint!r}: param_groups has no "
+                              "LoRA rule to load it into")
+        if m.kind != "llm":
+            raise ConfigError(f"config key init.lora_checkpoint: PEFT adapters start model.kind llm runs (an HF "
+                              f"causal LM's modules); this run is {m.kind!r}")
     if m.kind == "iaa":
         n = cfg.model.llm.num_layers
         bad = [p for p in m.iaa_positions if not 0 <= p < n]

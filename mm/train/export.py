@@ -91,13 +91,50 @@ def _tokenizer_source(cfg: Any) -> Path | None:
     return None
 
 
-def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, overwrite: bool = False) -> Path:
-    """Writes the run's model at `step` (default: the latest finished) to the mm directory `dst`."""
+def _lora(workdir: str | Path, cfg: Any, params: Any, dst: str | Path, merge_lora: bool, lora_format: str | None,
+          overwrite: bool) -> tuple[Any, Path | None]:
+    """A LoRA run's params for the export (`merge_lora`: adapters merged into their kernels), or the PEFT
+    adapter dir written (`lora_format="peft"`); a LoRA run needs one of the two, a run without adapters none."""
+    from mm.models import lora
+    from mm.train import param_groups as pg
+
+    flat = pg.flatten(params)
+    has = any(lora.is_adapter(k) for k in flat)
+    if not has:
+        if merge_lora or lora_format:
+            raise ConfigError(f"{workdir}: --merge-lora / --lora-format: this run trained no LoRA adapters")
+        return params, None
+    if merge_lora and lora_format:
+        raise ConfigError("--merge-lora and --lora-format: choose one (merged weights, or the adapters alone)")
+    if lora_format == "peft":
+        if cfg.model.kind != "llm":
+            raise ConfigError(f"{workdir}: --lora-format peft needs model.kind llm (an HF causal LM as PEFT's base); "
+                              f"this run is {cfg.model.kind!r}: use --merge-lora")
+        from mm.convert.llm_map import llm_name_map
+        from mm.convert.peft_adapter import write_peft
+
+        return None, write_peft(dst, flat, llm_name_map(tcfg.llm_config_from(cfg)),
+                                base_model=str(cfg.init.llm_checkpoint), overwrite=overwrite)
+    if lora_format is not None:
+        raise ConfigError(f"--lora-format {lora_format!r}: the one format is 'peft'")
+    if not merge_lora:
+        raise ConfigError(f"{workdir}: this run trained LoRA adapters; pass --merge-lora (the merged model) or "
+                          "--lora-format peft (the adapters alone, for peft.PeftModel.from_pretrained)")
+    return pg.unflatten(lora.merged(flat)), None
+
+
+def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, overwrite: bool = False,
+               merge_lora: bool = False, lora_format: str | None = None) -> Path:
+    """Writes the run's model at `step` (default: the latest finished) to the mm directory `dst`; a LoRA run's
+    merged model (`merge_lora`) or its adapters as a PEFT dir (`lora_format="peft"`)."""
     from mm.convert import mm_dir as mmd
     from mm.convert.llm_map import llm_name_map
     from mm.convert.pipeline import staged_output
 
     cfg, params, step = trained_params(workdir, step)
+    params, written = _lora(workdir, cfg, params, dst, merge_lora, lora_format, overwrite)
+    if written is not None:
+        return written
     source = {"format": "mm-train", "workdir": str(Path(workdir).absolute()), "step": step}
     tok = _tokenizer_source(cfg)
     if cfg.model.kind == "llm":

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from mm.config import ConfigError
+from mm.models import lora
 from mm.train import config as tcfg
 from mm.train import models
 from mm.train import param_groups as pg
@@ -38,7 +39,8 @@ VISION_SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_la
 # what `initial_params` counts, and how the start-up log names each source
 SOURCES = {"llm_checkpoint": "from init.llm_checkpoint", "vision_checkpoint": "from init.vision_checkpoint",
            "previous_stage": "from init.checkpoint", "copied": "copied from the base (IAA branches)",
-           "random": "random from init.seed"}
+           "random": "random from init.seed", "lora": "LoRA adapters at PEFT's start (B = 0)",
+           "lora_checkpoint": "LoRA adapters from init.lora_checkpoint"}
 LLM_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                     "head_dim", "tie_word_embeddings", "attention_bias")
 
@@ -67,7 +69,7 @@ def _placed(loaded: Mapping[tuple[str, ...], Any], prefix: str, flat_sh: Mapping
     `prefix` (a missing one names `source`; one with no place in the model the readers already refused)."""
     p = f"{prefix}/" if prefix else ""
     out = {p + "/".join(k): v for k, v in loaded.items()}
-    missing = sorted(k for k in flat_sh if k.startswith(p) and k not in out)
+    missing = sorted(k for k in flat_sh if k.startswith(p) and k not in out and not lora.is_adapter(k))
     if missing:
         raise ConfigError(f"{source}: missing params {missing[:5]}")
     return out
@@ -81,7 +83,7 @@ def _load_hf_or_mm(key: str, path: Path, want: Any, fields: tuple[str, ...], sec
     from mm.convert.errors import ConversionError
 
     source = f"{key}={path}"
-    shardings = _subtree(flat_sh, prefix)
+    shardings = {k: v for k, v in _subtree(flat_sh, prefix).items() if not lora.is_adapter("/".join(k))}
     try:
         if (path / mmd.MM_CONFIG_FILE).exists():
             _check_fields(mmd.read_mm_config(path), want, fields, source, section)
@@ -225,12 +227,50 @@ def initial_params(cfg: Any, model: models.TrainModel, mesh: Any, flat_sh: Mappi
         counts["vision_checkpoint"] = len(got)
     previous = {} if stage is None else _restore_trained(*stage, flat_sh, flat_abstract, cfg.init.checkpoint)
     counts["previous_stage"] = len(previous)
-    derived = {t: s for t, s in expand_derived(model.derived, flat_abstract).items() if t not in previous}
+    # adapters are never copies: an IAA branch's insertion-layer adapters start fresh, not from the base's
+    derived = {t: s for t, s in expand_derived(model.derived, lora.strip(flat_abstract)).items() if t not in previous}
     random_paths = [p for p in flat_abstract if p not in loaded and p not in previous and p not in derived]
     params = _random(model, cfg, mesh, flat_sh, random_paths)
-    counts["random"] = len(random_paths)
+    counts["lora"] = sum(1 for p in random_paths if lora.is_adapter(p))
+    counts["random"] = len(random_paths) - counts["lora"]
     params.update(loaded)
     params.update(previous)
     params.update(_copies(params, derived, flat_sh, mesh))
     counts["copied"] = len(derived)
+    if cfg.init.lora_checkpoint:
+        got = {p: v for p, v in load_lora(cfg.init.lora_checkpoint, model, flat_sh).items() if p not in previous}
+        params.update(got)
+        counts["lora_checkpoint"] = len(got)
+        counts["lora"] -= len(got)
     return {p: params[p] for p in flat_abstract}, counts
+
+
+def load_lora(path: str | Path, model: models.TrainModel, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The adapters of the PEFT dir `path` on their shardings; they must be exactly the ones the run's LoRA
+    rules make (same modules, ranks and scales), or a ConfigError names the first difference."""
+    from mm.convert.errors import ConversionError
+    from mm.convert.llm_map import llm_name_map
+    from mm.convert.peft_adapter import llm_candidates, read_peft
+
+    source = f"init.lora_checkpoint={path}"
+    c = model.llm_config
+    try:
+        got = read_peft(path, llm_name_map(c), llm_candidates(c), mm_prefix=model.base_prefix)
+    except ConversionError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    want = {ad.prefix + leaf: ad for ad in model.adapters for leaf in lora.LEAVES}
+    extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+    if extra or missing:
+        raise ConfigError(f"{source}: adapters differ from param_groups' LoRA rules: in the dir only "
+                          f"{[lora.kernel_of(p) for p in extra[:3]]}, in the rules only "
+                          f"{[lora.kernel_of(p) for p in missing[:3]]}")
+    for p, v in got.items():
+        ad = want[p]
+        box = {lora.A: ad.a, lora.B: ad.b, lora.SCALE: ad.scale}[p.rsplit("/", 1)[-1]]
+        if tuple(v.shape) != tuple(box.value.shape):
+            raise ConfigError(f"{source}: {p} has shape {tuple(v.shape)}, the rules make {tuple(box.value.shape)} "
+                              f"(rank {ad.spec.rank})")
+        if p.endswith(lora.SCALE) and not np.allclose(v, lora.scale(ad.spec.rank, ad.spec.alpha, ad.spec.rslora)):
+            raise ConfigError(f"{source}: {lora.kernel_of(p)}: scale {float(v):g} in the dir, "
+                              f"{lora.scale(ad.spec.rank, ad.spec.alpha, ad.spec.rslora):g} from the rules' alpha")
+    return {p: jax.device_put(np.asarray(v), flat_sh[p]) for p, v in got.items()}

@@ -76,8 +76,26 @@ def _batch_sharding(mesh: Any, rules: Any) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, axis))
 
 
-def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Built:
-    """Mesh, model, groups, initial state and the compiled-on-first-call step (over `devices`, default all)."""
+def state_shardings(abstract_state: Any, flat_param_sh: dict[str, Any], mesh: Any) -> Any:
+    """Shardings of the train state: every leaf that mirrors a param (the params, optax's per-param moments)
+    is laid out like that param, so FSDP shards the optimizer state too; scalars and the rest replicate."""
+    rep = shd.replicated(mesh)
+
+    def one(path: Any, leaf: Any) -> Any:
+        parts = pg.path_str(path).split("/")
+        for i in range(len(parts)):  # the longest suffix that names a param: 'opt/1/0/mu/<param path>'
+            sh = flat_param_sh.get("/".join(parts[i:]))
+            if sh is not None and len(sh.spec) <= len(leaf.shape):
+                return sh
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstract: bool = False) -> Built:
+    """Mesh, model, groups, initial state and the compiled-on-first-call step (over `devices`, default all).
+    `abstract=True`: params, reference and state are `jax.ShapeDtypeStruct`s on their shardings (nothing is
+    loaded or allocated), for compiling the step ahead of time (`mm.train.aot`)."""
     devices = list(jax.devices() if devices is None else devices)
     tcfg.validate(cfg, len(devices))
     mesh = shd.make_mesh(dict(cfg.mesh), devices)
@@ -90,7 +108,11 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     if log:
         _log(pg.format_report(pg.group_report(flat_abstract, assignment)))
 
-    flat, counts = initial_params(cfg, model, mesh, flat_sh, flat_abstract)
+    if abstract:
+        flat = {p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_sh[p]) for p, a in flat_abstract.items()}
+        counts = {}
+    else:
+        flat, counts = initial_params(cfg, model, mesh, flat_sh, flat_abstract)
     if log:
         _log("init params: " + ", ".join(f"{counts[k]} {label}" for k, label in SOURCES.items() if counts.get(k)))
     trainable, frozen = pg.split(pg.unflatten(flat), assignment)
@@ -101,12 +123,20 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None) -> Bu
     if own_reference:  # rebuilt from the init sources on every start, never checkpointed
         from mm.train import preference
 
-        frozen = {**frozen, preference.REFERENCE_KEY: preference.build_reference(cfg, model, trainable, flat_sh, mesh)}
+        ref = (preference.abstract_reference(trainable) if abstract else
+               preference.build_reference(cfg, model, trainable, flat_sh, mesh))
+        frozen = {**frozen, preference.REFERENCE_KEY: ref}
 
     optimizer = make_optimizer(cfg, trainable, assignment)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda p: init_state(p, optimizer, int(cfg.init.seed)))(trainable)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+        fn = lambda p: init_state(p, optimizer, int(cfg.init.seed))  # noqa: E731
+        state_sh = state_shardings(jax.eval_shape(fn, trainable), flat_sh, mesh)
+        init = jax.jit(fn, out_shardings=state_sh)
+        if abstract:
+            state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                 jax.eval_shape(init, trainable), state_sh)
+        else:
+            state = init(trainable)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     bsh = _batch_sharding(mesh, rules)
     step = make_train_step(model.loss, optimizer, schedule(cfg))

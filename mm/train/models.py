@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from mm.config import LLMConfig
 from mm.models import llm as llm_lib
+from mm.train import param_groups as pg
 from mm.train.config import llm_config_from
 
 Array = jax.Array
@@ -56,6 +57,8 @@ class TrainModel:
     # (params, plain batch) -> (summed completion log-probs [B], completion tokens [B]) over the batch's
     # `labels` / `loss_mask`: what the preference loss scores (`mm.train.preference`); None: not supported
     sequence_logps: Callable[[Any, dict[str, Array]], tuple[Array, Array]] | None = None
+    # LoRA adapters the param groups put on kernels (`mm.train.lora_groups.Adapter`s; empty without LoRA)
+    adapters: tuple[Any, ...] = ()
 
 
 def cross_entropy(logits: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
@@ -362,8 +365,18 @@ def _vlm_model(cfg: Any) -> TrainModel:
     return dataclasses.replace(_llava_model(cfg), kind="vlm")
 
 
+KINDS = {"llm": _llm_model, "llava": _llava_model, "iaa": _iaa_model, "vlm": _vlm_model}
+
+
 def build(cfg: Any) -> TrainModel:
-    m = {"llm": _llm_model, "llava": _llava_model, "iaa": _iaa_model, "vlm": _vlm_model}[cfg.model.kind](cfg)
+    m = KINDS[cfg.model.kind](cfg)
+    if pg.has_lora(cfg.param_groups):  # adapters on the kernels LoRA rules match (mm.train.lora_groups)
+        from mm.models import lora
+        from mm.train import lora_groups
+
+        with lora.candidates():
+            candidates = KINDS[cfg.model.kind](cfg).abstract
+        m = lora_groups.attach(m, candidates, cfg.param_groups)
     if cfg.data.kind == "preference":  # the DPO-family loss on chosen / rejected pairs, also for evaluation
         from mm.train import preference
 

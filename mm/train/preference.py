@@ -8,7 +8,9 @@ Multimodal models (`llava`, `iaa`'s trained workflow, `vlm`) run the ViT once pe
 
 The reference lives in the frozen tree under `REFERENCE_KEY`: only the params it replaces, i.e. a copy of the
 trainable params as the run starts (`dpo.reference = ""`), or every param of the base LLM read from the
-`dpo.reference` dir (plus starting copies of any trainable param that dir does not hold). Frozen params the
+`dpo.reference` dir (plus starting copies of any trainable param that dir does not hold). LoRA adapters are
+never copied: the reference is the model with its adapters off, as TRL does with a PEFT model (a LoRA run
+whose only trainable params are adapters holds an empty reference subtree: no second copy of anything). Frozen params the
 reference does not replace are the policy's own arrays, shared, never duplicated. The reference is not
 checkpointed: `mm.train.loop.build` rebuilds it from the same init sources on every start (the config's
 `init.*` and `dpo.reference`, which a resumed run reads again), so a resumed run scores against the same
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from mm.dpo_losses import METRICS, DPOSettings, PairLogps, preference_loss
+from mm.models import lora
 from mm.train import param_groups as pg
 
 Array = jax.Array
@@ -57,7 +60,7 @@ def reference_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
     policy = {k: v for k, v in params.items() if k != REFERENCE_KEY}
     if REFERENCE_KEY not in params:
         return policy, None
-    flat = pg.flatten(policy)
+    flat = lora.strip(pg.flatten(policy))  # LoRA adapters off: the reference never holds them (TRL + PEFT)
     flat.update(pg.flatten(params[REFERENCE_KEY]))
     return policy, pg.unflatten(flat)
 
@@ -105,7 +108,8 @@ def make_loss(sequence_logps: SequenceLogps, s: DPOSettings, pixel_features: Cal
         else:
             if reference is None:
                 raise ValueError("preference loss: neither reference params nor precomputed reference log-probs")
-            own = "vision" in params[REFERENCE_KEY]  # a trained (or other) ViT: the reference's own features
+            # a trained (or other, or LoRA-adapted) ViT: the reference computes its own features
+            own = "vision" in params[REFERENCE_KEY] or any(map(lora.is_adapter, pg.flatten(policy.get("vision", {}))))
             ref, _, _ = pair_logps(sequence_logps, pixel_features, reference, b, None if own else feats)
         ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
         pairs = lp.shape[0] // 2
@@ -117,13 +121,19 @@ def make_loss(sequence_logps: SequenceLogps, s: DPOSettings, pixel_features: Cal
     return loss
 
 
+def abstract_reference(trainable: Any) -> dict[str, Any]:
+    """The shapes (on their shardings) of the `REFERENCE_KEY` subtree `build_reference` makes for
+    `dpo.reference = ""`: the trainable params less LoRA adapters."""
+    return pg.unflatten({p: v for p, v in pg.flatten(trainable).items() if not lora.is_adapter(p)})
+
+
 def build_reference(cfg: Any, model: Any, trainable: Any, flat_sh: Mapping[str, Any], mesh: Any) -> dict[str, Any]:
     """The `REFERENCE_KEY` subtree (see the module docstring), on the params' shardings."""
     from mm.train.initial_params import load_base_llm
 
     flat_t = pg.flatten(trainable)
     loaded = load_base_llm(cfg.dpo.reference, model, flat_sh) if cfg.dpo.reference else {}
-    starting = [p for p in flat_t if p not in loaded]
+    starting = [p for p in flat_t if p not in loaded and not lora.is_adapter(p)]  # adapters: off in the reference
     with jax.set_mesh(mesh):  # fresh buffers: the train step donates (and updates) the trainable arrays
         copies = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=[flat_sh[p] for p in starting])(
             [flat_t[p] for p in starting])

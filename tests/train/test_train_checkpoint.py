@@ -46,3 +46,20 @@ def test_checkpoint_holds_trainable_state_only_and_restores_onto_another_mesh(tm
     k = restored["params"]["layers_1"]["mlp"]["up_proj"]["kernel"]
     assert len(k.sharding.device_set) == 8 and k.sharding.spec[0] == "fsdp"
     np.testing.assert_array_equal(np.asarray(k), saved["params"]["layers_1"]["mlp"]["up_proj"]["kernel"])
+
+
+def test_optimizer_state_is_sharded_like_its_params():
+    """FSDP shards Adam's moments as it shards the params (they were once replicated on every device)."""
+    c = tiny("full")
+    c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    b = loop.build(c, log=False)
+    params = pg.flatten(b.state["params"])
+    opt = pg.flatten(b.state["opt"])
+    moments = {k: v for k, v in opt.items() if "/mu/" in k or "/nu/" in k}
+    assert len(moments) == 2 * len(params)
+    for k, v in moments.items():
+        p = params[k.split("/mu/" if "/mu/" in k else "/nu/", 1)[1]]
+        assert v.sharding.is_equivalent_to(p.sharding, v.ndim), k
+    k = "layers_0/mlp/up_proj/kernel"
+    assert len(params[k].sharding.device_set) == 8 and params[k].sharding.spec[0] == "fsdp"
+    assert next(v for n, v in moments.items() if n.endswith(k)).addressable_shards[0].data.shape[0] == 32 // 8

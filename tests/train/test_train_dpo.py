@@ -96,7 +96,7 @@ def _mm_token_ids(setup):
     return out
 
 
-def _trl_train(setup, tmp_path, loss_type="sigmoid"):
+def _trl_train(setup, tmp_path, loss_type="sigmoid", model=None, ref_model="b", lr=LR):
     """TRL's per-step logged loss and reward margin; prompts are the chat template's rendering with the
     generation header, completions ' ' + answer (TRL appends the EOS text), so the ids equal mm's."""
     from datasets import Dataset
@@ -109,11 +109,12 @@ def _trl_train(setup, tmp_path, loss_type="sigmoid"):
                                                                  add_generation_prompt=True),
                                "chosen": " " + c, "rejected": " " + r} for p, c, r in ROWS])
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(ROWS), max_steps=STEPS,
-                     learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                     learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                      max_grad_norm=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1,
                      save_strategy="no", report_to=[], use_cpu=True, bf16=False, max_length=None, beta=0.1,
                      loss_type=[loss_type], seed=0)
-    trainer = DPOTrainer(model=load_hf(setup["a"]), ref_model=load_hf(setup["b"]), args=args, train_dataset=data,
+    trainer = DPOTrainer(model=load_hf(setup["a"]) if model is None else model,
+                         ref_model=load_hf(setup[ref_model]) if ref_model else None, args=args, train_dataset=data,
                          processing_class=tok)
     trl_ids = {tuple(e["prompt_ids"]): (e["prompt_ids"], e["chosen_ids"], e["rejected_ids"])
                for e in trainer.train_dataset}
@@ -143,6 +144,40 @@ def test_losses_equal_trl_dpo_trainer(setup, tmp_path, loss_type):
     # A and B differ, so step 1 is not at the policy == reference value, and training moves the loss
     at_start = {"sigmoid": math.log(2), "ipo": 25.0, "hinge": 1.0}[loss_type]
     assert abs(res.losses[1] - at_start) > 1e-2 and res.losses[STEPS] < res.losses[1] - 1e-3, res.losses
+
+
+def test_lora_dpo_equals_trl_with_a_peft_model(setup, tmp_path):
+    """LoRA DPO: TRL's DPOTrainer on a PEFT model (ref_model=None: the reference is the model with its adapters
+    disabled) against mm-train with the same adapters at the start (PEFT's own init, read through
+    init.lora_checkpoint) and `dpo.reference = ""`: the per-step losses and margins agree, and mm's step holds
+    no reference copy at all."""
+    from peft import LoraConfig, get_peft_model
+
+    from mm.train import loop, preference
+    from tests.helpers.hf_models import load_hf
+
+    proj = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(load_hf(setup["a"]), LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
+                                                                target_modules=proj))
+    peft_model.save_pretrained(str(tmp_path / "start"))  # A kaiming-uniform, B = 0
+    lr = 1e-2
+    _, trl = _trl_train(setup, tmp_path, model=peft_model, ref_model="", lr=lr)
+
+    c = _cfg(setup, reference="")
+    c.param_groups = [(r"layers_\d+/(self_attn|mlp)/.*", {"lora": {"rank": 4, "alpha": 16}}), (".*", "frozen")]
+    c.init.lora_checkpoint = str(tmp_path / "start")
+    c.optim.lr = lr
+    b = loop.build(c, log=False, devices=jax.devices()[:1])
+    assert jax.tree.leaves(b.frozen[preference.REFERENCE_KEY]) == []  # adapters off: nothing to copy
+    res = loop.train(c, tmp_path / "mm", devices=jax.devices()[:1])
+    rows = _rows(tmp_path / "mm")
+    diffs = [abs(res.losses[s] - trl[s][0]) for s in range(1, STEPS + 1)]
+    margins = [abs(rows[s]["rewards/margins"] - trl[s][1]) for s in range(1, STEPS + 1)]
+    print("LoRA sigmoid: per-step loss mm / TRL+PEFT:", [(round(res.losses[s], 6), trl[s][0]) for s in range(1, STEPS + 1)])
+    print(f"max |loss diff| {max(diffs):.2e}, max |margin diff| {max(margins):.2e}")
+    assert abs(res.losses[1] - math.log(2)) < 1e-6  # B = 0: the policy is its reference at step 1
+    assert res.losses[STEPS] < math.log(2) - 1e-3, res.losses  # and training moves it
+    assert max(diffs) <= 1e-3 and max(margins) <= 1e-3, (diffs, margins)
 
 
 def test_reference_is_the_start_and_resume_matches(setup, tmp_path):
