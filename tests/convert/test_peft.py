@@ -65,6 +65,8 @@ def test_peft_adapter_loads_into_mm_with_peft_logits(tmp_path, family, lora_kw):
     want = _torch_logits(peft_model, ids)
     plain = _torch_logits(load_hf(base), ids)
     got = mm.from_pretrained(base, adapter=tmp_path / "adapter").logits(ids)
+    print(f"{family} {sorted(lora_kw)}: max |logit diff| mm vs PEFT {np.abs(got - want).max():.2e} "
+          f"(adapter's own effect {np.abs(want - plain).max():.2e})")
     assert np.abs(want - plain).max() > 1e-2  # the adapter matters: the check can fail
     assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
 
@@ -141,6 +143,7 @@ def test_mm_trained_adapter_exports_to_peft_and_merges_like_peft(lora_run):
     mine = _mm_logits(run, ids)
     theirs = _torch_logits(peft_model, ids)
     assert np.abs(mine - _torch_logits(load_hf(base), ids)).max() > 1e-2  # training moved the adapters
+    print(f"mm-trained adapter in PEFT: max |logit diff| {np.abs(mine - theirs).max():.2e}")
     assert np.abs(mine - theirs).max() <= 1e-4, np.abs(mine - theirs).max()
 
     merged_dir = export_run(run, tmp / "merged", merge_lora=True)
@@ -154,6 +157,7 @@ def test_mm_trained_adapter_exports_to_peft_and_merges_like_peft(lora_run):
             continue
         path, want = nm.hf_to_mm(name, t.float().numpy())
         worst = max(worst, float(np.abs(np.asarray(mine_params[path], np.float32) - want).max()))
+    print(f"merged export vs PEFT merge_and_unload: max |weight diff| {worst:.2e}")
     assert worst <= 1e-6, worst
 
 
