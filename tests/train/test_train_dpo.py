@@ -437,3 +437,30 @@ def test_iaa_precomputed_reference_equals_the_live_one(image_pairs, tmp_path):
     assert sorted(pre.losses) == [1, 2, 3]
     assert all(abs(live.losses[s] - pre.losses[s]) < 1e-5 for s in (1, 2, 3)), (live.losses, pre.losses)
     assert len(json.loads((tmp_path / "pre" / "reference_logps" / "train.json").read_text())["logps"]) == 4
+
+
+def test_lora_dpo_on_iaa_insertion_layers_and_the_vit(image_pairs, tmp_path, monkeypatch):
+    """DPO of an IAA branch through LoRA on its insertion layers and on the ViT (projector fully trained): ln 2
+    at the start, the loss falls; the reference holds a copy of the projector alone (adapters are off in it), and
+    because the ViT is adapted the reference runs its own (un-adapted) ViT; precomputing the reference gives the
+    same losses."""
+    from mm.train import loop, param_groups as pg, preference
+
+    one = jax.devices()[:1]
+
+    def cfg(precompute):
+        c = _mm_cfg(image_pairs, "iaa")
+        lo = {"lora": {"rank": 4, "alpha": 8}}
+        c.param_groups = [(r"mm/layers_\d+/(self_attn|mlp)/.*", lo), (r"vision/encoder/layers_\d+/.*", lo),
+                          ("mm/projector/.*", 1.0), (".*", "frozen")]
+        c.dpo.precompute_reference = precompute
+        return c
+
+    live = loop.train(cfg(False), tmp_path / "live", devices=one)
+    pre = loop.train(cfg(True), tmp_path / "pre", devices=one)
+    assert abs(live.losses[1] - math.log(2)) < 1e-5 and live.losses[3] < live.losses[1], live.losses
+    assert all(abs(live.losses[s] - pre.losses[s]) < 1e-5 for s in (1, 2, 3)), (live.losses, pre.losses)
+    b = loop.build(cfg(False), log=False, devices=one)
+    ref = pg.flatten(b.frozen[preference.REFERENCE_KEY])
+    assert ref and all(k.startswith("mm/projector/") for k in ref), sorted(ref)
+    _assert_vit_passes(b, _first_micro_batch(cfg(False)), monkeypatch, 2)
