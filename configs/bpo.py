@@ -24,9 +24,12 @@ def get_config(arg: str = ""):
     c.negatives = dict(train_images=300, heldout_images=40, rounds=(1, 2), methods=("noise", "inject"), t=900,
                        seed=0, temperature=0.8, top_p=0.95, inject_temperature=0.8, inject_top_p=0.95, max_new_tokens=24,
                        batch_size=32)
-    # DPO of the IAA branch on the training pairs; the reference is the start
-    c.preference = dict(steps=150, batch_size=16, seq_len=160, lr=2e-4, beta=0.1, loss_type=("sigmoid",),
-                        precompute_reference=True)
+    # DPO of the IAA branch on the training pairs; the reference is the start. Sigmoid alone at lr 2e-4 raised the
+    # held-out margin but over-optimised (test QA 48.5% -> 15.0%, log-prob accuracy flat): the chosen answers' NLL
+    # ("sft", TRL's RPO-style mix) anchors the policy to the dataset answers and a lower lr keeps it near the start
+    # (measured: held-out accuracy 58.6% -> 63.6%, margin -15.8 -> -5.4 nats, test QA 46.9% -> 46.2%)
+    c.preference = dict(steps=150, batch_size=16, seq_len=160, lr=5e-5, beta=0.1, loss_type=("sigmoid", "sft"),
+                        loss_weights=(1.0, 1.0), precompute_reference=True)
     c = ml_collections.ConfigDict(c)
     if arg:
         from mm.demo.bpo import stage_config

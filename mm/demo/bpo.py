@@ -73,7 +73,8 @@ def stage_config(c: Any, stage: str, workdir: str | Path) -> ml_collections.Conf
     cfg.data.update(dict(kind="preference", path=str(p["pairs"]), eval_path=str(p["heldout_pairs"]),
                          image_root=str(p["bpo_data"] / "images"), pack=False, max_tiles_per_row=1,
                          seed=int(c.seed) + 20, eval_seed=int(c.seed) + 21))
-    cfg.dpo.update(dict(loss_type=list(pr.loss_type), beta=float(pr.beta),
+    cfg.dpo.update(dict(loss_type=list(pr.loss_type), loss_weights=[float(w) for w in pr.loss_weights],
+                        beta=float(pr.beta),
                         precompute_reference=bool(pr.precompute_reference)))
     steps = int(pr.steps)
     cfg.train.update(dict(steps=steps, batch_size=int(pr.batch_size), seq_len=int(pr.seq_len),
@@ -254,7 +255,7 @@ def _f(x: float, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:+.3f}"
 
 
-def plot(results: dict[str, Any], out: Path) -> None:
+def plot(results: dict[str, Any], out: Path, loss_types: tuple[str, ...] = ("sigmoid",)) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,9 +278,10 @@ def plot(results: dict[str, Any], out: Path) -> None:
     axes[2].plot([r["step"] for r in curve], [r["loss"] for r in curve], label="train loss")
     ev = results["dpo_eval"]
     axes[2].plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="held-out loss")
-    axes[2].axhline(np.log(2), color="grey", lw=0.8, ls="--", label="ln 2 (policy = reference)")
+    if tuple(loss_types) == ("sigmoid",):  # the value at policy == reference
+        axes[2].axhline(np.log(2), color="grey", lw=0.8, ls="--", label="ln 2 (policy = reference)")
     axes[2].set_xlabel("DPO step")
-    axes[2].set_ylabel("DPO loss")
+    axes[2].set_ylabel(f"loss ({' + '.join(loss_types)})")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -289,7 +291,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
 def write_report(workdir: Path, c: Any, results: dict[str, Any]) -> Path:
     p = paths(workdir, c)
     p["plots"].mkdir(exist_ok=True)
-    plot(results, p["plots"] / "bpo.png")
+    plot(results, p["plots"] / "bpo.png", tuple(c.preference.loss_type))
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     rows = ["| held-out pairs | n | log-prob accuracy before -> after | margin (nats) before -> after | "
             "rewards/accuracies after | rewards/margins after |", "|" + " --- |" * 6]
@@ -308,13 +310,15 @@ def write_report(workdir: Path, c: Any, results: dict[str, Any]) -> Path:
     t = results["text_workflow"]
     qa = results["test_accuracy"]
     pr = c.preference
+    weights = list(pr.loss_weights) or [1.0] * len(pr.loss_type)
+    losses = " + ".join(f"{w:g} {t}" for t, w in zip(pr.loss_type, weights))
     lines = [
         "# mm BPO: self-made negatives and DPO on the IAA branch",
         "",
         f"Start: the IAA model of `{p['sft']}` (its base LLM frozen throughout). Negatives (`mm.bpo`): its answers "
         f"from images weakened by DDPM noise at t = {c.negatives.t} of 1000, and error-injected rewrites of the "
         "dataset answers by its own frozen LLM (the text workflow); the dataset answer is chosen, each negative "
-        f"rejected. DPO ({', '.join(pr.loss_type)}, beta {pr.beta}, {pr.steps} steps of {pr.batch_size} pairs, "
+        f"rejected. DPO ({losses}, beta {pr.beta}, {pr.steps} steps of {pr.batch_size} pairs, "
         f"lr {pr.lr}, reference = the start{', log-probs precomputed' if pr.precompute_reference else ''}) trains "
         "the IAA `mm` branch only.",
         "",

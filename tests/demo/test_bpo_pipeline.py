@@ -38,7 +38,10 @@ def test_quick_bpo_run_reports_before_and_after(quick_bpo):
     assert t["base_params_identical"] and t["text_logits_max_abs_diff"] == 0.0, t
     assert (w / "dpo" / "reference_logps" / "train.json").exists()  # the recipe precomputes the reference
     curve = r["dpo_curve"]
-    assert abs(curve[0]["loss"] - 0.6931) < 1e-3 and curve[-1]["loss"] < curve[0]["loss"], curve
+    # step 1 scores the start against itself (rewards 0; the recipe's loss is sigmoid + sft, so ln 2 + the chosen
+    # answers' NLL), and training lowers it
+    assert abs(curve[0]["rewards/margins"]) < 1e-5 and curve[0]["loss"] > 0.6931, curve
+    assert curve[-1]["loss"] < curve[0]["loss"], curve
     report = (w / "bpo.md").read_text()
     assert "| held-out pairs | n | log-prob accuracy before -> after |" in report and "bitwise identical" in report
     assert (w / "plots" / "bpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
