@@ -71,25 +71,14 @@ def memory_table(rank: int, alpha: float) -> None:
 def tokens_per_s(lora: dict | None, steps: int) -> float:
     import jax
 
-    from mm.sharding import global_batch
+    from bench.step_timing import mean_step_seconds, synthetic_batches
     from mm.train import loop
-    from mm.train.data import SyntheticSource
 
     batch, seq = 4, 256
     c = _config(SMALL, lora, batch, seq)
     c.train.loss_chunk = 0
     b = loop.build(c, log=False, devices=jax.devices()[:1])
-    src = SyntheticSource(c)
-    state, times = b.state, []
-    for i in range(steps + 1):
-        x = src.batch_at(i)
-        x.pop("example_id")
-        g = global_batch(x, b.batch_sharding, 1)
-        t0 = time.perf_counter()
-        state, m = b.step_fn(state, b.frozen, g)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    return batch * seq / (sum(times[1:]) / steps)
+    return batch * seq / mean_step_seconds(b, synthetic_batches(c, steps + 1))
 
 
 def main() -> None:

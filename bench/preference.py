@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,17 +56,13 @@ def _batches(size: str, kind: str, mode: str, n: int):
     (prompt = the first quarter of each row, loss on the rest, as a preference pair's completion)."""
     import numpy as np
 
-    from mm.train.data import SyntheticSource
+    from bench.step_timing import synthetic_batches
 
-    src = SyntheticSource(_config(size, kind, "sft"))
+    c = _config(size, kind, "sft")
     out = []
-    for i in range(n):
-        x = src.batch_at(i)
-        x.pop("example_id")
+    for i, (x, rej) in enumerate(zip(synthetic_batches(c, n), synthetic_batches(c, n, first=10_000))):
         if mode != "sft":
             seq = x["loss_mask"].shape[-1]
-            rej = src.batch_at(10_000 + i)
-            rej.pop("example_id")
             pair = {}
             for half, b in (("chosen", x), ("rejected", rej)):
                 b = dict(b)
@@ -86,19 +81,11 @@ def step_ms(size: str, kind: str, mode: str, steps: int) -> tuple[float, float]:
     """(mean ms per step after the first, model FLOPs per step as the trainer counts them)."""
     import jax
 
-    from mm.sharding import global_batch
+    from bench.step_timing import mean_step_seconds
     from mm.train import loop
 
     b = loop.build(_config(size, kind, mode), log=False, devices=jax.devices()[:1])
-    state = b.state
-    times = []
-    for x in _batches(size, kind, mode, steps + 1):
-        g = global_batch(x, b.batch_sharding, 1)
-        t0 = time.perf_counter()
-        state, m = b.step_fn(state, b.frozen, g)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sum(times[1:]) / steps, float(b.flops["total"])
+    return 1e3 * mean_step_seconds(b, _batches(size, kind, mode, steps + 1)), float(b.flops["total"])
 
 
 def main() -> None:

@@ -29,10 +29,9 @@ SIZES = {
 def mm_tokens_per_s(size: str, steps: int) -> tuple[float, int]:
     import jax
 
-    from mm.sharding import global_batch
+    from bench.step_timing import mean_step_seconds, synthetic_batches
     from mm.train import loop
     from mm.train.config import base_config
-    from mm.train.data import SyntheticSource
 
     llm, vw, n_img, batch, seq = SIZES[size]
     c = base_config()
@@ -46,18 +45,7 @@ def mm_tokens_per_s(size: str, steps: int) -> tuple[float, int]:
     c.optim.weight_decay = 0.01
     b = loop.build(c, log=False, devices=jax.devices()[:1])
     n_params = sum(x.size for x in jax.tree.leaves(b.state["params"]))
-    src = SyntheticSource(c)
-    state = b.state
-    times = []
-    for i in range(steps + 1):
-        x = src.batch_at(i)
-        x.pop("example_id")
-        g = global_batch(x, b.batch_sharding, 1)
-        t0 = time.perf_counter()
-        state, m = b.step_fn(state, b.frozen, g)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    return batch * seq / (sum(times[1:]) / steps), n_params
+    return batch * seq / mean_step_seconds(b, synthetic_batches(c, steps + 1)), n_params
 
 
 def torch_tokens_per_s(size: str, steps: int, compile_: bool) -> float:
