@@ -173,7 +173,8 @@ def test_lora_dpo_equals_trl_with_a_peft_model(setup, tmp_path):
     rows = _rows(tmp_path / "mm")
     diffs = [abs(res.losses[s] - trl[s][0]) for s in range(1, STEPS + 1)]
     margins = [abs(rows[s]["rewards/margins"] - trl[s][1]) for s in range(1, STEPS + 1)]
-    print("LoRA sigmoid: per-step loss mm / TRL+PEFT:", [(round(res.losses[s], 6), trl[s][0]) for s in range(1, STEPS + 1)])
+    print("LoRA sigmoid: per-step loss mm / TRL+PEFT:",
+          [(round(res.losses[s], 6), trl[s][0]) for s in range(1, STEPS + 1)])
     print(f"max |loss diff| {max(diffs):.2e}, max |margin diff| {max(margins):.2e}")
     assert abs(res.losses[1] - math.log(2)) < 1e-6  # B = 0: the policy is its reference at step 1
     assert res.losses[STEPS] < math.log(2) - 1e-3, res.losses  # and training moves it
