@@ -3,12 +3,16 @@
 `compile_step(cfg, devices)` builds the run as `mm-train` would (`mm.train.loop.build(abstract=True)`: params,
 reference and optimizer state are shapes on their shardings, nothing is loaded or allocated), lowers the step on
 one abstract batch of the config's shapes and compiles it for `devices` (8 simulated CPU devices, or abstract TPU
-devices from `jax.experimental.topologies`). `memory(compiled)` reads XLA's per-device memory analysis.
+devices from `jax.experimental.topologies`: `tpu_devices("v5p-8")` runs the real XLA TPU compiler on a CPU host,
+with `libtpu` installed, Pallas TPU kernels through Mosaic included). `memory(compiled)` reads XLA's per-device
+memory analysis, `collectives(hlo)` the collectives it inserted, `report` puts them next to the chip's HBM and
+mm's analytic FLOPs (`mm-aot`, `launch/aot.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -30,8 +34,41 @@ class StepMemory:
         return self.arguments + self.outputs - self.alias + self.temp
 
 
+def _grain_shapes(cfg: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shapes and dtypes of one global batch of the Grain pipeline (`mm.train.grain_source`) for the config."""
+    import numpy as np
+
+    from mm.train.config import has_tower, vision_config_from
+
+    accum = int(cfg.optim.grad_accum)
+    lead = (accum, int(cfg.train.batch_size) // accum)
+    tokens = lead + (int(cfg.train.seq_len),)
+    out: dict[str, tuple[tuple[int, ...], Any]] = {k: (tokens, np.int32) for k in
+                                                   ("input_ids", "labels", "segment_ids", "positions")}
+    out["loss_mask"] = (tokens, np.float32)
+    out["loss_weight"] = (lead, np.float32)
+    if cfg.model.kind != "llm" and has_tower(cfg):
+        v = vision_config_from(cfg)
+        tiles = int(cfg.data.max_tiles_per_row)
+        out["image_mask"] = (tokens, np.bool_)
+        out["pixel_values"] = (lead + (tiles, v.num_channels, v.image_size, v.image_size), np.float32)
+        out["tile_mask"] = (lead + (tiles,), np.bool_)
+    if cfg.data.kind == "preference":
+        pairs = {f"{h}/{k}": v for h in ("chosen", "rejected") for k, v in out.items()}
+        if cfg.dpo.precompute_reference:  # the reference's sums come with the batch
+            pairs.update({f"{h}/ref_logps": (lead, np.float32) for h in ("chosen", "rejected")})
+        return pairs
+    return out
+
+
 def abstract_batch(cfg: Any, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """One global batch's shapes (synthetic data kinds), on `batch_sharding`."""
+    """One global batch's shapes, on `batch_sharding`: synthetic kinds from their source, the Grain kinds
+    (`llava_json`, `preference`) from the config (seq_len, tiles per row, the ViT's image size)."""
+    from mm.train.config import GRAIN_KINDS
+
+    if cfg.data.kind in GRAIN_KINDS:
+        return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding) for k, (shape, dt) in
+                _grain_shapes(cfg).items()}
     from mm.train.data import SyntheticSource
 
     x = SyntheticSource(cfg).batch_at(0)
@@ -60,3 +97,91 @@ def trainable_counts(b: Any) -> dict[str, int]:
     opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(b.state["opt"]))
     frozen = sum(x.size for p, x in pg.flatten(b.frozen).items())
     return {"trainable": int(n), "frozen": int(frozen), "optimizer_bytes": int(opt)}
+
+
+GIB = 1024 ** 3
+# slice name -> (jax topology name, HBM bytes a chip); v4 / v5p names count TensorCores (2 a chip), v5e / v6e chips
+TOPOLOGIES = {
+    "v4-8": ("v4:2x2x1", 32 * GIB), "v4-16": ("v4:2x2x2", 32 * GIB), "v4-32": ("v4:2x2x4", 32 * GIB),
+    "v5p-8": ("v5p:2x2x1", 95 * GIB), "v5p-16": ("v5p:2x2x2", 95 * GIB), "v5p-32": ("v5p:2x2x4", 95 * GIB),
+    "v5p-64": ("v5p:2x4x4", 95 * GIB), "v5p-128": ("v5p:4x4x4", 95 * GIB), "v5p-256": ("v5p:4x4x8", 95 * GIB),
+    "v5e-8": ("v5e:2x4", 16 * GIB), "v5e-16": ("v5e:4x4", 16 * GIB), "v5e-64": ("v5e:8x8", 16 * GIB),
+    "v5e-256": ("v5e:16x16", 16 * GIB), "v6e-8": ("v6e:2x4", 32 * GIB), "v6e-256": ("v6e:16x16", 32 * GIB),
+}
+HBM_BY_PREFIX = {"v4": 32 * GIB, "v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}
+
+
+def tpu_devices(topology: str, num_slices: int = 1) -> tuple[list[Any], int]:
+    """(abstract TPU devices of `topology` - a slice name like "v5p-64" or a jax topology like "v5p:2x4x4" -,
+    HBM bytes of one chip). Needs `libtpu` (the `tpu` extra); runs on a CPU host."""
+    import os
+
+    # a CPU host has no TPU metadata server to ask (libtpu would print errors while it finds none), and tests
+    # and compiles may run side by side (libtpu otherwise locks itself to one process)
+    for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                 ("TPU_WORKER_ID", "0"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        os.environ.setdefault(k, v)
+    from jax.experimental import topologies
+
+    name, hbm = TOPOLOGIES.get(topology, (topology, HBM_BY_PREFIX.get(topology.split(":")[0].split("-")[0], 0)))
+    if ":" not in name:
+        raise ValueError(f"unknown TPU topology {topology!r}: one of {sorted(TOPOLOGIES)} or a jax topology name "
+                         "like 'v5p:2x2x1'")
+    kw = {"num_slices": num_slices} if num_slices > 1 else {}
+    desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kw)
+    return list(desc.devices), hbm
+
+
+_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_OP = re.compile(r"= (.*?) (" + "|".join(_KINDS) + r")(?:-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {count, bytes}} of the collectives in an optimised HLO module (bytes: each op's result)."""
+    out: dict[str, dict[str, int]] = {}
+    for line in hlo_text.splitlines():
+        m = _OP.search(line)
+        if m is None:
+            continue
+        size = 0
+        for dtype, dims in _ARRAY.findall(m.group(1)):  # the result: one array, or a tuple of them
+            n = 1
+            for d in dims.split(","):
+                n *= int(d) if d else 1
+            size += n * _BYTES.get(dtype, 4)
+        row = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+        row["count"] += 1
+        row["bytes"] += size
+    return out
+
+
+def report(b: Any, compiled: Any, n_devices: int, hbm: int = 0) -> dict[str, Any]:
+    """What `mm-aot` prints: per-device memory against `hbm`, compiled vs analytic FLOPs, collectives."""
+    m = memory(compiled)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return {"devices": n_devices, "memory": dataclasses.asdict(m) | {"total": m.total}, "hbm": hbm,
+            "fits": (m.total <= hbm) if hbm else None, "xla_flops_per_device": xla_flops,
+            "mm_flops_per_device": float(b.flops["total"]) / n_devices, "params": trainable_counts(b),
+            "collectives": collectives(compiled.as_text())}
+
+
+def format_report(r: dict[str, Any]) -> str:
+    m = r["memory"]
+    lines = [f"per device ({r['devices']} devices): arguments {m['arguments'] / GIB:.2f} GiB, outputs "
+             f"{m['outputs'] / GIB:.2f} GiB (aliased {m['alias'] / GIB:.2f}), temp {m['temp'] / GIB:.2f} GiB, total "
+             f"{m['total'] / GIB:.2f} GiB" + (f" of {r['hbm'] / GIB:.0f} GiB HBM: "
+                                                f"{'fits' if r['fits'] else 'DOES NOT FIT'}" if r["hbm"] else "")]
+    p = r["params"]
+    lines.append(f"params: {p['trainable']:,} trainable, {p['frozen']:,} frozen; optimizer state "
+                 f"{p['optimizer_bytes'] / GIB:.2f} GiB")
+    ratio = r["xla_flops_per_device"] / r["mm_flops_per_device"] if r["mm_flops_per_device"] else float("nan")
+    lines.append(f"FLOPs per device per step: XLA {r['xla_flops_per_device']:.3e}, mm analytic "
+                 f"{r['mm_flops_per_device']:.3e} (XLA / mm {ratio:.3f})")
+    for kind, c in sorted(r["collectives"].items()):
+        lines.append(f"  {kind:<20} {c['count']:>5} ops  {c['bytes'] / 2**20:>10.1f} MiB")
+    return "\n".join(lines)

@@ -219,6 +219,14 @@ def check_schema(cfg: Any) -> None:
     _check_tree(base_config().to_dict(), _as_dict(cfg), "", open_keys=("model.llm", "model.vision", "rules"))
 
 
+def named_paths(cfg: Any) -> list[str]:
+    """Every checkpoint / data path the config names (an ahead-of-time compile reads none of them)."""
+    keys = [("data", k) for k in ("path", "eval_path", "image_root", "tokenizer")]
+    keys += [("init", k) for k in ("llm_checkpoint", "checkpoint", "vision_checkpoint", "lora_checkpoint")]
+    keys += [("dpo", "reference")]
+    return [str(cfg[a][b]) for a, b in keys if b in cfg[a] and cfg[a][b]]
+
+
 def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collection[str] = ()) -> None:
     """Raises ConfigError naming the key for anything wrong; cheap (no model is built). Paths in
     `pending_paths` are made by an earlier stage of a pipeline, so their existence is not checked yet."""

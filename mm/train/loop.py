@@ -97,7 +97,7 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstr
     `abstract=True`: params, reference and state are `jax.ShapeDtypeStruct`s on their shardings (nothing is
     loaded or allocated), for compiling the step ahead of time (`mm.train.aot`)."""
     devices = list(jax.devices() if devices is None else devices)
-    tcfg.validate(cfg, len(devices))
+    tcfg.validate(cfg, len(devices), pending_paths=tcfg.named_paths(cfg) if abstract else ())  # abstract: reads none
     mesh = shd.make_mesh(dict(cfg.mesh), devices)
     rules = shd.rules_from_overrides(dict(cfg.rules) or None)
     model = models.build(cfg)

@@ -1,0 +1,84 @@
+"""`mm-aot` and `mm.train.aot` on the real XLA TPU compiler (libtpu, the `tpu` extra) for abstract TPU devices on
+this CPU host: the train step `mm-train` would run compiles for a v5p slice, mm's Pallas TPU flash kernels are in
+the compiled module as Mosaic custom calls (forward and both backward kernels, once per layer: compiled for real,
+not interpreted), the report's FLOPs agree with mm's analytic count, FSDP inserts all-gathers, and a step that
+does not fit exits 3. CI runs these as their own step (`-m tpu`, after `pip install -e '.[tpu]'`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.tpu
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(layers=2):
+    from tests.train.helpers_train import tiny
+
+    c = tiny("full")
+    c.data.kind = "synthetic_text"
+    c.model.llm.update(dict(vocab_size=512, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=128,
+                            intermediate_size=512, num_layers=layers, attention_impl="pallas_tpu"))
+    c.train.update(dict(batch_size=8, seq_len=256))
+    c.mesh.update(dict(data=1, fsdp=4, tensor=1))
+    return c
+
+
+def test_train_step_compiles_for_v5p_with_mms_mosaic_kernels():
+    from mm.train import aot
+
+    devices, hbm = aot.tpu_devices("v5p-8")
+    assert len(devices) == 4 and devices[0].platform == "tpu" and hbm == 95 * aot.GIB
+    b, compiled = aot.compile_step(_tiny(layers=3), devices)
+    hlo = compiled.as_text()
+    kernels = re.findall(r"\b(mm_flash_(?:fwd|dkdv|dq)_tpu)\b", hlo)
+    calls = hlo.count('custom_call_target="tpu_custom_call"')
+    assert {k: kernels.count(k) > 0 for k in ("mm_flash_fwd_tpu", "mm_flash_dkdv_tpu", "mm_flash_dq_tpu")} == \
+        {"mm_flash_fwd_tpu": True, "mm_flash_dkdv_tpu": True, "mm_flash_dq_tpu": True}, kernels
+    assert calls == 3 * 3, calls  # three layers x (forward, dk/dv, dq)
+    r = aot.report(b, compiled, len(devices), hbm)
+    assert r["fits"] and 0 < r["memory"]["total"] < hbm
+    assert 0.8 < r["xla_flops_per_device"] / r["mm_flops_per_device"] < 1.25, r
+    assert r["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the sharded weights
+
+
+def test_collectives_are_read_from_hlo_text():
+    from mm.train import aot
+
+    hlo = """
+  %ag = bf16[8,4096]{1,0} all-gather(bf16[2,4096]{1,0} %p), channel_id=1, replica_groups={{0,1,2,3}}
+  %ar = (f32[16]{0}, f32[4,4]{1,0}) all-reduce(f32[16]{0} %a, f32[4,4]{1,0} %b), to_apply=%sum
+  %rs-start = f32[2,8]{1,0} reduce-scatter-start(f32[8,8]{1,0} %g), dimensions={0}
+  %add = f32[2,8]{1,0} add(f32[2,8]{1,0} %x, f32[2,8]{1,0} %y)
+"""
+    got = aot.collectives(hlo)
+    assert got == {"all-gather": {"count": 1, "bytes": 8 * 4096 * 2}, "all-reduce": {"count": 1, "bytes": 4 * 32},
+                   "reduce-scatter": {"count": 1, "bytes": 2 * 8 * 4}}
+
+
+def _mm_aot(tmp_path, *args):
+    cmd = [sys.executable, "-m", "launch.aot", "--config=configs/tiny_llm.py:full", "--topology=v5p-8",
+           "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.train.batch_size=8",
+           f"--json={tmp_path / 'r.json'}", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_reports_saves_and_exits_3_when_the_step_does_not_fit(tmp_path):
+    r = _mm_aot(tmp_path, f"--save={tmp_path / 'step.bin'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mm-aot: v5p-8 (4 x TPU v5)" in r.stdout and "of 95 GiB HBM: fits" in r.stdout
+    assert "FLOPs per device per step: XLA" in r.stdout and "all-gather" in r.stdout
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["devices"] == 4 and rep["fits"] is True and rep["memory"]["total"] > 0
+    assert (tmp_path / "step.bin").stat().st_size > 1000
+
+    r = _mm_aot(tmp_path, "--hbm_gib=0.0001")
+    assert r.returncode == 3 and "more than 0.00 GiB of HBM" in r.stderr, (r.returncode, r.stderr[-2000:])
+    r = _mm_aot(tmp_path, "--config.model.llm.num_heads=5")
+    assert r.returncode == 2 and "mm-aot: error: model.llm: num_heads=5" in r.stderr, r.stderr[-2000:]
