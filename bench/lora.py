@@ -3,9 +3,9 @@
     python bench/lora.py [--memory] [--speed] [--rank 32] [--alpha 256]
 
 --memory  Llama-3-8B (bf16 compute, float32 params), LoRA r on every attention and MLP projection vs full
-          fine-tuning, compiled ahead of time (`mm.train.aot`, nothing allocated) for 8 simulated CPU devices
-          (FSDP over 8, 1 x 2048 tokens a device): trainable params, optimizer-state bytes, and XLA's per-device
-          arguments / temp / total.
+          fine-tuning, compiled ahead of time (`mm.train.aot`, nothing allocated) for 8 simulated CPU devices, or
+          with `--topology=v5p-16` for a TPU slice by the XLA TPU compiler (FSDP over all devices, 1 x 2048 tokens
+          a device): trainable params, optimizer-state bytes, and XLA's per-device arguments / temp / total.
 --speed   a 50M-param Llama on this machine (float32, 4 x 256 tokens): tokens/s of the LoRA step vs the full
           fine-tuning step, timings after the compiling step.
 With neither flag, both. Needs XLA_FLAGS=--xla_force_host_platform_device_count=8 for --memory (set here when
@@ -42,23 +42,27 @@ def _config(llm: dict, lora: dict | None, batch: int, seq: int):
     return c
 
 
-def memory_table(rank: int, alpha: float) -> None:
+def memory_table(rank: int, alpha: float, topology: str) -> None:
     import jax
 
     from mm.train import aot
 
-    devices = jax.devices()[:8]
+    devices, hbm = (jax.devices()[:8], 0) if topology == "cpu:8" else aot.tpu_devices(topology)
     rows = []
     for name, lora in (("full fine-tuning", None), (f"LoRA r={rank}", {"rank": rank, "alpha": alpha})):
-        c = _config(LLAMA3_8B, lora, batch=8, seq=2048)
-        c.mesh.update(dict(data=1, fsdp=8, tensor=1))
+        c = _config(LLAMA3_8B, lora, batch=len(devices), seq=2048)
+        c.mesh.update(dict(data=1, fsdp=len(devices), tensor=1))
+        if topology != "cpu:8":
+            c.model.llm.attention_impl = "pallas_tpu"
         t0 = time.perf_counter()
         b, compiled = aot.compile_step(c, devices)
         m, n = aot.memory(compiled), aot.trainable_counts(b)
         rows.append((name, n, m))
         print(f"  compiled {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     gib = 1024 ** 3
-    print("\nLlama-3-8B on 8 devices (FSDP 8), bf16 compute / f32 params, 1 x 2048 tokens a device, remat full")
+    print(f"\nLlama-3-8B on {topology}: {len(devices)} x {devices[0].device_kind} (FSDP {len(devices)})"
+          f"{f', {hbm / gib:.0f} GiB HBM each' if hbm else ''}; bf16 compute / f32 params, 1 x 2048 tokens a "
+          "device, remat full, scanned layers")
     print(f"{'':<18} {'trainable':>15} {'optimizer':>11} {'args/dev':>10} {'temp/dev':>10} {'total/dev':>10}")
     for name, n, m in rows:
         print(f"{name:<18} {n['trainable']:>15,} {n['optimizer_bytes'] / gib:>9.2f}Gi {m.arguments / gib:>8.2f}Gi "
@@ -88,13 +92,14 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=256.0)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--topology", default="cpu:8", help="cpu:8 (simulated) or a TPU slice for mm-aot (v5p-16, ...)")
     a = ap.parse_args()
     both = not (a.memory or a.speed)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if a.memory or both:
-        memory_table(a.rank, a.alpha)
+        memory_table(a.rank, a.alpha, a.topology)
     if a.speed or both:
         full = tokens_per_s(None, a.steps)
         lo = tokens_per_s({"rank": a.rank, "alpha": a.alpha}, a.steps)
