@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                  num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
                  dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True)
-SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=6, num_heads=8, num_kv_heads=4,
-             head_dim=64)
 PROJ = r"layers(_\d+|/layer)/(self_attn|mlp)/.*"  # per-layer or scanned (`nn.scan`) names
 
 
@@ -75,11 +73,11 @@ def memory_table(rank: int, alpha: float, topology: str) -> None:
 def tokens_per_s(lora: dict | None, steps: int) -> float:
     import jax
 
-    from bench.step_timing import mean_step_seconds, synthetic_batches
+    from bench.step_timing import LLM_50M, mean_step_seconds, synthetic_batches
     from mm.train import loop
 
     batch, seq = 4, 256
-    c = _config(SMALL, lora, batch, seq)
+    c = _config(LLM_50M, lora, batch, seq)
     c.train.loss_chunk = 0
     b = loop.build(c, log=False, devices=jax.devices()[:1])
     return batch * seq / mean_step_seconds(b, synthetic_batches(c, steps + 1))

@@ -22,13 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SIZES = {
-    # name: llm shape, vision width, image tokens, batch, seq
-    "tiny": (dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=16), 32, 4, 8, 64),
-    "50m": (dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=6, num_heads=8,
-                 num_kv_heads=4, head_dim=64), 256, 32, 4, 256),
-}
+from bench.step_timing import LLM_50M, TINY  # noqa: E402
+
+# name: llm shape, vision width, image tokens, batch, seq
+SIZES = {"tiny": (TINY, 32, 4, 8, 64), "50m": (LLM_50M, 256, 32, 4, 256)}
 MODES = ("sft", "dpo", "dpo-precomp")
 _STUB = tempfile.mkdtemp(prefix="bench_preference_")
 

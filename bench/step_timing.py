@@ -6,6 +6,14 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
+# Llama shapes the train-step benchmarks share (model.llm keys)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=16)
+LLM_50M = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=6, num_heads=8, num_kv_heads=4,
+               head_dim=64)
+LLM_100M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12,
+                num_kv_heads=4, head_dim=64)
+
 
 def mean_step_seconds(b: Any, batches: Iterable[dict[str, Any]]) -> float:
     """Mean seconds per step of `b` (a `mm.train.loop.Built`) over `batches` (host `[accum, rows, ...]` arrays,

@@ -17,13 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SIZES = {
-    # name: llm shape, vision width, image tokens, batch, seq
-    "tiny": (dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=16), 32, 4, 8, 64),
-    "100m": (dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12,
-                  num_kv_heads=4, head_dim=64), 1024, 64, 4, 256),
-}
+from bench.step_timing import LLM_100M, TINY  # noqa: E402
+
+# name: llm shape, vision width, image tokens, batch, seq
+SIZES = {"tiny": (TINY, 32, 4, 8, 64), "100m": (LLM_100M, 1024, 64, 4, 256)}
 
 
 def mm_tokens_per_s(size: str, steps: int) -> tuple[float, int]:
