@@ -14,6 +14,7 @@ Remat recomputation is not model FLOPs and is not counted.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Mapping
 
 from mm.train.models import Stage
@@ -45,9 +46,13 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: Assignment, tokens: int) -> dict[str, float]:
-    """Forward / backward model FLOPs of one optimizer step over `tokens` tokens."""
+    """Forward / backward model FLOPs of one optimizer step over `tokens` tokens (`sizes` from `shapes_sizes`)."""
     fwd = bwd = 0.0
     upstream_trainable = False
+
+    def trainable(p: str) -> bool:
+        return assignment.is_trainable(p if p in assignment.value_of else scanned_name(p))
+
     for st in stages:
         here = [p for p in (*st.weights, *st.touches) if p in sizes]
         for w in st.weights:
@@ -55,7 +60,7 @@ def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: As
                 continue
             f = 2.0 * sizes[w] * st.token_factor
             fwd += f
-            if assignment.is_trainable(w):
+            if trainable(w):
                 bwd += f
             if upstream_trainable:
                 bwd += f
@@ -64,8 +69,17 @@ def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: As
             fwd += a
             if upstream_trainable:
                 bwd += 2.0 * a
-        upstream_trainable = upstream_trainable or any(assignment.is_trainable(p) for p in here)
+        upstream_trainable = upstream_trainable or any(trainable(p) for p in here)
     return {"forward": fwd * tokens, "backward": bwd * tokens, "total": (fwd + bwd) * tokens}
+
+
+_SCANNED = "layers/layer/"  # mm.models.llm's nn.scan names (an LLM's, or one under a prefix such as an IAA base)
+_PER_LAYER = re.compile(r"(^|/)layers_\d+/")
+
+
+def scanned_name(per_layer: str) -> str:
+    """`.../layers_3/x` -> `.../layers/layer/x`: where a scanned tree holds a per-layer param."""
+    return _PER_LAYER.sub(lambda m: m.group(1) + _SCANNED, per_layer, count=1)
 
 
 def format_peak_table() -> str:
@@ -88,6 +102,16 @@ def xla_flops(compiled: Any) -> float:
 
 
 def shapes_sizes(flat_shapes: Mapping[str, Any]) -> dict[str, int]:
+    """Element count per param path. Stages name per-layer params (`layers_3/...`); a scanned tree (`nn.scan`:
+    `layers/layer/...`, one array with a leading layer axis) also gets each layer's slice under its per-layer
+    name, so scanned and unscanned runs count the same FLOPs."""
     import math
 
-    return {p: int(math.prod(getattr(v, "shape", ()))) for p, v in flat_shapes.items()}
+    out = {p: int(math.prod(getattr(v, "shape", ()))) for p, v in flat_shapes.items()}
+    for p, v in flat_shapes.items():
+        head, found, rest = p.partition(_SCANNED)
+        if found and (head == "" or head.endswith("/")) and getattr(v, "shape", ()):
+            n = int(v.shape[0])
+            for i in range(n):
+                out[f"{head}layers_{i}/{rest}"] = out[p] // n
+    return out

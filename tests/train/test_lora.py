@@ -259,3 +259,19 @@ def test_aot_memory_of_lora_against_full_fine_tuning():
         assert abs(n["optimizer_bytes"] - 8 * n["trainable"]) < 64, n
     saved = 8 * (nf["trainable"] - nl["trainable"]) / 8  # moments no longer held, per device (FSDP over 8)
     assert ml.arguments < mf.arguments - 0.5 * saved, (ml, mf)
+
+
+def test_scanned_layers_adapt_and_count_the_same_flops():
+    """With `scan_layers=True` the adapters are stacked like their kernels (`[L, in.., r]`); the step's analytic
+    FLOPs equal the per-layer tree's (adapted stages pass gradients down)."""
+    flops = {}
+    for scan in (False, True):
+        rule = r"layers/layer/(self_attn|mlp)/.*" if scan else PROJ
+        c = _cfg([(rule, LORA), (".*", "frozen")], scan_layers=scan)
+        b = loop.build(c, log=False, devices=jax.devices()[:1], abstract=True)
+        flops[scan] = b.flops
+        if scan:
+            t = pg.flatten(b.state["params"])
+            assert t["layers/layer/self_attn/q_proj/lora_a"].shape == (2, 40, 4)
+            assert t["layers/layer/self_attn/o_proj/lora_b"].shape == (2, 4, 40)
+    assert flops[True] == flops[False] and flops[True]["backward"] > 0, flops

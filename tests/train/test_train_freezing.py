@@ -113,3 +113,15 @@ def test_multimodal_stage_flops_match_xla(spec):
     xla = F.xla_flops(b.step_fn.lower(b.state, b.frozen, batch).compile())
     assert abs(xla / b.flops["total"] - 1) < 0.10, (xla, b.flops)
     assert b.flops["backward"] > b.flops["forward"]  # not forward-only although the LLM is frozen
+
+
+@pytest.mark.parametrize("variant", ["full", "head"])
+def test_scanned_layers_count_the_same_flops(variant):
+    """`scan_layers=True` stacks the layers into one `layers/layer/...` array; the analytic FLOPs (whose stages
+    name per-layer params) equal the per-layer tree's, trainability included (they were once near zero)."""
+    got = {}
+    for scan in (False, True):
+        c = tiny(variant)
+        c.model.llm.scan_layers = scan
+        got[scan] = loop.build(c, log=False, devices=jax.devices()[:1], abstract=True).flops
+    assert got[True] == got[False] and got[True]["forward"] > 0, got
