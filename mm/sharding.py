@@ -71,10 +71,23 @@ def mesh_shape_from_config(shape: Mapping[str, int] | Sequence[int], n_devices: 
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all (or the given) devices; uses jax's topology-aware layout when possible."""
+              devices: Sequence[jax.Device] | None = None, dcn_axis: str = "data") -> Mesh:
+    """A mesh over all (or the given) devices; uses jax's topology-aware layout when possible. Devices of
+    several TPU slices (multi-slice: `slice_index`) get a hybrid mesh: `dcn_axis` (data parallel by default)
+    spans the slices over the data-centre network, every other axis stays inside a slice on ICI."""
     devices = list(jax.devices() if devices is None else devices)
     dims = mesh_shape_from_config(shape, len(devices))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        from jax.experimental import mesh_utils
+
+        k = MESH_AXES.index(dcn_axis)
+        if dims[k] % slices:
+            raise ValueError(f"mesh: {slices} slices, but the '{dcn_axis}' axis ({dims[k]}) that spans them is not "
+                             f"a multiple of {slices}")
+        dcn = tuple(slices if i == k else 1 for i in range(len(dims)))
+        ici = tuple(d // s for d, s in zip(dims, dcn))
+        return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), MESH_AXES)
     try:
         arr = jax.make_mesh(dims, MESH_AXES, devices=devices).devices
     except Exception:  # non-standard device sets: plain reshape

@@ -82,3 +82,26 @@ def test_cli_reports_saves_and_exits_3_when_the_step_does_not_fit(tmp_path):
     assert r.returncode == 3 and "more than 0.00 GiB of HBM" in r.stderr, (r.returncode, r.stderr[-2000:])
     r = _mm_aot(tmp_path, "--config.model.llm.num_heads=5")
     assert r.returncode == 2 and "mm-aot: error: model.llm: num_heads=5" in r.stderr, r.stderr[-2000:]
+
+
+def test_two_slices_get_a_hybrid_mesh_with_data_parallel_over_dcn():
+    """Multi-slice: the `data` axis spans the slices (DCN), fsdp stays inside each slice (ICI); the step
+    compiles for both slices and its all-gathers (FSDP) stay within a slice."""
+    from mm.sharding import make_mesh
+    from mm.train import aot
+
+    devices, _ = aot.tpu_devices("v5p-8", num_slices=2)
+    assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+    mesh = make_mesh(dict(data=2, fsdp=4, tensor=1), devices)
+    for i in range(2):
+        assert {d.slice_index for d in mesh.devices[i].ravel()} == {i}
+    with pytest.raises(ValueError, match="2 slices, but the 'data' axis"):
+        make_mesh(dict(data=1, fsdp=8, tensor=1), devices)
+    c = _tiny()
+    c.mesh.update(dict(data=2, fsdp=4, tensor=1))
+    b, compiled = aot.compile_step(c, devices)
+    assert b.mesh.devices.shape == (2, 4, 1)
+    groups = [g for line in compiled.as_text().splitlines() if " all-gather(" in line or "all-gather-start(" in line
+              for g in re.findall(r"replica_groups=\{((?:\{[\d,]*\},?)+)\}", line)]
+    sizes = {len(grp.split(",")) for gs in groups for grp in re.findall(r"\{([\d,]*)\}", "{" + gs + "}")}
+    assert groups and sizes == {4}, (sizes, groups[:3])  # FSDP gathers over the 4 chips of one slice
