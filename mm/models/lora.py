@@ -11,7 +11,7 @@ Whether a layer is adapted is decided by its params alone: a tree without adapte
 through the modules. Which layers *can* be adapted is what `candidates()` reports: inside it, a model's
 `init` (or `jax.eval_shape` of it) also creates rank-1 adapter leaves on every layer that calls `add`, so the
 trainer learns each adaptable kernel's in / out split and logical axes from the model itself
-(`mm.train.lora_groups` turns `param_groups` rules into adapter shapes, `mm.convert.peft` exchanges them
+(`mm.train.lora_groups` turns `param_groups` rules into adapter shapes, `mm.convert.peft_adapter` exchanges them
 with HF PEFT).
 
 Shapes under `nn.scan` carry the leading layer axis on all three leaves (`[L, in.., r]`, `[L, r, out..]`,
