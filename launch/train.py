@@ -40,11 +40,10 @@ def _run(argv: list[str]) -> int:
         tcfg.validate(cfg)  # no jax yet: schema, types, paths
     except ConfigError as e:
         return cli.report(_PROG, e)
-    d = cfg.distributed
-    if d.coordinator or d.num_processes > 1:
-        from mm.sharding import initialize_distributed
+    d = cfg.distributed  # explicit flags, or nothing on TPU pods and SLURM (mm.sharding.cluster_environment)
+    from mm.sharding import initialize_distributed
 
-        initialize_distributed(d.coordinator, int(d.num_processes), int(d.process_id))
+    initialize_distributed(d.coordinator or None, int(d.num_processes), int(d.process_id))
     from mm.train.loop import NonFiniteError, train
 
     try:

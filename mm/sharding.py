@@ -9,6 +9,7 @@ of -1 on one axis takes the devices left over.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -137,15 +138,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def cluster_environment() -> str | None:
+    """The multi-process cluster this process runs in that `jax.distributed.initialize()` configures itself
+    from: "slurm" (a SLURM step of several tasks), "tpu-pod" (several TPU VM workers), or None."""
+    env = os.environ
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    if "SLURM_PROCID" in env and tasks.isdigit() and int(tasks) > 1:
+        return "slurm"
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return "tpu-pod"
+    return None
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, local_device_ids: Sequence[int] | None = None) -> None:
     """`jax.distributed.initialize` for multi-host runs; a no-op for a single process with no arguments.
 
-    On TPU pods and SLURM/GPU clusters jax discovers everything itself; on CPU (tests) pass the coordinator,
-    process count and id explicitly. CPU collectives across processes use gloo.
+    On TPU pods and SLURM clusters (`cluster_environment`) nothing need be passed: jax discovers the coordinator,
+    process count and id itself. Elsewhere (CPU tests, plain hosts) pass them explicitly. CPU collectives across
+    processes use gloo.
     """
-    if coordinator_address is None and num_processes in (None, 1):
-        return
+    if not coordinator_address and num_processes in (None, 1):
+        if cluster_environment() is None:
+            return
+        coordinator_address = num_processes = process_id = None  # jax's cluster auto-detection fills them
     # Only affects the CPU backend; asking for the backend here would initialise it too early.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

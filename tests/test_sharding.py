@@ -116,3 +116,33 @@ def test_sharded_forward_matches_single_device(name, reference):
         q = placed["layers_0"]["self_attn"]["q_proj"]["kernel"]
         assert q.sharding.spec[:2] == ("fsdp", "tensor")
         assert q.addressable_shards[0].data.shape == (64 // 4, 4 // 2, 16)
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, None),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, None),  # a one-task allocation: one process
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, "slurm"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2"}, "slurm"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # one TPU VM (and what mm-aot sets on a CPU host)
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "tpu-pod"),
+])
+def test_cluster_environments_start_jax_distributed_with_nothing_passed(monkeypatch, env, want):
+    """On SLURM steps of several tasks and multi-host TPU pods `mm-train` needs no coordinator flags: it calls
+    `jax.distributed.initialize()` bare and jax's cluster detection fills them; elsewhere a single process
+    initialises nothing."""
+    import mm.sharding as sh
+
+    for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    assert sh.cluster_environment() == want
+    sh.initialize_distributed(None, 1, 0)
+    assert calls == ([] if want is None else [dict(coordinator_address=None, num_processes=None, process_id=None,
+                                                   local_device_ids=None)])
+    calls.clear()
+    sh.initialize_distributed("10.0.0.1:1234", 2, 1)  # explicit flags win everywhere
+    assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1, local_device_ids=None)]
