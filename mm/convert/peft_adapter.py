@@ -16,6 +16,7 @@ with DoRA, `fan_in_fan_out`, trained biases or `modules_to_save` are refused: mm
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import re
 from pathlib import Path
@@ -39,12 +40,16 @@ def _module(entry: Any) -> str:
 
 def _check_layout(entry: Any, n_in: int) -> None:
     """The kernel's HF weight must be its `[in.., out..]` array flattened to `[in, out]` and transposed."""
-    shape = entry.mm_shape
-    probe = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
-    flat = probe.reshape(int(np.prod(shape[:n_in])), -1)
-    if not np.array_equal(entry.transform.to_hf(probe), flat.T):
+    if not _is_transposed(entry.transform, entry.mm_shape, n_in):
         raise ConversionError(f"{entry.hf_name}: its weight is not the kernel transposed ({entry.transform!r}); "
                               "its adapter cannot be exchanged with PEFT")
+
+
+@functools.lru_cache(maxsize=64)
+def _is_transposed(transform: Any, shape: tuple[int, ...], n_in: int) -> bool:
+    """Probed once per layout (every layer's q_proj shares one): an index array through the transform."""
+    probe = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+    return bool(np.array_equal(transform.to_hf(probe), probe.reshape(int(np.prod(shape[:n_in])), -1).T))
 
 
 def _adapted(flat: Mapping[str, Any], name_map: Any, mm_prefix: str) -> list[tuple[str, Any, int]]:

@@ -100,15 +100,15 @@ def trainable_counts(b: Any) -> dict[str, int]:
 
 
 GIB = 1024 ** 3
-# slice name -> (jax topology name, HBM bytes a chip); v4 / v5p names count TensorCores (2 a chip), v5e / v6e chips
+HBM = {"v4": 32 * GIB, "v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}  # a chip's HBM
+# slice name -> jax topology name; v4 / v5p names count TensorCores (2 a chip), v5e / v6e names count chips
 TOPOLOGIES = {
-    "v4-8": ("v4:2x2x1", 32 * GIB), "v4-16": ("v4:2x2x2", 32 * GIB), "v4-32": ("v4:2x2x4", 32 * GIB),
-    "v5p-8": ("v5p:2x2x1", 95 * GIB), "v5p-16": ("v5p:2x2x2", 95 * GIB), "v5p-32": ("v5p:2x2x4", 95 * GIB),
-    "v5p-64": ("v5p:2x4x4", 95 * GIB), "v5p-128": ("v5p:4x4x4", 95 * GIB), "v5p-256": ("v5p:4x4x8", 95 * GIB),
-    "v5e-8": ("v5e:2x4", 16 * GIB), "v5e-16": ("v5e:4x4", 16 * GIB), "v5e-64": ("v5e:8x8", 16 * GIB),
-    "v5e-256": ("v5e:16x16", 16 * GIB), "v6e-8": ("v6e:2x4", 32 * GIB), "v6e-256": ("v6e:16x16", 32 * GIB),
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4",
+    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4", "v5p-64": "v5p:2x4x4",
+    "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8",
+    "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-64": "v5e:8x8", "v5e-256": "v5e:16x16",
+    "v6e-8": "v6e:2x4", "v6e-256": "v6e:16x16",
 }
-HBM_BY_PREFIX = {"v4": 32 * GIB, "v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}
 
 
 def tpu_devices(topology: str, num_slices: int = 1) -> tuple[list[Any], int]:
@@ -123,7 +123,8 @@ def tpu_devices(topology: str, num_slices: int = 1) -> tuple[list[Any], int]:
         os.environ.setdefault(k, v)
     from jax.experimental import topologies
 
-    name, hbm = TOPOLOGIES.get(topology, (topology, HBM_BY_PREFIX.get(topology.split(":")[0].split("-")[0], 0)))
+    name = TOPOLOGIES.get(topology, topology)
+    hbm = HBM.get(name.split(":")[0], 0)
     if ":" not in name:
         raise ValueError(f"unknown TPU topology {topology!r}: one of {sorted(TOPOLOGIES)} or a jax topology name "
                          "like 'v5p:2x2x1'")

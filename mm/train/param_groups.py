@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from mm.config import ConfigError
+from mm.models import lora
 
 FROZEN = "frozen"
 
@@ -53,7 +54,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 LORA = "lora"
-LORA_LEAVES = ("lora_a", "lora_b", "lora_scale")  # mm.models.lora's leaf names
 LORA_DEFAULTS = {"rank": 8, "alpha": 8.0, "rslora": False, "dropout": 0.0, "lr_mult": 1.0}
 
 
@@ -93,10 +93,6 @@ def has_lora(rules: Sequence[Sequence[Any]]) -> bool:
     return any(lora_spec(v) is not None for _, v in rules)
 
 
-def _is_lora_leaf(path: str) -> bool:
-    return path.rsplit("/", 1)[-1] in LORA_LEAVES
-
-
 @dataclasses.dataclass(frozen=True)
 class Assignment:
     """Per parameter path: the index of the rule that matched, and what the path is under it (a multiplier or
@@ -128,7 +124,7 @@ def first_match(paths: Sequence[str], rules: Sequence[Sequence[Any]]) -> dict[st
     group_of: dict[str, int] = {}
     unmatched = []
     for p in paths:
-        q = p.rsplit("/", 1)[0] + "/kernel" if _is_lora_leaf(p) else p
+        q = lora.kernel_of(p) if lora.is_adapter(p) else p
         for i, (rx, _) in enumerate(compiled):
             if rx.fullmatch(q):
                 group_of[p] = i
@@ -150,7 +146,7 @@ def assign(paths: Sequence[str], rules: Sequence[Sequence[Any]]) -> Assignment:
         spec = lora_spec(rules[i][1], f"param_groups[{i}]")
         if spec is None:
             value_of[p] = rules[i][1]
-        elif _is_lora_leaf(p) and not p.endswith("/lora_scale"):
+        elif lora.is_adapter(p) and not p.endswith("/" + lora.SCALE):
             value_of[p] = spec.lr_mult
         else:
             value_of[p] = FROZEN
