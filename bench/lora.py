@@ -43,6 +43,7 @@ def _config(llm: dict, lora: dict | None, batch: int, seq: int):
 def memory_table(rank: int, alpha: float, topology: str) -> None:
     import jax
 
+    from mm.profiling import compiled as compiled_lib
     from mm.train import aot
 
     devices, hbm = (jax.devices()[:8], 0) if topology == "cpu:8" else aot.tpu_devices(topology)
@@ -54,7 +55,7 @@ def memory_table(rank: int, alpha: float, topology: str) -> None:
             c.model.llm.attention_impl = "pallas_tpu"
         t0 = time.perf_counter()
         b, compiled = aot.compile_step(c, devices)
-        m, n = aot.memory(compiled), aot.trainable_counts(b)
+        m, n = compiled_lib.memory(compiled), compiled_lib.trainable_counts(b)
         rows.append((name, n, m))
         print(f"  compiled {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     gib = 1024 ** 3

@@ -55,6 +55,7 @@ def _run(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; abstract TPU devices need no TPU
     from mm.config import ConfigError
+    from mm.profiling import compiled as compiled_lib
     from mm.train import aot
     from mm.train import config as tcfg
 
@@ -75,11 +76,11 @@ def _run(argv: list[str]) -> int:
         b, compiled = aot.compile_step(cfg, devices)
     except (ConfigError, ValueError) as e:
         return cli.report(_PROG, e)
-    hbm = int(_HBM.value * aot.GIB) if _HBM.value else hbm
-    r = aot.report(b, compiled, len(devices), hbm)
+    hbm = int(_HBM.value * compiled_lib.GIB) if _HBM.value else hbm
+    r = compiled_lib.report(b, compiled, len(devices), hbm)
     r["topology"] = _TOPOLOGY.value
     sys.stdout.write(f"{_PROG}: {_TOPOLOGY.value} ({len(devices)} x {devices[0].device_kind}), mesh "
-                     f"{dict(zip(b.mesh.axis_names, b.mesh.devices.shape))}\n{aot.format_report(r)}\n")
+                     f"{dict(zip(b.mesh.axis_names, b.mesh.devices.shape))}\n{compiled_lib.format_report(r)}\n")
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(r, f, indent=2)
@@ -91,8 +92,8 @@ def _run(argv: list[str]) -> int:
             f.write(payload)
         sys.stdout.write(f"{_PROG}: wrote the executable to {_SAVE.value} ({len(payload):,} bytes)\n")
     if r["fits"] is False:
-        sys.stderr.write(f"{_PROG}: the step needs {r['memory']['total'] / aot.GIB:.2f} GiB a device, more than "
-                         f"{hbm / aot.GIB:.2f} GiB of HBM: shard more (mesh), remat more (model.llm.remat_policy) "
+        sys.stderr.write(f"{_PROG}: the step needs {r['memory']['total'] / compiled_lib.GIB:.2f} GiB a device, more than "
+                         f"{hbm / compiled_lib.GIB:.2f} GiB of HBM: shard more (mesh), remat more (model.llm.remat_policy) "
                          "or shrink the batch\n")
         return 3
     return 0

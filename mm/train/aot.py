@@ -4,34 +4,17 @@
 reference and optimizer state are shapes on their shardings, nothing is loaded or allocated), lowers the step on
 one abstract batch of the config's shapes and compiles it for `devices` (8 simulated CPU devices, or abstract TPU
 devices from `jax.experimental.topologies`: `tpu_devices("v5p-8")` runs the real XLA TPU compiler on a CPU host,
-with `libtpu` installed, Pallas TPU kernels through Mosaic included). `memory(compiled)` reads XLA's per-device
-memory analysis, `collectives(hlo)` the collectives it inserted, `report` puts them next to the chip's HBM and
-mm's analytic FLOPs (`mm-aot`, `launch/aot.py`).
+with `libtpu` installed, Pallas TPU kernels through Mosaic included). `mm.profiling.compiled.report` says what
+XLA made of it next to the chip's HBM and mm's analytic FLOPs (`mm-aot`, `launch/aot.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from typing import Any
 
 import jax
 
-from mm.train import param_groups as pg
-
-
-@dataclasses.dataclass(frozen=True)
-class StepMemory:
-    """Per-device bytes of one compiled train step (XLA's `memory_analysis`)."""
-
-    arguments: int  # state (params + optimizer), frozen params, batch
-    outputs: int
-    temp: int  # activations, gradients, workspace
-    alias: int  # outputs written into donated arguments
-
-    @property
-    def total(self) -> int:
-        return self.arguments + self.outputs - self.alias + self.temp
+from mm.profiling.compiled import GIB
 
 
 def _grain_shapes(cfg: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -85,21 +68,6 @@ def compile_step(cfg: Any, devices: list[Any]) -> tuple[Any, Any]:
     return b, compiled
 
 
-def memory(compiled: Any) -> StepMemory:
-    m = compiled.memory_analysis()
-    return StepMemory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
-                      int(m.alias_size_in_bytes))
-
-
-def trainable_counts(b: Any) -> dict[str, int]:
-    """Trainable params and the optimizer state's bytes (whole model, not per device)."""
-    n = sum(x.size for x in jax.tree.leaves(b.state["params"]))
-    opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(b.state["opt"]))
-    frozen = sum(x.size for p, x in pg.flatten(b.frozen).items())
-    return {"trainable": int(n), "frozen": int(frozen), "optimizer_bytes": int(opt)}
-
-
-GIB = 1024 ** 3
 HBM = {"v4": 32 * GIB, "v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}  # a chip's HBM
 # slice name -> jax topology name; v4 / v5p names count TensorCores (2 a chip), v5e / v6e names count chips
 TOPOLOGIES = {
@@ -133,56 +101,3 @@ def tpu_devices(topology: str, num_slices: int = 1) -> tuple[list[Any], int]:
     return list(desc.devices), hbm
 
 
-_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_OP = re.compile(r"= (.*?) (" + "|".join(_KINDS) + r")(?:-start)?\(")
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8}
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {count, bytes}} of the collectives in an optimised HLO module (bytes: each op's result)."""
-    out: dict[str, dict[str, int]] = {}
-    for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if m is None:
-            continue
-        size = 0
-        for dtype, dims in _ARRAY.findall(m.group(1)):  # the result: one array, or a tuple of them
-            n = 1
-            for d in dims.split(","):
-                n *= int(d) if d else 1
-            size += n * _BYTES.get(dtype, 4)
-        row = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
-        row["count"] += 1
-        row["bytes"] += size
-    return out
-
-
-def report(b: Any, compiled: Any, n_devices: int, hbm: int = 0) -> dict[str, Any]:
-    """What `mm-aot` prints: per-device memory against `hbm`, compiled vs analytic FLOPs, collectives."""
-    m = memory(compiled)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    return {"devices": n_devices, "memory": dataclasses.asdict(m) | {"total": m.total}, "hbm": hbm,
-            "fits": (m.total <= hbm) if hbm else None, "xla_flops_per_device": xla_flops,
-            "mm_flops_per_device": float(b.flops["total"]) / n_devices, "params": trainable_counts(b),
-            "collectives": collectives(compiled.as_text())}
-
-
-def format_report(r: dict[str, Any]) -> str:
-    m = r["memory"]
-    lines = [f"per device ({r['devices']} devices): arguments {m['arguments'] / GIB:.2f} GiB, outputs "
-             f"{m['outputs'] / GIB:.2f} GiB (aliased {m['alias'] / GIB:.2f}), temp {m['temp'] / GIB:.2f} GiB, total "
-             f"{m['total'] / GIB:.2f} GiB" + (f" of {r['hbm'] / GIB:.0f} GiB HBM: "
-                                                f"{'fits' if r['fits'] else 'DOES NOT FIT'}" if r["hbm"] else "")]
-    p = r["params"]
-    lines.append(f"params: {p['trainable']:,} trainable, {p['frozen']:,} frozen; optimizer state "
-                 f"{p['optimizer_bytes'] / GIB:.2f} GiB")
-    ratio = r["xla_flops_per_device"] / r["mm_flops_per_device"] if r["mm_flops_per_device"] else float("nan")
-    lines.append(f"FLOPs per device per step: XLA {r['xla_flops_per_device']:.3e}, mm analytic "
-                 f"{r['mm_flops_per_device']:.3e} (XLA / mm {ratio:.3f})")
-    for kind, c in sorted(r["collectives"].items()):
-        lines.append(f"  {kind:<20} {c['count']:>5} ops  {c['bytes'] / 2**20:>10.1f} MiB")
-    return "\n".join(lines)

@@ -124,7 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, use_async=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.rules = ml_collections.ConfigDict(dict())  # logical axis overrides, e.g. {"embed": None}
-    c.profile = ml_collections.ConfigDict(dict(steps=()))
+    # steps=(a, b): trace steps a+1..b on every process (+ device memory profiles unless memory=False);
+    # dump_hlo: the step's HLO into WORKDIR/hlo; server_port: a live profiler server (mm.profiling.capture)
+    c.profile = ml_collections.ConfigDict(dict(steps=(), memory=True, dump_hlo=False, server_port=0))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, jsonl=True))
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
     return c
@@ -259,6 +261,8 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
     steps = list(cfg.profile.steps)
     if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
         raise ConfigError(f"config key profile.steps = {steps}: expected [first, last) with first < last")
+    if not 0 <= int(cfg.profile.server_port) < 65536:
+        raise ConfigError(f"config key profile.server_port = {cfg.profile.server_port}: a TCP port (0: no server)")
     if cfg.init.vision_checkpoint and not has_tower(cfg):
         raise ConfigError(f"config key init.vision_checkpoint = {cfg.init.vision_checkpoint!r}: this run has no ViT "
                           "in the step (needs data.kind = 'llava_json' with model.kind llava / iaa, or model.kind vlm)")

@@ -27,6 +27,7 @@ from mm.config import ConfigError
 from mm.train import config as tcfg
 from mm.train import flops as flops_lib
 from mm.train import models, param_groups as pg
+from mm.profiling.capture import Capture, compiled_step_report
 from mm.train.checkpoint import Checkpointer, find_trained_params  # noqa: F401 (re-exported)
 from mm.train.data import SyntheticSource
 from mm.train.grain_source import make_source
@@ -213,7 +214,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
     writer = MetricsWriter(workdir, enabled=is_main, tensorboard=bool(cfg.metrics.tensorboard),
                            jsonl=bool(cfg.metrics.jsonl))
     evaluator = _Evaluator(cfg, b, ref_logps) if t.eval_every else None
-    prof = list(cfg.profile.steps)
+    capture = Capture(cfg.profile, workdir, _log)
     timer = Timer()
     losses: dict[int, float] = {}
     recent_ids: collections.deque = collections.deque(maxlen=max(int(t.max_consecutive_nonfinite), 1))
@@ -221,7 +222,6 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
     consecutive = 0
     tokens_per_step = int(t.batch_size) * int(t.seq_len)
     preempted = False
-    tracing = False
     every = int(cfg.checkpoint.every)
 
     def finish(pend: tuple[int, Any, np.ndarray, dict[str, float]] | None) -> None:
@@ -254,23 +254,23 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
     try:
         with _Preemption() as pre:
             for s in range(start, int(t.steps)):
-                if prof and s == prof[0] and not tracing:
-                    jax.profiler.start_trace(str(workdir / "profile" / f"process_{jax.process_index()}"))
-                    tracing = True
-                local = next(data)
-                data_metrics = data.metrics() if hasattr(data, "metrics") else {}
-                ids = local.pop("example_id")
-                batch = shd.global_batch(local, b.batch_sharding, jax.process_count())
+                capture.before_step(s)
                 with jax.profiler.StepTraceAnnotation("train", step_num=s + 1):
-                    state, metrics = b.step_fn(state, b.frozen, batch)
-                    if tracing:  # inside the annotation, so the step's window covers its device work
+                    with jax.profiler.TraceAnnotation("mm/data"):  # host time waiting for the input pipeline
+                        local = next(data)
+                        data_metrics = data.metrics() if hasattr(data, "metrics") else {}
+                        ids = local.pop("example_id")
+                        batch = shd.global_batch(local, b.batch_sharding, jax.process_count())
+                    if s == start:  # compiles the step (the call below reuses it) and says what XLA made of it
+                        compiled_step_report(b, (state, b.frozen, batch), workdir, write=is_main,
+                                             dump_hlo=bool(cfg.profile.dump_hlo), log=_log)
+                    with jax.profiler.TraceAnnotation("mm/dispatch"):
+                        state, metrics = b.step_fn(state, b.frozen, batch)
+                    if capture.tracing:  # inside the annotation, so the step's window covers its device work
                         jax.block_until_ready(state)
                 finish(pending)
                 pending = (s + 1, metrics, ids, data_metrics)
-                if tracing and s + 1 >= prof[1]:
-                    jax.block_until_ready(state)
-                    jax.profiler.stop_trace()
-                    tracing = False
+                capture.after_step(s, state)
                 timer.tick()
                 done = s + 1
                 if evaluator is not None and done % int(t.eval_every) == 0:
@@ -295,12 +295,12 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                     pending = None
                     ckpt.save(done, state, data.state(), meta)
             finish(pending)
-            if tracing:
-                jax.profiler.stop_trace()
+            capture.stop()
             last = int(jax.device_get(state["step"]))
             if not preempted and (ckpt.latest_step() or 0) < last:
                 ckpt.save(last, state, data.state(), meta, force=True)
     finally:
+        capture.close()
         ckpt.close()
         writer.close()
         if hasattr(data, "close"):  # Grain workers / threads

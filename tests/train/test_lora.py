@@ -238,6 +238,7 @@ def test_aot_memory_of_lora_against_full_fine_tuning():
     + adapters + their Adam moments) are below full fine-tuning's (params + moments of everything) by at least
     half the moments it no longer holds (rank 1: in this tiny model adapters without an `embed` axis, B of q / k
     / v / gate / up, are replicated over FSDP and weigh about as much as the sharded base)."""
+    from mm.profiling import compiled as compiled_lib
     from mm.train import aot
 
     got = {}
@@ -248,7 +249,7 @@ def test_aot_memory_of_lora_against_full_fine_tuning():
         c.train.batch_size = 8
         b, compiled = aot.compile_step(c, jax.devices()[:8])
         assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(b.state))  # nothing allocated
-        got[name] = (aot.trainable_counts(b), aot.memory(compiled))
+        got[name] = (compiled_lib.trainable_counts(b), compiled_lib.memory(compiled))
     (nf, mf), (nl, ml) = got["full"], got["lora"]
     # by hand: 2 layers x (q 40x48, k 40x24, v 40x24, o 48x40, gate 40x72, up 40x72, down 72x40) adapters of rank 1
     per_layer = ((40 + 48) + 2 * (40 + 24) + (48 + 40) + 2 * (40 + 72) + (72 + 40))
