@@ -112,7 +112,7 @@ def test_two_process_fsdp_profile(tmp_path, capsys):
     assert gathered == expect, (gathered, expect)
     assert [o["shapes"][0][0] for o in ops if o["kind"] == "all-gather" and o["shapes"][0][0] != "f32"] == ["s32"]
     # every weight's gradient is reduced over the 4 fsdp devices once (CPU: a full all-reduce, in the layout
-    # the backward pass produced; TPU reduce-scatters, tests/test_aot_tpu.py) - but the embedding table's: the
+    # the backward pass produced) - but the embedding table's: the
     # lookup's gradient is scattered into the rows each device holds
     params = {k: tuple(v.shape) for k, v in pg.flatten(b.state["params"]).items()}
     reduced = collections.Counter(math.prod(s) for o in ops if o["kind"] in ("all-reduce", "reduce-scatter")
