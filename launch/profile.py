@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from launch import cli
+
 _PROG = "mm-profile"
 
 
@@ -30,14 +32,10 @@ def _summarize(a: argparse.Namespace) -> int:
     try:
         s = summary.summarize(a.profile_dir, a.top)
     except traces.TraceError as e:
-        from launch import cli
-
         return cli.report(_PROG, e)
     workdir = Path(a.profile_dir).resolve().parent
     aot_path = Path(a.aot) if a.aot else workdir / "aot.json"
     if a.aot and not aot_path.exists():
-        from launch import cli
-
         return cli.report(_PROG, f"--aot {aot_path}: no such file")
     report = json.loads(aot_path.read_text()) if aot_path.exists() else None
     s["expected_vs_measured"] = expected.compare(s, workdir, report)
@@ -58,8 +56,6 @@ def _collectives(a: argparse.Namespace) -> int:
 
     path = Path(a.workdir) / "hlo" / "train_step.optimized.txt"
     if not path.exists():
-        from launch import cli
-
         return cli.report(_PROG, f"{path}: no HLO dump (run mm-train with --config.profile.dump_hlo=True)")
     ops = hlo.collective_ops(path.read_text())
     print(f"{path}: {len(ops)} collective op(s)\n{hlo.format_ops(ops)}")

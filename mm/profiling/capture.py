@@ -44,7 +44,8 @@ def compiled_step_report(b: Any, args: tuple, workdir: Path, *, dump_hlo: bool, 
     lowered = b.step_fn.lower(*args)
     compiled = lowered.compile()
     n = b.mesh.devices.size
-    r = compiled_lib.report(b, compiled, n)
+    text = compiled.as_text()  # once: for the collectives and for the dump
+    r = compiled_lib.report(b, compiled, n, hlo_text=text)
     log(f"compiled step on {n} x {r['device_kind']}:\n{compiled_lib.format_report(r)}")
     if write:
         (workdir / "compiled_step.json").write_text(json.dumps(r, indent=2, default=str))
@@ -52,7 +53,7 @@ def compiled_step_report(b: Any, args: tuple, workdir: Path, *, dump_hlo: bool, 
             d = workdir / "hlo"
             d.mkdir(parents=True, exist_ok=True)
             (d / "train_step.lowered.txt").write_text(lowered.as_text())
-            (d / "train_step.optimized.txt").write_text(compiled.as_text())
+            (d / "train_step.optimized.txt").write_text(text)
             log(f"wrote the step's HLO to {d}/train_step.{{lowered,optimized}}.txt")
     return r
 
@@ -83,14 +84,13 @@ class Capture:
             jax.profiler.start_trace(str(self.dir))
             self.tracing = True
 
-    def after_step(self, s: int, state: Any) -> None:
+    def after_step(self, s: int) -> None:
         """After step s + 1 was dispatched (and, while tracing, finished)."""
         if not self.tracing:
             return
         if self.memory:
             jax.profiler.save_device_memory_profile(str(self.dir / f"memory_step_{s + 1}.prof"))
-        if s + 1 >= self.last:
-            jax.block_until_ready(state)
+        if s + 1 >= self.last:  # the step already finished inside its annotation
             self.stop()
 
     def stop(self) -> None:

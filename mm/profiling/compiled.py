@@ -46,10 +46,11 @@ def trainable_counts(b: Any) -> dict[str, int]:
     return {"trainable": int(n), "frozen": int(frozen), "optimizer_bytes": int(opt)}
 
 
-def report(b: Any, compiled: Any, n_devices: int, hbm: int = 0) -> dict[str, Any]:
+def report(b: Any, compiled: Any, n_devices: int, hbm: int = 0, hlo_text: str | None = None) -> dict[str, Any]:
     """What `mm-aot` prints (and `mm-train` logs at start-up): per-device memory against `hbm`, compiled vs
     analytic FLOPs, the compiler's roofline step time where it gives one (TPU), collectives; with the config, so
-    `mm-profile summarize --aot` can tell whether a measured run is the same step."""
+    `mm-profile summarize --aot` can tell whether a measured run is the same step. `hlo_text`: the module's
+    optimised text when the caller already has it (it is tens of MB at 8B shapes)."""
     from mm.train import config as tcfg
     from mm.train import flops as flops_lib
 
@@ -65,7 +66,7 @@ def report(b: Any, compiled: Any, n_devices: int, hbm: int = 0) -> dict[str, Any
             "xla_flops_per_device": flops_lib.xla_flops(compiled), "mm_flops_per_device": mm_flops,
             "xla_optimal_seconds": optimal or None,
             "expected_mfu": mm_flops / optimal / peak if optimal and peak else None,
-            "params": trainable_counts(b), "collectives": hlo.collectives(compiled.as_text()),
+            "params": trainable_counts(b), "collectives": hlo.collectives(compiled.as_text() if hlo_text is None else hlo_text),
             "config": json.loads(tcfg.to_json(b.cfg))}
 
 

@@ -4,7 +4,7 @@
 `WORKDIR/profile/process_<i>/plugins/profile/<time>/<host>.xplane.pb` (the XSpace protobuf that TensorBoard's
 profile plugin / xprof open). `sessions(profile_dir)` finds them per process; `events(xplane)` converts one to
 Chrome trace events with xprof's own converter (`xprof.convert.raw_to_tool_data`, the `profile` extra), the
-same events its trace viewer shows. Device memory profiles (`memory_step_<s>.prof`, pprof) sit next to them.
+same events its trace viewer shows.
 """
 
 from __future__ import annotations
@@ -54,14 +54,3 @@ def events(xplane: str | Path) -> list[dict[str, Any]]:
         raise TraceError(f"{xplane}: xprof could not convert this trace")
     parsed = json.loads(data)
     return parsed["traceEvents"] if isinstance(parsed, dict) else parsed
-
-
-def memory_profiles(profile_dir: str | Path) -> dict[int, list[Path]]:
-    """{process index: its device memory profiles (pprof, `memory_step_<s>.prof`)}."""
-    out: dict[int, list[Path]] = {}
-    for d in sorted(Path(profile_dir).glob("process_*")):
-        m = _PROCESS.match(d.name)
-        files = sorted(d.glob("memory_step_*.prof"))
-        if m and files:
-            out[int(m.group(1))] = files
-    return out

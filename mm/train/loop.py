@@ -270,7 +270,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                         jax.block_until_ready(state)
                 finish(pending)
                 pending = (s + 1, metrics, ids, data_metrics)
-                capture.after_step(s, state)
+                capture.after_step(s)
                 timer.tick()
                 done = s + 1
                 if evaluator is not None and done % int(t.eval_every) == 0:
