@@ -22,6 +22,8 @@ from ml_collections import config_flags
 from launch import cli
 
 _PROG = "mm-aot"
+_HINT = ("shard more (--config.mesh.fsdp / tensor), remat more (--config.model.llm.remat_policy=full), accumulate "
+         "(--config.optim.grad_accum) or shrink the batch")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: path/to/config.py[:variant].",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice (v5p-64, v5e-256, ...), a jax topology name "
@@ -72,10 +74,16 @@ def _run(argv: list[str]) -> int:
                 section.attention_impl = "pallas_tpu"
     try:
         devices, hbm = _devices(_TOPOLOGY.value, _SLICES.value)
-        tcfg.validate(cfg, len(devices), pending_paths=tcfg.named_paths(cfg))
+        tcfg.validate(cfg, len(devices), compile_only=True)
         b, compiled = aot.compile_step(cfg, devices)
     except (ConfigError, ValueError) as e:
         return cli.report(_PROG, e)
+    except aot.DoesNotFit as e:
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump({"topology": _TOPOLOGY.value, "fits": False, "compiler": str(e)}, f, indent=2)
+        sys.stderr.write(f"{_PROG}: the step does not fit on {_TOPOLOGY.value}: {e}\n{_HINT}\n")
+        return 3
     hbm = int(_HBM.value * compiled_lib.GIB) if _HBM.value else hbm
     r = compiled_lib.report(b, compiled, len(devices), hbm)
     r["topology"] = _TOPOLOGY.value
@@ -93,8 +101,7 @@ def _run(argv: list[str]) -> int:
         sys.stdout.write(f"{_PROG}: wrote the executable to {_SAVE.value} ({len(payload):,} bytes)\n")
     if r["fits"] is False:
         sys.stderr.write(f"{_PROG}: the step needs {r['memory']['total'] / compiled_lib.GIB:.2f} GiB a device, more than "
-                         f"{hbm / compiled_lib.GIB:.2f} GiB of HBM: shard more (mesh), remat more (model.llm.remat_policy) "
-                         "or shrink the batch\n")
+                         f"{hbm / compiled_lib.GIB:.2f} GiB of HBM\n{_HINT}\n")
         return 3
     return 0
 

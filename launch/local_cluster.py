@@ -36,9 +36,10 @@ def _pump(prefix: str, stream, out) -> None:
 
 def launch(num_processes: int, train_args: Sequence[str], *, devices_per_process: int = 1,
            port: int | None = None, env: dict[str, str] | None = None,
-           module: str = "launch.train") -> list[subprocess.Popen]:
-    """Starts the processes (not waiting); stdout/stderr are pipes the caller reads. Each runs `python -m
-    module` (mm-train's entry point unless told) with LOCAL_RANK set to its index on this host."""
+           module: str = "launch.train", logs: Sequence[str] | None = None) -> list[subprocess.Popen]:
+    """Starts the processes (not waiting); stdout/stderr are pipes the caller reads, or go to the files `logs`
+    (one a process). Each runs `python -m module` (mm-train's entry point unless told) with LOCAL_RANK set to
+    its index on this host."""
     port = port or free_port()
     base_env = dict(os.environ if env is None else env)
     base_env["XLA_FLAGS"] = " ".join(
@@ -50,7 +51,11 @@ def launch(num_processes: int, train_args: Sequence[str], *, devices_per_process
         cmd = [sys.executable, "-m", module, *train_args,
                f"--config.distributed.coordinator=127.0.0.1:{port}",
                f"--config.distributed.num_processes={num_processes}", f"--config.distributed.process_id={i}"]
-        procs.append(subprocess.Popen(cmd, env=base_env | {"LOCAL_RANK": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        out = open(logs[i], "w") if logs else subprocess.PIPE
+        procs.append(subprocess.Popen(cmd, env=base_env | {"LOCAL_RANK": str(i)}, stdout=out,
+                                      stderr=subprocess.STDOUT, text=True))
+        if logs:
+            out.close()  # the child has its own descriptor
     return procs
 
 

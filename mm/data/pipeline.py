@@ -302,12 +302,15 @@ class PackBatchIterDataset(grain.IterDataset):
 
 
 def build_dataset(rows: Any, cfg: DataConfig, maker: ExampleMaker, *, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.IterDataset:
-    """The Grain pipeline over a random-access source of rows (a list, `ArrayRecordRows`, ...)."""
+                  shard_count: int = 1, start: int = 0) -> grain.IterDataset:
+    """The Grain pipeline over a random-access source of rows (a list, `ArrayRecordRows`, ...); `start`: the
+    first position of the global order read (a run resumed on a different number of processes)."""
     ds = grain.MapDataset.source(rows)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
+    if start:
+        ds = ds[start:]
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.map(maker)
@@ -330,13 +333,15 @@ class DataPipeline:
     """The trainer's view: numpy batches, `state()` / `restore()`, skip `metrics()`, the skip ceiling."""
 
     def __init__(self, rows: Any, cfg: DataConfig, maker: ExampleMaker, *, shard_index: int | None = None,
-                 shard_count: int | None = None):
+                 shard_count: int | None = None, start: int = 0):
         if shard_index is None or shard_count is None:
             import jax
 
             shard_index, shard_count = jax.process_index(), jax.process_count()
         self.cfg = cfg
-        self.dataset = build_dataset(rows, cfg, maker, shard_index=shard_index, shard_count=shard_count)
+        self.shard_index, self.shard_count, self.start = shard_index, shard_count, int(start)
+        self.dataset = build_dataset(rows, cfg, maker, shard_index=shard_index, shard_count=shard_count,
+                                     start=self.start)
         self._it = iter(self.dataset)
         self.counter = SkipCounter(cfg.max_skip_fraction, cfg.min_samples_for_ceiling)
 
@@ -361,6 +366,15 @@ class DataPipeline:
         function of the seed *and* the number of workers: each worker reads its own slice)."""
         return {"grain": json.dumps(self._it.get_state()), "counter": self.counter.state(),
                 "workers": self.cfg.worker_count}
+
+    def position(self) -> int | None:
+        """The first position of the global order (shuffled, repeated, before sharding) that this process has not
+        consumed: every earlier position of its shard is in a batch it gave out. None with worker processes
+        (Grain's state is then per worker)."""
+        if self.cfg.worker_count > 0:
+            return None
+        k = int(self._it.get_state()["parent"]["next_index"])
+        return self.start + self.shard_index + self.shard_count * k
 
     def restore(self, state: dict[str, Any]) -> None:
         saved = state.get("workers", self.cfg.worker_count)  # states written before the count was recorded

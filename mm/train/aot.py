@@ -59,12 +59,23 @@ def abstract_batch(cfg: Any, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStr
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in x.items()}
 
 
+class DoesNotFit(Exception):
+    """The TPU compiler refused the step: it needs more HBM than a chip has (XLA's own figures in the message)."""
+
+
 def compile_step(cfg: Any, devices: list[Any]) -> tuple[Any, Any]:
-    """(the abstract `Built`, the compiled step)."""
+    """(the abstract `Built`, the compiled step). DoesNotFit when the compiler runs out of device memory (the
+    TPU compiler refuses a program whose buffers exceed HBM; the CPU compiler never does)."""
     from mm.train import loop
 
     b = loop.build(cfg, log=False, devices=devices, abstract=True)
-    compiled = b.step_fn.lower(b.state, b.frozen, abstract_batch(cfg, b.batch_sharding)).compile()
+    lowered = b.step_fn.lower(b.state, b.frozen, abstract_batch(cfg, b.batch_sharding))
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise DoesNotFit(str(e).splitlines()[0].removeprefix("RESOURCE_EXHAUSTED: ")) from None
     return b, compiled
 
 

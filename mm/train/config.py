@@ -229,10 +229,14 @@ def named_paths(cfg: Any) -> list[str]:
     return [str(cfg[a][b]) for a, b in keys if b in cfg[a] and cfg[a][b]]
 
 
-def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collection[str] = ()) -> None:
+def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collection[str] = (),
+             compile_only: bool = False) -> None:
     """Raises ConfigError naming the key for anything wrong; cheap (no model is built). Paths in
-    `pending_paths` are made by an earlier stage of a pipeline, so their existence is not checked yet."""
+    `pending_paths` are made by an earlier stage of a pipeline, so their existence is not checked yet.
+    `compile_only` (an ahead-of-time compile, which reads no checkpoint or data): no path need be set or exist."""
     check_schema(cfg)
+    if compile_only:
+        pending_paths = named_paths(cfg)
     m, t, o = cfg.model, cfg.train, cfg.optim
     if cfg.init.prng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
         raise ConfigError(f"config key init.prng_impl = {cfg.init.prng_impl!r}: threefry2x32, rbg or unsafe_rbg")
@@ -242,7 +246,7 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
         raise ConfigError(f"config key data.kind = {cfg.data.kind!r}: choose one of {DATA_KINDS}")
     llm_config_from(cfg)
     if cfg.data.kind in GRAIN_KINDS:
-        _check_llava_json(cfg, pending_paths)
+        _check_llava_json(cfg, pending_paths, need_paths=not compile_only)
     _check_dpo(cfg, pending_paths)
     if m.kind == "vlm":
         vision_config_from(cfg)
@@ -332,7 +336,7 @@ def _check_dpo(cfg: Any, pending_paths: Collection[str] = ()) -> None:
         raise ConfigError(f"config key dpo.reference = {d.reference!r}: no such file or directory")
 
 
-def _check_llava_json(cfg: Any, pending_paths: Collection[str] = ()) -> None:
+def _check_llava_json(cfg: Any, pending_paths: Collection[str] = (), need_paths: bool = True) -> None:
     d = cfg.data
     if cfg.model.kind not in ("vlm", "llava", "iaa", "llm"):
         raise ConfigError(f"config key data.kind = {d.kind!r} needs model.kind llm (text-only rows) or a "
@@ -340,7 +344,7 @@ def _check_llava_json(cfg: Any, pending_paths: Collection[str] = ()) -> None:
     if cfg.model.kind != "llm":
         vision_config_from(cfg)  # the ViT (model.vision) runs on the pipeline's pixel tiles in the step
     for key in ("path", "tokenizer"):
-        if not d[key]:
+        if need_paths and not d[key]:
             raise ConfigError(f"config key data.{key} must be set for data.kind = {d.kind!r}")
     for key in ("path", "image_root", "tokenizer", "eval_path"):
         if d[key] and d[key] not in pending_paths and not Path(d[key]).exists():

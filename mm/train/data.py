@@ -88,7 +88,11 @@ class SyntheticSource:
     def state(self) -> dict[str, int]:
         return {"next_step": self.step, "seed": self.seed}
 
-    def restore(self, state: dict[str, int]) -> None:
+    def restore(self, state: dict[str, int] | list[dict[str, int]]) -> None:
+        """This process's saved state, or every saved process's (a different process count): a synthetic batch
+        is a function of the step, so any process's state serves."""
+        if isinstance(state, list):
+            state = state[0]
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"data: checkpoint was written with data.seed={state['seed']}, config has {self.seed}")
         self.step = int(state["next_step"])

@@ -98,20 +98,66 @@ class GrainSource:
             if reference_logps is None:
                 raise ValueError(f"data: dpo.precompute_reference is set but no reference log-probs for {path}")
             maker = WithReference(maker, reference_logps, path)
-        self.pipe = DataPipeline(read_rows(path), self.dcfg, maker, shard_index=process_index,
-                                 shard_count=process_count)
+        self._rows, self._maker = read_rows(path), maker
+        self.process_index, self.process_count = process_index, process_count
+        self.pipe = self._pipeline(start=0)
         self.step = 0
 
-    def state(self) -> dict[str, Any]:
-        return {"next_step": self.step, "seed": self.seed, "pipeline": self.pipe.state()}
+    def _pipeline(self, start: int) -> DataPipeline:
+        return DataPipeline(self._rows, self.dcfg, self._maker, shard_index=self.process_index,
+                            shard_count=self.process_count, start=start)
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def state(self) -> dict[str, Any]:
+        """This process's state (each process saves its own, `mm.train.checkpoint`)."""
+        return {"next_step": self.step, "seed": self.seed, "pipeline": self.pipe.state(), "start": self.pipe.start,
+                "position": self.pipe.position(), "process_index": self.process_index,
+                "process_count": self.process_count}
+
+    def restore(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """This process's saved state, or (a run resumed on a different number of processes) the list of every
+        saved process's state: see `reshard`."""
+        if isinstance(state, list):
+            return self.reshard(state)
+        self._check(state)
+        if int(state.get("start", 0)) != self.pipe.start:
+            self.pipe.close()
+            self.pipe = self._pipeline(start=int(state["start"]))
+        self.pipe.restore(state["pipeline"])
+        self.step = int(state["next_step"])
+
+    def reshard(self, states: list[dict[str, Any]]) -> None:
+        """Continues a run saved by `len(states)` processes on this run's process count. The data order: the
+        global order (shuffled, repeated) resumes at its first position that some saved process had not
+        consumed (the smallest saved `position`), and the processes of this run split it from there as every run
+        does (process i of n reads positions start + i, start + i + n, ...). Positions beyond it that other saved
+        processes had consumed - less than a batch's worth each - are read again. The skip counters of every
+        saved process are summed into process 0's."""
+        for st in states:
+            self._check(st)
+        if any(st.get("position") is None for st in states):
+            raise ValueError(f"data: the checkpoint's {len(states)} processes ran Grain worker processes "
+                             "(data.workers > 0), whose states do not say where each process was in the global "
+                             f"order; resume on {len(states)} processes")
+        steps = {int(st["next_step"]) for st in states}
+        if len(steps) != 1:
+            raise ValueError(f"data: the checkpoint's processes saved different steps {sorted(steps)}")
+        self.pipe.close()
+        self.pipe = self._pipeline(start=min(int(st["position"]) for st in states))
+        if self.process_index == 0:
+            from mm.data.skips import SkipCounter
+
+            total = SkipCounter()
+            for st in states:
+                c = st["pipeline"]["counter"]
+                total.merge(c["used"], c["counts"], c["examples"])
+            self.pipe.counter.restore(total.state())
+        self.step = steps.pop()
+
+    def _check(self, state: dict[str, Any]) -> None:
         if "pipeline" not in state:
             raise ValueError("data: the checkpoint's data state is not a Grain pipeline's (data.kind changed?)")
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"data: checkpoint was written with data.seed={state['seed']}, config has {self.seed}")
-        self.pipe.restore(state["pipeline"])
-        self.step = int(state["next_step"])
 
     def metrics(self) -> dict[str, float]:
         return self.pipe.metrics()

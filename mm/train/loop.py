@@ -4,14 +4,14 @@
 heavy), write it to the workdir, build mesh and model, assign parameter groups (unmatched parameters stop the
 run), load or initialise weights (`mm.train.initial_params`: each param from one source, straight onto its
 sharding), resume from the newest finished checkpoint in the workdir if there is one,
-then step. SIGTERM (a preemption notice) makes the loop save after the step in flight and return.
+then step. A preemption notice (SIGTERM, to any process: `mm.train.preemption`) makes every process save the
+same step and return.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +34,7 @@ from mm.train.grain_source import make_source
 from mm.train.initial_params import SOURCES, initial_params
 from mm.train.metrics import MetricsWriter, Timer
 from mm.train.optimizer import make_optimizer, schedule
+from mm.train.preemption import Preemption
 from mm.train.step import init_state, make_eval_step, make_train_step
 
 
@@ -98,7 +99,7 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstr
     `abstract=True`: params, reference and state are `jax.ShapeDtypeStruct`s on their shardings (nothing is
     loaded or allocated), for compiling the step ahead of time (`mm.train.aot`)."""
     devices = list(jax.devices() if devices is None else devices)
-    tcfg.validate(cfg, len(devices), pending_paths=tcfg.named_paths(cfg) if abstract else ())  # abstract: reads none
+    tcfg.validate(cfg, len(devices), compile_only=abstract)  # abstract: reads none
     mesh = shd.make_mesh(dict(cfg.mesh), devices)
     rules = shd.rules_from_overrides(dict(cfg.rules) or None)
     model = models.build(cfg)
@@ -149,26 +150,6 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstr
     if own_reference:  # and the reference's forward
         fl = {"forward": 2 * fl["forward"], "backward": fl["backward"], "total": 2 * fl["forward"] + fl["backward"]}
     return Built(cfg, mesh, rules, model, assignment, optimizer, state, frozen, bsh, step_fn, fl)
-
-
-class _Preemption:
-    def __init__(self) -> None:
-        self.requested = False
-        self._old = None
-
-    def __enter__(self) -> "_Preemption":
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) -> Result:
@@ -252,7 +233,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
 
     skipped_count = [int(jax.device_get(state["skipped"]))]
     try:
-        with _Preemption() as pre:
+        with Preemption(ckpt.manager) as pre:
             for s in range(start, int(t.steps)):
                 capture.before_step(s)
                 with jax.profiler.StepTraceAnnotation("train", step_num=s + 1):
@@ -283,12 +264,12 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                         writer.text(done, f"samples/{name}", text)
                         _log(f"eval step {done}: {name} samples:\n{text}")
                     timer.last = time.perf_counter()  # evaluation time is not step time
-                if pre.requested:
+                if pre.reached(done):
                     finish(pending)
                     pending = None
                     ckpt.save(done, state, data.state(), meta, force=True)
                     preempted = True
-                    _log(f"SIGTERM: saved step {done}, exiting")
+                    _log(f"preemption notice: saved step {done}, exiting")
                     break
                 if every and done % every == 0 and done != int(t.steps):
                     finish(pending)  # a resumed run starts after `done`: its metrics must be out first
