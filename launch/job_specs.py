@@ -77,7 +77,6 @@ def xpk(job: Job, train_args: Sequence[str]) -> list[str]:
     cmd += [f"--project={job.project}"] if job.project else []
     cmd += [f"--zone={job.zone}"] if job.zone else []
     if job.is_tpu:
-        t = job.tpu()
         job.tpu()  # a known slice
         cmd += [f"--tpu-type={job.accelerator.replace('v5e-', 'v5litepod-')}", f"--num-slices={job.num_slices}"]
         extra: list[str] = []
@@ -104,7 +103,7 @@ def jobset(job: Job, train_args: Sequence[str]) -> dict[str, Any]:
         hosts, replicas = t["hosts"], job.num_slices
         selector = {"cloud.google.com/gke-tpu-accelerator": _TPU[t["gen"]][0],
                     "cloud.google.com/gke-tpu-topology": t["topology"]}
-        resources = {"limits": {"google.com/tpu": t["chips_per_host"]}}
+        resources = {"limits": {"google.com/tpu": str(t["chips_per_host"])}}  # a Kubernetes quantity
         extra: list[str] = []
         if job.num_slices > 1:
             env = [{"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": f"{job.name}-workers-0-0.{job.name}"},
@@ -114,7 +113,7 @@ def jobset(job: Job, train_args: Sequence[str]) -> dict[str, Any]:
     else:
         hosts, replicas = job.nodes, 1
         selector = {"cloud.google.com/gke-accelerator": f"nvidia-{job.accelerator}"}
-        resources = {"limits": {"nvidia.com/gpu": job.gpus_per_node}}
+        resources = {"limits": {"nvidia.com/gpu": str(job.gpus_per_node)}}
         extra = _gpu_distributed(job)
     command = " ".join(shlex.quote(a) if "$(" not in a else a for a in _train_command(job, train_args, extra))
     container = {"name": "mm-train", "image": job.image, "command": ["bash", "-c", command],
@@ -122,7 +121,7 @@ def jobset(job: Job, train_args: Sequence[str]) -> dict[str, Any]:
     if env:
         container["env"] = env
     pod = {"metadata": {"labels": {"app": job.name}},
-           "spec": {"restartPolicy": "Never", "subdomain": job.name, "nodeSelector": selector,
+           "spec": {"restartPolicy": "Never", "nodeSelector": selector,
                     "containers": [container]}}
     return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": {"name": job.name},
             "spec": {"failurePolicy": {"maxRestarts": 0}, "network": {"enableDNSHostnames": True},

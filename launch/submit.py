@@ -45,9 +45,13 @@ def check_train_args(train_args: Sequence[str], n_devices: int) -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-    fv([_PROG, *[a for a in train_args if a.startswith(("--config", "-config", "--noconfig"))]])
+    argv = [_PROG, *[a for a in train_args if a.startswith(("--config", "-config", "--noconfig"))]]
+    fv = flags.FlagValues()  # mm-train's own parse of these arguments, apart from any flags of this process
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise ConfigError(cli._value_error(e, cfg, "config")) from e
     cfg = fv.config
     if "pipeline" in cfg:
         return
