@@ -19,7 +19,6 @@ the `preference/*` numbers and the rewards measure the change a training made.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

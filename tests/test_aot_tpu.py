@@ -97,3 +97,9 @@ def test_two_slices_get_a_hybrid_mesh_with_data_parallel_over_dcn():
               for g in re.findall(r"replica_groups=\{((?:\{[\d,]*\},?)+)\}", line)]
     sizes = {len(grp.split(",")) for gs in groups for grp in re.findall(r"\{([\d,]*)\}", "{" + gs + "}")}
     assert groups and sizes == {4}, (sizes, groups[:3])  # FSDP gathers over the 4 chips of one slice
+
+    # `mesh.dcn_axis = fsdp`: FSDP spans the slices instead, data parallel stays inside each
+    c.mesh.update(dict(data=4, fsdp=2, tensor=1, dcn_axis="fsdp"))
+    b, _ = aot.compile_step(c, devices)
+    for j in range(2):
+        assert {d.slice_index for d in b.mesh.devices[:, j].ravel()} == {j}

@@ -4,7 +4,6 @@ and the 2-process run's losses are the 1-process run's (float tolerance: the all
 order)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -187,7 +187,7 @@ def write_report(workdir: str | Path, demo: Any, results: dict[str, Any]) -> Pat
         f"- Budgets: base {demo.base.steps} steps x {demo.base.batch_size} rows x {demo.base.seq_len} tokens "
         f"(lr {demo.base.lr}); IAA and LLaVA-style {demo.mm.steps} steps x {demo.mm.batch_size} x "
         f"{demo.mm.seq_len} (lr {demo.mm.lr}), packed sequences.",
-        f"- Checkpoints (load with `mm.from_pretrained`): " + ", ".join(
+        "- Checkpoints (load with `mm.from_pretrained`): " + ", ".join(
             f"{k}: `{v}`" for k, v in results["sources"].items()) + ".",
         "- Stage configs: `configs/demo.py:STAGE,WORKDIR` (STAGE = base, iaa, llava); full config in "
         "`demo_config.json`, numbers in `results.json`.",

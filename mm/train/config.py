@@ -122,7 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo = ml_collections.ConfigDict(dict(loss_type=["sigmoid"], loss_weights=[], beta=0.1, label_smoothing=0.0,
                                            reference="", precompute_reference=False))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, use_async=True))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # axis sizes (-1: the rest); dcn_axis: on several TPU slices the axis that spans them over the data-centre
+    # network (data parallel by default), every other axis stays inside a slice (mm.sharding.make_mesh)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_axis="data"))
     c.rules = ml_collections.ConfigDict(dict())  # logical axis overrides, e.g. {"embed": None}
     # steps=(a, b): trace steps a+1..b on every process (+ device memory profiles unless memory=False);
     # dump_hlo: the step's HLO into WORKDIR/hlo; server_port: a live profiler server (mm.profiling.capture)
@@ -221,6 +223,13 @@ def check_schema(cfg: Any) -> None:
     _check_tree(base_config().to_dict(), _as_dict(cfg), "", open_keys=("model.llm", "model.vision", "rules"))
 
 
+def mesh_axes(cfg: Any) -> dict[str, int]:
+    """The mesh section's axis sizes (without `dcn_axis`)."""
+    from mm.sharding import MESH_AXES
+
+    return {a: int(cfg.mesh[a]) for a in MESH_AXES}
+
+
 def named_paths(cfg: Any) -> list[str]:
     """Every checkpoint / data path the config names (an ahead-of-time compile reads none of them)."""
     keys = [("data", k) for k in ("path", "eval_path", "image_root", "tokenizer")]
@@ -290,18 +299,22 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
             raise ConfigError(f"config key model.iaa_positions = {list(m.iaa_positions)}: {bad} not in [0, {n})")
         if m.iaa_workflow not in m.iaa_branches:
             raise ConfigError(f"config key model.iaa_workflow = {m.iaa_workflow!r} not in model.iaa_branches")
+    from mm.sharding import MESH_AXES
+
+    if cfg.mesh.get("dcn_axis", "data") not in MESH_AXES:
+        raise ConfigError(f"config key mesh.dcn_axis = {cfg.mesh.dcn_axis!r}: one of {list(MESH_AXES)}")
     if n_devices is not None:
         from mm.sharding import mesh_shape_from_config
 
         try:
-            dims = mesh_shape_from_config(dict(cfg.mesh), n_devices)
+            dims = mesh_shape_from_config(mesh_axes(cfg), n_devices)
         except ValueError as e:
             raise ConfigError(f"config key mesh: {e}") from e
         data_par = dims[0] * dims[1]
         micro = t.batch_size // o.grad_accum
         if micro % data_par:
             raise ConfigError(f"config key train.batch_size = {t.batch_size} (/ optim.grad_accum = {o.grad_accum}) "
-                              f"does not split over {data_par} data-parallel devices (mesh {dict(cfg.mesh)})")
+                              f"does not split over {data_par} data-parallel devices (mesh {mesh_axes(cfg)})")
         tensor = dims[2]
         llm = cfg.model.llm
         for key in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):

@@ -94,13 +94,26 @@ def state_shardings(abstract_state: Any, flat_param_sh: dict[str, Any], mesh: An
     return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
+def _check_processes(mesh: Any, batch_sharding: Any, axes: dict[str, int]) -> None:
+    """Each process reads its own rows of the batch: the batch's shards must split evenly over the processes."""
+    n = jax.process_count()
+    spec = batch_sharding.spec[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    shards = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    if n > 1 and shards % n:
+        raise ConfigError(f"config key mesh = {axes}: the batch is split {shards} ways ({' x '.join(names) or 'none'}), "
+                          f"which does not divide over the {n} processes of this run (each reads its own rows); "
+                          "make the data-parallel axes (data x fsdp) a multiple of the process count")
+
+
 def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstract: bool = False) -> Built:
     """Mesh, model, groups, initial state and the compiled-on-first-call step (over `devices`, default all).
     `abstract=True`: params, reference and state are `jax.ShapeDtypeStruct`s on their shardings (nothing is
     loaded or allocated), for compiling the step ahead of time (`mm.train.aot`)."""
     devices = list(jax.devices() if devices is None else devices)
     tcfg.validate(cfg, len(devices), compile_only=abstract)  # abstract: reads none
-    mesh = shd.make_mesh(dict(cfg.mesh), devices)
+    mesh = shd.make_mesh(tcfg.mesh_axes(cfg), devices, dcn_axis=str(cfg.mesh.get("dcn_axis", "data")))
+    _check_processes(mesh, shd.batch_sharding(mesh), tcfg.mesh_axes(cfg))
     rules = shd.rules_from_overrides(dict(cfg.rules) or None)
     model = models.build(cfg)
     shardings = shd.param_shardings(model.abstract, mesh, rules)

@@ -41,3 +41,14 @@ def test_two_processes_match_one(tmp_path):
     for s in multi:
         assert multi[s] == pytest.approx(single[s], rel=2e-6, abs=0), (s, multi[s], single[s])
     assert not (tmp_path / "mp" / "metrics.jsonl.1").exists()  # only process 0 writes metrics
+
+
+def test_a_mesh_whose_batch_does_not_split_over_the_processes_is_a_config_error(tmp_path):
+    """2 processes x 1 device with the batch unsplit (tensor parallel only): each process would read rows the
+    mesh does not give it; exit 2 naming the mesh, before any step."""
+    args = ["--config=configs/tiny_llm.py:full", f"--workdir={tmp_path / 'mp'}", "--config.mesh.data=1",
+            "--config.mesh.tensor=2", *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
+    procs = launch(2, args, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert procs[0].returncode == 2, outs[0][-3000:]
+    assert "config key mesh = {'data': 1, 'fsdp': 1, 'tensor': 2}: the batch is split 1 ways" in outs[0], outs[0][-3000:]
