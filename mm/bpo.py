@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mm.config import ConfigError
-from mm.row_chunks import RowChunks, barrier, my_rows, write_atomic
+from mm.paths import write_atomic
+from mm.row_chunks import RowChunks, barrier, my_rows
 
 T_STEPS = 1000
 INSTRUCTION = ("Modify the following answer by adding or deleting objects or changing attributes (colour, shape, "

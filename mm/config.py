@@ -224,8 +224,10 @@ class LLMConfig(_Numerics):
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
-    """Reads a JSON file, naming the file on failure."""
-    path = Path(path)
+    """Reads a JSON file (a local path or a URI), naming the file on failure."""
+    from mm.paths import as_path
+
+    path = as_path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:

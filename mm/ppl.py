@@ -41,7 +41,8 @@ import numpy as np
 
 from mm.config import ConfigError
 from mm.data.skips import REASONS, DataError, SkipCounter
-from mm.row_chunks import RowChunks, barrier, my_rows, write_atomic
+from mm.paths import write_atomic
+from mm.row_chunks import RowChunks, barrier, my_rows
 
 META_KEYS = ("rows", "data", "model", "workflow", "template", "tiling", "max_len", "max_tiles", "system_prompt")
 

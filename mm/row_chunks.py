@@ -20,12 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from mm.config import ConfigError
 from mm.data.skips import DataError
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+from mm.paths import write_atomic
 
 
 def my_rows(total: int, process: int, processes: int) -> range:

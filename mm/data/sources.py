@@ -17,17 +17,17 @@ from __future__ import annotations
 import json
 import os
 import struct
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from mm.data.skips import SampleSkip
+from mm.paths import as_path, is_remote
 
 IMAGES_KEY = "_image_bytes"  # decoded ArrayRecord rows carry the images' bytes under this key
 
 
 def read_llava(path: str | os.PathLike) -> list[dict[str, Any]]:
     """A JSON list or JSONL file of rows; rows without `id` get `<file>:<index>`. Raises naming the file."""
-    path = Path(path)
+    path = as_path(path)
     text = path.read_text(encoding="utf-8")
     try:
         if text.lstrip().startswith("["):
@@ -63,13 +63,18 @@ def image_paths(row: dict[str, Any]) -> list[str]:
 
 
 def resolve_image_path(root: str | os.PathLike, rel: str, rid: str = "?") -> str:
-    """`root/rel` as a real path, refusing anything that leaves `root` (SampleSkip `path_escape`) and
-    files that do not exist (`missing_image`)."""
+    """`root/rel` as a real path (or, under a URI root, as a URI), refusing anything that leaves `root`
+    (SampleSkip `path_escape`) and files that do not exist (`missing_image`)."""
     if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
         raise SampleSkip("path_escape", rid, f"image path {rel!r} is absolute or empty")
     parts = rel.replace("\\", "/").split("/")
     if ".." in parts:
         raise SampleSkip("path_escape", rid, f"image path {rel!r} contains '..'")
+    if is_remote(root):  # no links on an object store: the checks above keep the key under the root
+        p = as_path(root).joinpath(*parts)
+        if not p.is_file():
+            raise SampleSkip("missing_image", rid, f"image {rel!r} not found under {root}")
+        return os.fspath(p)
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, rel))
     if os.path.commonpath([real_root, real]) != real_root:
@@ -90,6 +95,9 @@ def read_row_images(row: dict[str, Any], image_root: str | os.PathLike | None) -
     out = []
     for p in paths:
         real = resolve_image_path(image_root, p, rid)
+        if is_remote(real):
+            out.append(as_path(real).read_bytes())
+            continue
         with open(real, "rb") as f:
             out.append(f.read())
     return out

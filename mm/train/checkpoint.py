@@ -17,15 +17,16 @@ there (`mm.train.grain_source.GrainSource.reshard`).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
-
-import json
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mm.paths import as_path
 
 
 class _StateItem:
@@ -47,7 +48,7 @@ class _StateItem:
 
 class Checkpointer:
     def __init__(self, workdir: str | Path, *, keep: int, use_async: bool = True):
-        self.directory = _absolute(workdir) / "checkpoints"
+        self.directory = as_path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -98,15 +99,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def _absolute(path: str | Path) -> epath.Path:
-    """A local path made absolute; an object-store URI (gs://, s3://) as it is."""
-    p = epath.Path(path)
-    return p if "://" in str(path) else epath.Path(Path(path).absolute())
-
-
 def find_trained_params(path: str | Path) -> tuple[epath.Path, int] | None:
     """A previous stage's workdir (or its `checkpoints` dir) -> (checkpoints dir, latest step), if any."""
-    p = _absolute(path)
+    p = as_path(path)
     for d in (p / "checkpoints", p):
         if d.is_dir():
             steps = [int(x.name) for x in d.iterdir() if x.name.isdigit() and (x / "state").exists()]

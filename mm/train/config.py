@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any, Collection, Mapping
 
 import ml_collections
 
+from mm import paths
 from mm.config import ConfigError, LLMConfig, unknown_key_error
 
 MODEL_KINDS = ("llm", "llava", "iaa", "vlm")  # vlm: ViT in the graph (POINTS-style per-layer ViT training)
@@ -281,7 +281,7 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
                           "in the step (needs data.kind = 'llava_json' with model.kind llava / iaa, or model.kind vlm)")
     for key in ("llm_checkpoint", "checkpoint", "vision_checkpoint", "lora_checkpoint"):
         path = cfg.init[key]
-        if path and path not in pending_paths and not Path(path).exists():
+        if path and path not in pending_paths and not paths.as_path(path).exists():
             raise ConfigError(f"config key init.{key} = {path!r}: no such file or directory")
     if cfg.init.lora_checkpoint:
         from mm.train.param_groups import has_lora
@@ -345,7 +345,7 @@ def _check_dpo(cfg: Any, pending_paths: Collection[str] = ()) -> None:
                     label_smoothing=float(d.label_smoothing))
     except ValueError as e:
         raise ConfigError(f"config key {e}") from e
-    if d.reference and d.reference not in pending_paths and not Path(d.reference).exists():
+    if d.reference and d.reference not in pending_paths and not paths.as_path(d.reference).exists():
         raise ConfigError(f"config key dpo.reference = {d.reference!r}: no such file or directory")
 
 
@@ -360,7 +360,7 @@ def _check_llava_json(cfg: Any, pending_paths: Collection[str] = (), need_paths:
         if need_paths and not d[key]:
             raise ConfigError(f"config key data.{key} must be set for data.kind = {d.kind!r}")
     for key in ("path", "image_root", "tokenizer", "eval_path"):
-        if d[key] and d[key] not in pending_paths and not Path(d[key]).exists():
+        if d[key] and d[key] not in pending_paths and not paths.as_path(d[key]).exists():
             raise ConfigError(f"config key data.{key} = {d[key]!r}: no such file or directory")
     if d.template not in ("chat", "plain"):
         raise ConfigError(f"config key data.template = {d.template!r}: 'chat' or 'plain'")

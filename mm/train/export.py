@@ -17,12 +17,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from mm import paths
 from mm.config import ConfigError, read_json
 from mm.train import config as tcfg
 
 
 def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
+    path = paths.as_path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{workdir}: no config.json (not an mm-train workdir)")
     d = read_json(path)
@@ -75,7 +76,7 @@ def vlm_config(cfg: Any) -> Any:
 
         from mm.data.conversations import image_token_id_of
 
-        image_token = image_token_id_of(AutoTokenizer.from_pretrained(str(cfg.data.tokenizer)))
+        image_token = image_token_id_of(AutoTokenizer.from_pretrained(str(paths.local_copy(cfg.data.tokenizer))))
     return VLMConfig(vision=tcfg.vision_config_from(cfg), lm=lm, feature_layer=int(cfg.model.vision_select_layer),
                      feature="patch", image_token_id=image_token)
 
@@ -85,7 +86,8 @@ def _tokenizer_source(cfg: Any) -> Path | None:
 
     for d in (cfg.data.tokenizer, cfg.init.llm_checkpoint):
         if d:
-            for p in (Path(d), Path(d) / mmd.TOKENIZER_DIR):
+            base = paths.local_copy(d)
+            for p in (base, base / mmd.TOKENIZER_DIR):
                 if any((p / f).exists() for f in mmd.TOKENIZER_FILES):
                     return p
     return None
@@ -124,9 +126,35 @@ def _lora(workdir: str | Path, cfg: Any, params: Any, dst: str | Path, merge_lor
 
 
 def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, overwrite: bool = False,
-               merge_lora: bool = False, lora_format: str | None = None) -> Path:
+               merge_lora: bool = False, lora_format: str | None = None) -> Any:
     """Writes the run's model at `step` (default: the latest finished) to the mm directory `dst`; a LoRA run's
-    merged model (`merge_lora`) or its adapters as a PEFT dir (`lora_format="peft"`)."""
+    merged model (`merge_lora`) or its adapters as a PEFT dir (`lora_format="peft"`). `workdir` and `dst` may be
+    URIs: a URI `dst` is written locally, then uploaded with its manifest last."""
+    if not paths.is_remote(dst):
+        return _export_local(workdir, dst, step=step, overwrite=overwrite, merge_lora=merge_lora,
+                             lora_format=lora_format)
+    import shutil
+    import tempfile
+
+    from mm.convert import mm_dir as mmd
+
+    target = paths.as_path(dst)
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{dst}: already exists (pass --overwrite to replace it)")
+    tmp = Path(tempfile.mkdtemp(prefix="mm-export-"))
+    try:
+        local = _export_local(workdir, tmp / target.name, step=step, overwrite=False, merge_lora=merge_lora,
+                              lora_format=lora_format)
+        if target.exists():
+            target.rmtree()
+        paths.upload_tree(local, target, last=(mmd.MM_CONFIG_FILE, "adapter_config.json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _export_local(workdir: str | Path, dst: str | Path, *, step: int | None, overwrite: bool, merge_lora: bool,
+                  lora_format: str | None) -> Path:
     from mm.convert import mm_dir as mmd
     from mm.convert.llm_map import llm_name_map
     from mm.convert.pipeline import staged_output
@@ -135,7 +163,7 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
     params, written = _lora(workdir, cfg, params, dst, merge_lora, lora_format, overwrite)
     if written is not None:
         return written
-    source = {"format": "mm-train", "workdir": str(Path(workdir).absolute()), "step": step}
+    source = {"format": "mm-train", "workdir": str(paths.as_path(workdir)), "step": step}
     tok = _tokenizer_source(cfg)
     if cfg.model.kind == "llm":
         c = tcfg.llm_config_from(cfg)

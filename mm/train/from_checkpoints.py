@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from mm import paths
 from mm.config import ConfigError
 
 
@@ -23,7 +24,7 @@ def _is_mm(path: Path) -> bool:
 def llm_section(path: str | Path) -> dict[str, Any]:
     from mm.config import LLMConfig
 
-    p = Path(path)
+    p = paths.local_copy(path)
     if _is_mm(p):
         from mm.convert import mm_dir as mmd
 
@@ -44,7 +45,7 @@ def llm_section(path: str | Path) -> dict[str, Any]:
 def vision_section(path: str | Path) -> dict[str, Any]:
     from mm.convert import hf_vision
 
-    p = Path(path)
+    p = paths.local_copy(path)
     if _is_mm(p):
         c = hf_vision.read_mm_vision_config(p)
     elif (p / "config.json").exists():

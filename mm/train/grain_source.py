@@ -11,18 +11,21 @@ data repeats forever (the step count ends the run); `metrics()` are the skip cou
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mm import paths
 from mm.data.pipeline import DataConfig, DataPipeline, ExampleMaker
 
 
 def read_rows(path: str) -> Any:
     """LLaVA JSON / JSONL file, or a directory (or file) of ArrayRecord shards from `mm-data pack`."""
-    p = Path(path)
-    if p.is_dir() or p.suffix == ".array_record":
+    p = paths.as_path(path)
+    if p.suffix == ".array_record" or p.is_dir():
+        if paths.is_remote(p):  # ArrayRecord's reader opens local files only
+            raise ValueError(f"{path}: ArrayRecord shards on an object store; copy them to a local disk "
+                             "(JSON / JSONL rows and image roots can stay there)")
         from mm.data.sources import ArrayRecordRows
 
         return ArrayRecordRows(str(p))
@@ -88,7 +91,7 @@ class GrainSource:
         self.local = micro // process_count
         self.seed = int(cfg.data.seed if seed is None else seed)
         self.dcfg = data_config(cfg, seed=self.seed, local_rows=self.local)
-        tok = AutoTokenizer.from_pretrained(str(cfg.data.tokenizer))
+        tok = AutoTokenizer.from_pretrained(str(paths.local_copy(cfg.data.tokenizer)))
         if len(tok) > int(cfg.model.llm.vocab_size):
             raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has {len(tok)} tokens > model.llm.vocab_size "
                              f"{cfg.model.llm.vocab_size}")

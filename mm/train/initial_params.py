@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mm import paths
 from mm.config import ConfigError
 from mm.models import lora
 from mm.train import config as tcfg
@@ -113,8 +114,8 @@ def load_base_llm(path: str | Path, model: models.TrainModel, flat_sh: Mapping[s
     """Flat base-LLM params from an HF dir or an mm dir, placed on their shardings (`model.base_prefix`)."""
     from mm.convert.pipeline import read_hf_llm_config
 
-    return _load_hf_or_mm("init.llm_checkpoint", Path(path), model.llm_config, LLM_SHAPE_FIELDS, "model.llm",
-                          model.base_prefix, flat_sh, read_hf_llm_config, _open_hf_llm)
+    return _load_hf_or_mm("init.llm_checkpoint", paths.local_copy(path), model.llm_config, LLM_SHAPE_FIELDS,
+                          "model.llm", model.base_prefix, flat_sh, read_hf_llm_config, _open_hf_llm)
 
 
 def load_vision(path: str | Path, cfg: Any, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -122,8 +123,9 @@ def load_vision(path: str | Path, cfg: Any, flat_sh: Mapping[str, Any]) -> dict[
     config must equal `model.vision` on every field that shapes or computes the tower."""
     from mm.convert import hf_vision
 
-    return _load_hf_or_mm("init.vision_checkpoint", Path(path), tcfg.vision_config_from(cfg), VISION_SHAPE_FIELDS,
-                          "model.vision", "vision", flat_sh, hf_vision.read_hf_vision_config, hf_vision.open_hf_vision)
+    return _load_hf_or_mm("init.vision_checkpoint", paths.local_copy(path), tcfg.vision_config_from(cfg),
+                          VISION_SHAPE_FIELDS, "model.vision", "vision", flat_sh, hf_vision.read_hf_vision_config,
+                          hf_vision.open_hf_vision)
 
 
 def _previous_stage(path: str) -> tuple[Path, int, dict[str, Any]]:
@@ -255,7 +257,7 @@ def load_lora(path: str | Path, model: models.TrainModel, flat_sh: Mapping[str, 
     source = f"init.lora_checkpoint={path}"
     c = model.llm_config
     try:
-        got = read_peft(path, llm_name_map(c), llm_candidates(c), mm_prefix=model.base_prefix)
+        got = read_peft(paths.local_copy(path), llm_name_map(c), llm_candidates(c), mm_prefix=model.base_prefix)
     except ConversionError as e:
         raise ConfigError(f"{source}: {e}") from e
     want = {ad.prefix + leaf: ad for ad in model.adapters for leaf in lora.LEAVES}

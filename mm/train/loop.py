@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mm import paths
 from mm import sharding as shd
 from mm.config import ConfigError
 from mm.train import config as tcfg
@@ -168,7 +169,7 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstr
 def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) -> Result:
     devices = list(jax.devices() if devices is None else devices)
     tcfg.validate(cfg, len(devices))
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)  # a local path or a URI (gs://, s3://)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
@@ -205,10 +206,13 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
         _log(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})")
     start = int(jax.device_get(state["step"]))
 
-    writer = MetricsWriter(workdir, enabled=is_main, tensorboard=bool(cfg.metrics.tensorboard),
+    # metrics.jsonl, TensorBoard events and profiles are written locally; on an object store into a mirror that
+    # is uploaded at every checkpoint and at the end (appending continues a resumed run's metrics.jsonl)
+    mirror = paths.Mirror(workdir, pull=["metrics.jsonl"] if is_main else [])
+    writer = MetricsWriter(mirror.local, enabled=is_main, tensorboard=bool(cfg.metrics.tensorboard),
                            jsonl=bool(cfg.metrics.jsonl))
     evaluator = _Evaluator(cfg, b, ref_logps) if t.eval_every else None
-    capture = Capture(cfg.profile, workdir, _log)
+    capture = Capture(cfg.profile, mirror.local, _log)
     timer = Timer()
     losses: dict[int, float] = {}
     recent_ids: collections.deque = collections.deque(maxlen=max(int(t.max_consecutive_nonfinite), 1))
@@ -281,6 +285,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                     finish(pending)
                     pending = None
                     ckpt.save(done, state, data.state(), meta, force=True)
+                    mirror.sync()
                     preempted = True
                     _log(f"preemption notice: saved step {done}, exiting")
                     break
@@ -288,6 +293,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
                     finish(pending)  # a resumed run starts after `done`: its metrics must be out first
                     pending = None
                     ckpt.save(done, state, data.state(), meta)
+                    mirror.sync()
             finish(pending)
             capture.stop()
             last = int(jax.device_get(state["step"]))
@@ -297,6 +303,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
         capture.close()
         ckpt.close()
         writer.close()
+        mirror.close()
         if hasattr(data, "close"):  # Grain workers / threads
             data.close()
     skipped = int(jax.device_get(state["skipped"]))
@@ -342,7 +349,7 @@ class _Evaluator:
         if not hasattr(self, "_gens"):
             from transformers import AutoTokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(str(self.b.cfg.data.tokenizer))
+            self._tok = AutoTokenizer.from_pretrained(str(paths.local_copy(self.b.cfg.data.tokenizer)))
             self._gens = {w: Generator(fns, pad_id=int(self._tok.pad_token_id or 0)) for w, fns in m.decode.items()}
         cfg, tok = self.b.cfg, self._tok
         n = min(int(cfg.train.eval_samples), rows["input_ids"].shape[0])

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 
 from mm.config import ConfigError
-from mm.row_chunks import barrier, write_atomic
+from mm.paths import as_path, local_copy, write_atomic
+from mm.row_chunks import barrier
 
 DIR = "reference_logps"
 META_KEYS = ("data", "rows", "reference", "init", "model", "seq_len", "template", "tokenizer", "image_root",
@@ -49,7 +50,7 @@ def data_sets(cfg: Any) -> dict[str, str]:
 
 def _meta(cfg: Any, path: str, rows: int) -> dict[str, Any]:
     d = cfg.data
-    return {"data": str(Path(path).absolute()), "rows": rows, "reference": cfg.dpo.reference or "starting weights",
+    return {"data": str(as_path(path)), "rows": rows, "reference": cfg.dpo.reference or "starting weights",
             "init": {k: cfg.init[k] for k in ("llm_checkpoint", "vision_checkpoint", "checkpoint", "seed")},
             "model": cfg.model.to_dict(), "seq_len": int(cfg.train.seq_len), "template": str(d.template),
             "tokenizer": str(d.tokenizer), "image_root": str(d.image_root), "tiling": str(d.tiling),
@@ -68,7 +69,7 @@ def prepare(cfg: Any, b: Any, workdir: str | Path, log: Callable[[str], None] = 
     from mm.train import preference
     from mm.train.grain_source import read_rows
 
-    out_dir = Path(workdir) / DIR
+    out_dir = as_path(workdir) / DIR
     tables: dict[str, dict[str, Any]] = {}
     reference = None
     for name, path in data_sets(cfg).items():
@@ -117,7 +118,8 @@ def compute(cfg: Any, b: Any, reference: Any, rows: Any, path: str, name: str = 
     proc, nproc = jax.process_index(), jax.process_count()
     local = int(cfg.train.batch_size) // int(cfg.optim.grad_accum) // nproc
     dcfg = data_config(cfg, seed=0, local_rows=local)
-    maker = ExampleMaker(dcfg, AutoTokenizer.from_pretrained(str(cfg.data.tokenizer)), str(cfg.data.image_root) or None)
+    tok = AutoTokenizer.from_pretrained(str(local_copy(cfg.data.tokenizer)))
+    maker = ExampleMaker(dcfg, tok, str(cfg.data.image_root) or None)
     m = b.model
     fn = shd.sharded_jit(lambda p, x: pair_logps(m.sequence_logps, m.pixel_features, p,
                                                  {k: v[0] for k, v in x.items()})[0], b.mesh, b.rules)
