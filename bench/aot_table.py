@@ -47,8 +47,9 @@ def compile_one(config: str, topology: str, mesh: dict, remat: str, accum: int, 
 
 
 def cell(rep: dict, remat: str, accum: int) -> str:
-    if rep.get("fits") is None:
-        return f"error: {rep['error'][:60]}"
+    if rep.get("fits") is None:  # mm-aot refused the config before compiling (exit 2), or failed
+        msg = rep["error"].removeprefix("mm-aot: error: ").split(" (mesh ")[0]
+        return f"n/a: {msg}"
     setting = remat + (f", accum {accum}" if accum > 1 else "")
     if "memory" not in rep:  # refused by the compiler
         return f"no ({rep['compiler'][:70]})"
