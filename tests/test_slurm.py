@@ -47,5 +47,7 @@ def test_sbatch_script_trains_on_two_tasks_like_one_process(tmp_path):
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     multi = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
     assert sorted(multi) == [1, 2, 3, 4]
+    print("SLURM 2 tasks vs 1 process, max relative loss difference:",
+          max(abs(multi[s] - single[s]) / abs(single[s]) for s in multi))
     for s in multi:
         assert multi[s] == pytest.approx(single[s], rel=2e-6, abs=0), (s, multi[s], single[s])
