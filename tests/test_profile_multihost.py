@@ -16,9 +16,9 @@ import jax
 from debian import pprof_raw
 from launch.local_cluster import free_port, launch
 from launch.profile import main as profile_main
-from mm.config import load_config_file
 from mm.train import loop
 from mm.train import param_groups as pg
+from tests.train.helpers_train import config_with
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("straggler_worker.py")  # run as a module: tests/ goes on PYTHONPATH
@@ -29,12 +29,7 @@ OVERRIDES = {"train.steps": 24, "train.log_every": 1, "checkpoint.every": 0, "in
 
 
 def _config():
-    cfg = load_config_file("configs/tiny_llm.py:full")
-    cfg.unlock()
-    for k, v in OVERRIDES.items():
-        sec, key = k.split(".")
-        cfg[sec][key] = v
-    return cfg
+    return config_with("configs/tiny_llm.py:full", OVERRIDES)
 
 
 def test_two_process_fsdp_profile(tmp_path, capsys):

@@ -11,9 +11,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from mm.config import load_config_file
 from mm.train import loop
 from tests.helpers.slurm import one_node_cluster, wait_for_job
+from tests.train.helpers_train import config_with
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = {"train.steps": 4, "train.log_every": 1, "checkpoint.every": 2, "init.prng_impl": "unsafe_rbg",
@@ -38,11 +38,7 @@ def test_sbatch_script_trains_on_two_tasks_like_one_process(tmp_path):
     assert log.count("mm-train: finished at step 4") == 2, log[-4000:]  # both tasks
     assert "mesh {'data': 2" in log, log[-4000:]
 
-    cfg = load_config_file("configs/tiny_llm.py:full")
-    cfg.unlock()
-    for k, v in OVERRIDES.items():
-        sec, key = k.split(".")
-        cfg[sec][key] = v
+    cfg = config_with("configs/tiny_llm.py:full", OVERRIDES)
     single = loop.train(cfg, tmp_path / "one", devices=jax.devices()[:1]).losses
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     multi = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}

@@ -12,6 +12,19 @@ GROUPS = {
 }
 
 
+def config_with(spec: str, overrides: dict):
+    """`--config=spec` with `--config.sec.key=value` overrides applied, as mm-train would see them (for the
+    in-process reference run of a test that runs the same config through the CLI)."""
+    from mm.config import load_config_file
+
+    cfg = load_config_file(spec)
+    cfg.unlock()
+    for k, v in overrides.items():
+        sec, key = k.split(".")
+        cfg[sec][key] = v
+    return cfg
+
+
 def tiny(variant: str = "full", **llm):
     c = base_config()
     c.model.llm.update(dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

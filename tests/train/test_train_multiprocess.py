@@ -9,8 +9,8 @@ import jax
 import pytest
 
 from launch.local_cluster import launch
-from mm.config import load_config_file
 from mm.train import loop
+from tests.train.helpers_train import config_with
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = {"train.steps": 4, "train.log_every": 1, "checkpoint.every": 2, "init.prng_impl": "unsafe_rbg",
@@ -24,11 +24,7 @@ def test_two_processes_match_one(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     procs = launch(2, args, env=env)
 
-    cfg = load_config_file("configs/tiny_llm.py:full")
-    cfg.unlock()
-    for k, v in OVERRIDES.items():
-        sec, key = k.split(".")
-        cfg[sec][key] = v
+    cfg = config_with("configs/tiny_llm.py:full", OVERRIDES)
     single = loop.train(cfg, tmp_path / "one", devices=jax.devices()[:1]).losses
 
     outs = [p.communicate(timeout=300)[0] for p in procs]
