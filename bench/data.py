@@ -10,7 +10,9 @@ PyTorch `DataLoader` doing LLaVA-1.5's preprocessing on the same generated data 
   packing into 2048-token rows; `worker_count=0 / 2`; float32 pixels (the processor's output) and uint8 pixels
   (normalised on device by `normalize_pixels`). Also `tiling="catty"` (POINTS, up to 9 tiles) for scale.
 
-Run: `python bench/data.py [--rows 192] [--batch 8]`. Times exclude each loader's first batch (worker start-up).
+Run: `python bench/data.py [--rows 768] [--batch 8] [--workers 0,1,2]`. Times exclude each loader's first batch
+from every worker (worker start-up: Grain's spawned workers import the library, DataLoader's fork; a second worker
+still starting inside the timed window made 2 workers look slower than none on a short run).
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def run_torch(rows, root, tok, workers, batch):
                                      collate_fn=collate, shuffle=False)
     it = iter(dl)
     first = next(it)
+    for _ in range(workers - 1):  # one batch from every worker: all of them have started
+        next(it)
     n, t0 = 0, time.perf_counter()
     for b in it:
         n += b[0].shape[0]
@@ -131,7 +135,8 @@ def run_ours(rows, root, tok, workers, batch, tiling, pixel_dtype="float32"):
     cfg = DataConfig(max_len=2048 if tiling == "square" else 4096, batch_size=batch, tiling=tiling, shuffle=False, worker_count=workers,
                      read_threads=1, pixel_dtype=pixel_dtype, **kw)
     p = DataPipeline(rows, cfg, ExampleMaker(cfg, tok, root), shard_index=0, shard_count=1)
-    next(p)
+    for _ in range(max(workers, 1)):  # one batch from every worker (Grain takes them in turn): all have started
+        next(p)
     used0, t0 = p.counter.used, time.perf_counter()
     for _ in p:
         pass
@@ -141,7 +146,8 @@ def run_ours(rows, root, tok, workers, batch, tiling, pixel_dtype="float32"):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=192)
+    ap.add_argument("--rows", type=int, default=768)
+    ap.add_argument("--workers", default="0,1,2", help="comma list of worker counts (0: in the main process)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dir", default=None)
     a = ap.parse_args()
@@ -156,7 +162,7 @@ def main() -> None:
     print(f"{len(rows)} rows ({sum(1 for r in rows if 'image' in r)} with images) in {d}; batch {a.batch}; "
           f"{os.cpu_count()} CPUs")
     res = {}
-    for w in (0, 2):
+    for w in [int(x) for x in a.workers.split(",")]:
         res[("torch", w)] = run_torch(rows, root, tok, w, a.batch)[0]
         print(f"torch DataLoader LLaVA-1.5, workers={w}: {res[('torch', w)]:8.1f} samples/s", flush=True)
         res[("ours", w)] = run_ours(rows, root, tok, w, a.batch, "square")
