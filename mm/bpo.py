@@ -108,7 +108,7 @@ def negatives(model: Any, data: str | os.PathLike, *, image_root: str, out: str 
     from mm.data import images as img_lib
     from mm.data.pipeline import DataConfig, ImageTiler
     from mm.data.skips import SampleSkip
-    from mm.data.sources import image_paths, read_llava, resolve_image_path, row_id
+    from mm.data.sources import image_paths, read_image, read_llava, row_id
     from mm.heldout import Loader
     from mm.ppl import processor_for
 
@@ -152,7 +152,8 @@ def negatives(model: Any, data: str | os.PathLike, *, image_root: str, out: str 
             rid = row_id(rows[i], i)
             try:
                 turns = _turns(rows[i], rid)
-                px = tiler(img_lib.load_image(resolve_image_path(image_root, image_paths(rows[i])[0], rid)))[0]
+                rel = image_paths(rows[i])[0]
+                px = tiler(img_lib.load_image(read_image(image_root, rel, rid), name=rel))[0]
             except (SampleSkip, OSError, ValueError) as e:
                 reason = e.reason if isinstance(e, SampleSkip) else "corrupt_image"
                 recs.append({"index": i, "id": rid, "skip": reason, "message": str(e)[:200]})

@@ -100,7 +100,7 @@ class ExactMatch:
         processor (every checkpoint of a soup has one tower)."""
         from mm.data import images as img_lib
         from mm.data.pipeline import DataConfig, ImageTiler
-        from mm.data.sources import image_paths, resolve_image_path, row_id
+        from mm.data.sources import image_paths, read_image, row_id
         from mm.ppl import processor_for
 
         size, processor = int(h.config.vision.image_size), processor_for(h)
@@ -113,8 +113,8 @@ class ExactMatch:
                 if rel:
                     if self.image_root is None:
                         raise ConfigError(f"--split {self.split}: rows have images; pass --image-root")
-                    f = resolve_image_path(self.image_root, rel[0], row_id(self.rows[i], i))
-                    pixels[i] = tiler(img_lib.load_image(f))[0]
+                    data = read_image(self.image_root, rel[0], row_id(self.rows[i], i))
+                    pixels[i] = tiler(img_lib.load_image(data, name=rel[0]))[0]
             self._pixels[key] = pixels
         return self._pixels[key]
 

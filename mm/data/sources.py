@@ -64,17 +64,14 @@ def image_paths(row: dict[str, Any]) -> list[str]:
 
 def resolve_image_path(root: str | os.PathLike, rel: str, rid: str = "?") -> str:
     """`root/rel` as a real path (or, under a URI root, as a URI), refusing anything that leaves `root`
-    (SampleSkip `path_escape`) and files that do not exist (`missing_image`)."""
+    (SampleSkip `path_escape`) and local files that do not exist (`missing_image`)."""
     if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
         raise SampleSkip("path_escape", rid, f"image path {rel!r} is absolute or empty")
     parts = rel.replace("\\", "/").split("/")
     if ".." in parts:
         raise SampleSkip("path_escape", rid, f"image path {rel!r} contains '..'")
-    if is_remote(root):  # no links on an object store: the checks above keep the key under the root
-        p = as_path(root).joinpath(*parts)
-        if not p.is_file():
-            raise SampleSkip("missing_image", rid, f"image {rel!r} not found under {root}")
-        return os.fspath(p)
+    if is_remote(root):  # no links on an object store: the checks above keep the key under the root; whether
+        return os.fspath(as_path(root).joinpath(*parts))  # it exists, `read_image`'s one read finds out
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, rel))
     if os.path.commonpath([real_root, real]) != real_root:
@@ -92,15 +89,20 @@ def read_row_images(row: dict[str, Any], image_root: str | os.PathLike | None) -
     paths = image_paths(row)
     if paths and image_root is None:
         raise SampleSkip("missing_image", rid, "row has images but no image root was given")
-    out = []
-    for p in paths:
-        real = resolve_image_path(image_root, p, rid)
+    return [read_image(image_root, p, rid) for p in paths]
+
+
+def read_image(root: str | os.PathLike, rel: str, rid: str = "?") -> bytes:
+    """The encoded bytes of image `rel` under `root` (a local directory or a URI), held to `resolve_image_path`'s
+    rules; a missing file is SampleSkip `missing_image`."""
+    real = resolve_image_path(root, rel, rid)
+    try:
         if is_remote(real):
-            out.append(as_path(real).read_bytes())
-            continue
+            return as_path(real).read_bytes()
         with open(real, "rb") as f:
-            out.append(f.read())
-    return out
+            return f.read()
+    except FileNotFoundError:
+        raise SampleSkip("missing_image", rid, f"image {rel!r} not found under {root}") from None
 
 
 # ---------------------------------------------------------------------------------------- ArrayRecord
