@@ -41,17 +41,23 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, p)
 
 
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """One file from anywhere to anywhere (local paths or URIs), parent directories made."""
+    out = as_path(dst)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(as_path(src).read_bytes())
+
+
 def upload_tree(src: str | os.PathLike, dst: str | os.PathLike, last: Iterable[str] = ()) -> list[str]:
     """Copies the files of the local directory `src` to `dst` (a URI or a local path); the relative names in
     `last` go after every other file, so a reader that checks for them (a manifest) never sees a part. Returns
     the relative names in the order they were written."""
     src = Path(src)
     files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
-    order = [f for f in files if f not in set(last)] + [f for f in files if f in set(last)]
+    late = set(last)
+    order = [f for f in files if f not in late] + [f for f in files if f in late]
     for rel in order:
-        out = as_path(dst) / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes((src / rel).read_bytes())
+        copy_file(src / rel, as_path(dst) / rel)
     return order
 
 
@@ -85,11 +91,9 @@ def local_copy(path: str | os.PathLike) -> Path:
         dst = tmp / (src.name or "root")
         if src.is_dir():
             for rel, p in _files(src):
-                out = dst / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(p.read_bytes())
+                copy_file(p, dst / rel)
         else:
-            dst.write_bytes(src.read_bytes())
+            copy_file(src, dst)
         _COPIES[key] = dst
     return _COPIES[key]
 
@@ -110,12 +114,9 @@ class Mirror:
             return
         self.local = Path(tempfile.mkdtemp(prefix="mm-mirror-"))
         for name in pull:
-            src = self.target / name
-            if src.exists():
-                dst = self.local / name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(src.read_bytes())
-                self._seen[name] = self._stamp(dst)
+            if (self.target / name).exists():
+                copy_file(self.target / name, self.local / name)
+                self._seen[name] = self._stamp(self.local / name)
 
     @staticmethod
     def _stamp(p: Path) -> tuple[int, int]:
@@ -134,9 +135,7 @@ class Mirror:
                 stamp = self._stamp(p)
                 if self._seen.get(rel) == stamp:
                     continue
-                dst = self.target / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(p.read_bytes())
+                copy_file(p, self.target / rel)
                 self._seen[rel] = stamp
                 sent.append(rel)
         return sent
