@@ -230,6 +230,11 @@ def mesh_axes(cfg: Any) -> dict[str, int]:
     return {a: int(cfg.mesh[a]) for a in MESH_AXES}
 
 
+def dcn_axis(cfg: Any) -> str:
+    """The mesh axis that spans TPU slices (`mesh.dcn_axis`; "data" in a config.json from before the key)."""
+    return str(cfg.mesh.get("dcn_axis", "data"))
+
+
 def named_paths(cfg: Any) -> list[str]:
     """Every checkpoint / data path the config names (an ahead-of-time compile reads none of them)."""
     keys = [("data", k) for k in ("path", "eval_path", "image_root", "tokenizer")]
@@ -301,8 +306,8 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
             raise ConfigError(f"config key model.iaa_workflow = {m.iaa_workflow!r} not in model.iaa_branches")
     from mm.sharding import MESH_AXES
 
-    if cfg.mesh.get("dcn_axis", "data") not in MESH_AXES:
-        raise ConfigError(f"config key mesh.dcn_axis = {cfg.mesh.dcn_axis!r}: one of {list(MESH_AXES)}")
+    if dcn_axis(cfg) not in MESH_AXES:
+        raise ConfigError(f"config key mesh.dcn_axis = {dcn_axis(cfg)!r}: one of {list(MESH_AXES)}")
     if n_devices is not None:
         from mm.sharding import mesh_shape_from_config
 

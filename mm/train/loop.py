@@ -96,14 +96,15 @@ def state_shardings(abstract_state: Any, flat_param_sh: dict[str, Any], mesh: An
 
 
 def _check_processes(mesh: Any, batch_sharding: Any, axes: dict[str, int]) -> None:
-    """Each process reads its own rows of the batch: the batch's shards must split evenly over the processes."""
+    """Each process reads its own rows of the step's batch (`_batch_sharding`: rows on dim 1): its shards must
+    split evenly over the processes."""
     n = jax.process_count()
-    spec = batch_sharding.spec[0]
+    spec = batch_sharding.spec[1]
     names = (spec,) if isinstance(spec, str) else tuple(spec or ())
     shards = int(np.prod([mesh.shape[a] for a in names])) if names else 1
     if n > 1 and shards % n:
-        raise ConfigError(f"config key mesh = {axes}: the batch is split {shards} ways ({' x '.join(names) or 'none'}), "
-                          f"which does not divide over the {n} processes of this run (each reads its own rows); "
+        raise ConfigError(f"config key mesh = {axes}: the batch is split {shards} ways "
+                          f"({' x '.join(names) or 'none'}), which does not divide over the {n} processes of this run (each reads its own rows); "
                           "make the data-parallel axes (data x fsdp) a multiple of the process count")
 
 
@@ -113,9 +114,11 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstr
     loaded or allocated), for compiling the step ahead of time (`mm.train.aot`)."""
     devices = list(jax.devices() if devices is None else devices)
     tcfg.validate(cfg, len(devices), compile_only=abstract)  # abstract: reads none
-    mesh = shd.make_mesh(tcfg.mesh_axes(cfg), devices, dcn_axis=str(cfg.mesh.get("dcn_axis", "data")))
-    _check_processes(mesh, shd.batch_sharding(mesh), tcfg.mesh_axes(cfg))
+    axes = tcfg.mesh_axes(cfg)
+    mesh = shd.make_mesh(axes, devices, dcn_axis=tcfg.dcn_axis(cfg))
     rules = shd.rules_from_overrides(dict(cfg.rules) or None)
+    bsh = _batch_sharding(mesh, rules)
+    _check_processes(mesh, bsh, axes)
     model = models.build(cfg)
     shardings = shd.param_shardings(model.abstract, mesh, rules)
     flat_sh = pg.flatten(shardings)
@@ -154,7 +157,6 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstr
         else:
             state = init(trainable)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    bsh = _batch_sharding(mesh, rules)
     step = make_train_step(model.loss, optimizer, schedule(cfg))
     step_fn = shd.sharded_jit(step, mesh, rules, in_shardings=(state_sh, frozen_sh, bsh),
                               out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
