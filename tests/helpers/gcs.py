@@ -5,7 +5,8 @@ preconditions TensorStore needs: tests/helpers/gcs_server.py) on a free port.
 gcsfs (what `etils.epath` uses for `gs://`) reads `STORAGE_EMULATOR_HOST`, TensorStore (what Orbax writes
 arrays with) `TENSORSTORE_GCS_HTTP_URL`; `GOOGLE_AUTH_TOKEN_FOR_TESTING` keeps TensorStore from looking for
 credentials; `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` stops gcsfs asking the storage-control gRPC API (which
-the emulator lacks) for each bucket's layout, a slow failure on every call. `filesystem(env)` is an independent gcsfs client for the test to look at what the run wrote.
+the emulator lacks) for each bucket's layout, a slow failure on every call. `filesystem(env)` is an independent
+gcsfs client for the test to look at what the run wrote.
 """
 
 from __future__ import annotations
@@ -18,18 +19,14 @@ import sys
 import time
 from typing import Iterator
 
+from launch.local_cluster import free_port
+
 BUCKET = "bkt"
-
-
-def _free_port() -> int:
-    import portpicker
-
-    return portpicker.pick_unused_port()
 
 
 @contextlib.contextmanager
 def emulator() -> Iterator[dict[str, str]]:
-    port = _free_port()
+    port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.gcs_server", str(port), BUCKET], cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

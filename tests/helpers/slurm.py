@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from launch.local_cluster import free_port
 from tests.debian import ensure
 
 
@@ -56,12 +57,6 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def one_node_cluster(tmp: Path, timeout: float = 60) -> Iterator[dict[str, str]]:
     if os.geteuid() != 0:
@@ -73,7 +68,7 @@ def one_node_cluster(tmp: Path, timeout: float = 60) -> Iterator[dict[str, str]]
     (d / "spool").mkdir()
     host = socket.gethostname().split(".")[0]
     conf = d / "slurm.conf"
-    conf.write_text(CONF.format(host=host, d=d, cpus=os.cpu_count(), ctl_port=_free_port(), d_port=_free_port()))
+    conf.write_text(CONF.format(host=host, d=d, cpus=os.cpu_count(), ctl_port=free_port(), d_port=free_port()))
     env = dict(os.environ, SLURM_CONF=str(conf))
     procs = [subprocess.Popen([b, "-D", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for b in ("slurmctld", "slurmd")]
