@@ -59,11 +59,11 @@ def load_host(src: Path) -> None:
     import jax
     import numpy as np
 
-    from mm.convert.pipeline import load_hf_llm
+    from mm.convert.registry import load
     from mm.train import param_groups as pg
 
     model, flat_sh = _setup(src)
-    _, tree = load_hf_llm(src, param_dtype="bfloat16")
+    _, tree = load(src, dtype="bfloat16")
     out = {k: jax.device_put(np.asarray(v), flat_sh[k]) for k, v in pg.flatten(tree).items()}
     jax.block_until_ready(out)
     print(f"host: {len(out)} params, {sum(x.nbytes for x in out.values()) / GIB:.2f} GiB", flush=True)

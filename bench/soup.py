@@ -29,7 +29,7 @@ from bench.convert import GIB, PRESETS, checkpoint_path, drop_cache, run_child  
 
 
 def largest_tensor_bytes(path: Path) -> int:
-    from mm.convert.safetensors_io import SafetensorsCheckpoint
+    from mm.checkpoints.safetensors_io import SafetensorsCheckpoint
 
     with SafetensorsCheckpoint(path) as ck:
         return max(t.nbytes for t in ck.tensors.values())

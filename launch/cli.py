@@ -27,7 +27,7 @@ def report(prog: str, error: BaseException | str) -> int:
 def input_errors() -> tuple[type[BaseException], ...]:
     """The exception types mm raises for bad input (each message names the key / file at fault)."""
     from mm.config import ConfigError
-    from mm.convert.errors import ConversionError
+    from mm.checkpoints.errors import ConversionError
 
     return ConfigError, ConversionError
 

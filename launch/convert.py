@@ -32,8 +32,15 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def parse_positions(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from mm.convert.pipeline import DTYPES
+    from mm.checkpoints.engine import DTYPES
 
     p = argparse.ArgumentParser(prog="mm-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "mm-to-hf":
             s.add_argument("--shard-size", type=parse_size, default="5GB",
                            help="largest safetensors shard (default 5GB)")
+        else:
+            s.add_argument("--positions", type=parse_positions, default=None,
+                           help="an IAA release: its insertion positions, e.g. 0,2 (the release does not store "
+                                "them; IAA-14's are assumed for 14 condition layers)")
+            s.add_argument("--vision", default=None,
+                           help="an IAA release: a local HF CLIP / SigLIP directory for its vision tower "
+                                "(default: mm_vision_tower when local, else the checkpoint's own tower)")
     s = sub.add_parser("export-run", help="an mm-train workdir's finished checkpoint -> mm checkpoint directory")
     s.add_argument("--src", required=True, help="mm-train workdir (config.json + checkpoints/)")
     s.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
@@ -62,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from mm.convert import hf_to_mm, mm_to_hf
+    from mm.convert.registry import hf_to_mm, mm_to_hf
 
     if args.command == "export-run":
         from mm.train.export import export_run
@@ -70,7 +84,8 @@ def _convert(args: argparse.Namespace) -> int:
         out = export_run(args.src, args.dst, step=args.step, overwrite=args.overwrite, merge_lora=args.merge_lora,
                          lora_format=args.lora_format)
     elif args.command == "hf-to-mm":
-        out = hf_to_mm(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+        out = hf_to_mm(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                       positions=args.positions, vision=args.vision)
     else:
         out = mm_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                        progress=not args.no_progress, max_shard_bytes=args.shard_size)

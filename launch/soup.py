@@ -22,7 +22,7 @@ from typing import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mm.convert.pipeline import DTYPES
+    from mm.checkpoints.engine import DTYPES
     from mm.heldout import SCORES
     from mm.soup import ACCEPT, METHODS
 

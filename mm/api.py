@@ -28,12 +28,9 @@ import numpy as np
 
 from mm import sharding as sh
 from mm.attention import IMPLEMENTATIONS
-from mm.config import ConfigError, LLMConfig, VisionConfig, read_json
+from mm.config import ConfigError, LLMConfig, VisionConfig
 from mm.generate import DecodeFns, Generator, left_pad, positions_from_mask
 from mm.models import llm
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
@@ -228,13 +225,12 @@ def _as_batch(input_ids: Any, attention_mask: Any, pad_id: int) -> tuple[np.ndar
     return left_pad(rows, max(len(r) for r in rows), pad_id)
 
 
-def _load_tokenizer(path: Path) -> Any:
-    for d in (path / "tokenizer", path):
-        if any((d / f).exists() for f in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
+def _load_tokenizer(directory: Path | None) -> Any:
+    if directory is None:
+        return None
+    from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(str(d))
-    return None
+    return AutoTokenizer.from_pretrained(str(directory))
 
 
 def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: str | None = None,
@@ -266,8 +262,8 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
 
 
 def _merge_adapter(handle: Any, adapter: Path) -> Any:
-    from mm.convert.errors import ConversionError
-    from mm.convert.llm_map import llm_name_map
+    from mm.checkpoints.errors import ConversionError
+    from mm.convert.llm_family import llm_name_map
     from mm.convert.peft_adapter import llm_candidates, read_peft
     from mm.models import lora
 
@@ -433,61 +429,28 @@ class VLMHandle:
         return out
 
 
+def _abstract(handle: str, config: Any) -> Any:
+    from mm.models import vision, vlm
+
+    return {"llm": llm.abstract_params, "vision": vision.abstract_params, "vlm": vlm.abstract_params}[handle](config)
+
+
 def _load(path: Path, runtime: Runtime, vision: Any) -> Any:
-    """Dispatches on the directory's manifest (mm) or config.json model_type (HF); the handle applies `runtime`."""
-    from mm import convert
-    from mm.convert import hf_vision, vlm_dir
+    """Opens the directory through the family registry (which kind of checkpoint it is), configures the model
+    with `runtime` and reads the params straight onto the mesh (no host copy of the whole model with one)."""
+    from mm.convert import registry
 
-    tokenizer = _load_tokenizer(path)
-    pdt, src = runtime.param_dtype, str(path)
-    if (path / convert.MM_CONFIG_FILE).exists():
-        kind = read_json(path / convert.MM_CONFIG_FILE).get("kind")
-        if kind == hf_vision.VISION_KIND:
-            from mm.models import vision as vision_lib
-
-            cfg = runtime.configure(hf_vision.read_mm_vision_config(path))
-            params = convert.load_mm_params(path, cfg, shardings=runtime.shardings(vision_lib.abstract_params(cfg)))
-            return VisionHandle(cfg, params, src, runtime)
-        if kind == vlm_dir.KIND:
-            cfg, params = vlm_dir.load_mm_vlm(path, param_dtype=pdt)
-            return VLMHandle(cfg, params, tokenizer, src, runtime=runtime)
-        config = runtime.configure(convert.read_mm_config(path))
-        # restore straight onto the mesh: no host copy of the whole model
-        params = convert.load_mm_params(path, config, shardings=runtime.shardings(llm.abstract_params(config)))
-        return LLMHandle(config, params, tokenizer, runtime, src)
-    if not (path / "config.json").exists():
-        raise ConfigError(f"{path}: neither an mm checkpoint ({convert.MM_CONFIG_FILE}) nor an HF one (config.json)")
-    model_type = read_json(path / "config.json").get("model_type")
-    if model_type == "llava":
-        from mm.convert.llava_hf import load_llava
-
-        cfg, params = load_llava(path, param_dtype=pdt)
-        return VLMHandle(cfg, params, tokenizer, src, runtime=runtime)
-    if model_type == "IAA":
-        from mm.convert.iaa_release import load_release_vlm
-
-        cfg, params, used = load_release_vlm(path, vision=vision, param_dtype=pdt)
-        print(f"mm.from_pretrained({path}): {used}", flush=True)
-        return VLMHandle(cfg, params, tokenizer, src, vision_source=used, runtime=runtime)
-    if hf_vision.is_vision_hf_config({"model_type": model_type}):
-        cfg, params = hf_vision.load_hf_vision(path, param_dtype=pdt)
-        return VisionHandle(cfg, params, src, runtime)
-    return LLMHandle(*_load_hf_llm(path, runtime), tokenizer, runtime, src)
-
-
-def _load_hf_llm(path: Path, runtime: Runtime) -> tuple[Any, Any]:
-    """An HF Llama / Qwen2 dir: with a mesh, each tensor read region by region straight into its sharded array
-    (`mm.convert.placed`: no host copy of the whole model); without one, into host numpy."""
-    from mm import convert
-
-    if runtime.mesh is None:
-        return convert.load_hf_llm(path, **runtime.options())
-    from mm.convert.pipeline import open_hf_checkpoint, read_hf_llm_config
-    from mm.convert.placed import hf_onto
-
-    config = read_hf_llm_config(path, **runtime.options())
-    name_map = convert.llm_name_map(config)
-    flat_sh = traverse_util.flatten_dict(runtime.shardings(llm.abstract_params(config)))
-    with open_hf_checkpoint(path, name_map) as ckpt:
-        flat = hf_onto(ckpt, name_map, flat_sh, config.param_dtype, desc=f"load {path.name}", progress=False)
-    return config, traverse_util.unflatten_dict(flat)
+    with registry.open_checkpoint(path, vision=vision) as opened:
+        config = runtime.configure(opened.config)
+        handle = opened.family.handle
+        shardings = runtime.shardings(_abstract(handle, config))
+        _, params = registry.load(opened, dtype=runtime.param_dtype, shardings=shardings)
+    if opened.note:
+        print(f"mm.from_pretrained({path}): {opened.note}", flush=True)
+    src = str(path)
+    if handle == "vision":
+        return VisionHandle(config, params, src, runtime)
+    tokenizer = _load_tokenizer(opened.tokenizer_dir)
+    if handle == "vlm":
+        return VLMHandle(config, params, tokenizer, src, vision_source=opened.note, runtime=runtime)
+    return LLMHandle(config, params, tokenizer, runtime, src)

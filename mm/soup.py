@@ -29,7 +29,7 @@ differs from it), the rounded result, plus the output unit being written (an Orb
 whole model. A tensor that is bit-identical in every ingredient (a frozen part) is copied, not averaged. For
 IAA checkpoints (kind "vlm" with branches) the frozen base LLM (`base/...`) must be identical in every
 ingredient - they must be branches of one base - and is copied from the first; the branches and the rest are
-averaged. Output is staged and renamed into place when complete (`mm.convert.pipeline.staged_output`): a
+averaged. Output is staged and renamed into place when complete (`mm.checkpoints.staging.staged_output`): a
 failure leaves nothing at the destination.
 
 The destination also gets `soup_report.json` (method, each ingredient's score, each soup scored, greedy's order
@@ -50,14 +50,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
+from mm.checkpoints import mm_dir as mmd
+from mm.checkpoints.engine import DTYPES
+from mm.checkpoints.errors import ConversionError
+from mm.checkpoints.name_map import save_unit
+from mm.checkpoints.safetensors_io import (DEFAULT_SHARD_BYTES, INDEX_FILE, PlannedTensor, SafetensorsCheckpoint,
+                                           ShardedSafetensorsWriter)
+from mm.checkpoints.staging import staged_output
 from mm.config import ConfigError, read_json
-from mm.convert import mm_dir as mmd
-from mm.convert.errors import ConversionError
-from mm.convert.name_map import save_unit
-from mm.convert.pipeline import DTYPES, staged_output
-from mm.convert.safetensors_io import (DEFAULT_SHARD_BYTES, INDEX_FILE, PlannedTensor, SafetensorsCheckpoint,
-                                       ShardedSafetensorsWriter)
 
 METHODS = ("average", "maximum", "greedy")
 ACCEPT = ("ge", "gt")
@@ -257,7 +259,7 @@ def open_ingredients(paths: Sequence[str | Path]) -> Ingredients:
     metas: list[dict[Any, tuple[tuple[int, ...], np.dtype]]] = []
     where: list[dict[Any, str]] = []
     if kinds[0] == "mm":
-        import mm.convert.vlm_dir  # noqa: F401 - registers kind "vlm"
+        from mm.convert.registry import read_config
 
         manifests = [mmd.read_mm_manifest(p) for p in paths]
         configs = [_strip({k: v for k, v in m.items() if k != "source"}, ("param_dtype",)) for m in manifests]
@@ -267,7 +269,7 @@ def open_ingredients(paths: Sequence[str | Path]) -> Ingredients:
             meta = mmd.params_metadata(p)
             metas.append({k: meta[k] for k in sorted(meta, key=lambda k: (save_unit(k), k))})
             where.append({k: str(p / mmd.PARAMS_DIR) for k in meta})
-        config = mmd.read_mm_config(paths[0])
+        config = read_config(paths[0])
         if getattr(config, "is_iaa", False):
             frozen = {k for k in metas[0] if k[0] == "base"}
     else:  # "hf"
@@ -388,18 +390,17 @@ def _write_mm(ing: Ingredients, members: list[int], out: Path, out_dtypes: dict[
     def read(i: int, key: Any) -> np.ndarray:
         shape, dts = ing.tensors[key]
         tree = mmd.load_param_paths(ing.paths[i], [key], {key: dts[i]}, {key: shape})
-        return np.asarray(mmd.flatten(tree)[key])
+        return np.asarray(traverse_util.flatten_dict(tree)[key])
 
     with mmd.ParamWriter(out) as writer:
         for keys in units.values():
             writer.reserve(sum(int(np.prod(ing.tensors[k][0])) * out_dtypes[k].itemsize for k in keys))
-            unit: dict[str, Any] = {}
+            unit: dict[Any, Any] = {}
             for k in keys:
                 arrays = (read(i, k) for i in members)
-                mmd.set_path(unit, k, mean_tensor(arrays, len(members), out_dtypes[k], name=_show(k),
-                                                  where=[ing.where[i][k] for i in members],
-                                                  must_be_identical=k in ing.frozen))
-            writer.add(unit)
+                unit[k] = mean_tensor(arrays, len(members), out_dtypes[k], name=_show(k),
+                                      where=[ing.where[i][k] for i in members], must_be_identical=k in ing.frozen)
+            writer.add(traverse_util.unflatten_dict(unit))
             del unit
         writer.finalize()
 

@@ -11,6 +11,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 from mm import sharding as sh  # noqa: E402
 from mm.config import LLMConfig  # noqa: E402
@@ -45,11 +46,8 @@ def main() -> None:
 
 
 def placed_load(hf_dir: str) -> None:
-    from mm.convert import mm_dir as mmd
-    from mm.convert.llm_map import llm_name_map
-    from mm.convert.pipeline import load_hf_llm, open_hf_checkpoint
-    from mm.convert.placed import hf_onto
-    from mm.convert.safetensors_io import SafetensorsCheckpoint
+    from mm.convert.registry import load
+    from mm.checkpoints.safetensors_io import SafetensorsCheckpoint
 
     read = [0]
     plain_read = SafetensorsCheckpoint.read_rows
@@ -59,15 +57,14 @@ def placed_load(hf_dir: str) -> None:
         read[0] += out.nbytes
         return out
 
-    config, whole = load_hf_llm(hf_dir)
-    whole = mmd.flatten(whole)
+    config, whole = load(hf_dir)
+    whole = traverse_util.flatten_dict(whole)
     SafetensorsCheckpoint.read_rows = counting  # from here on: the regions the placed load reads
     mesh = sh.make_mesh({"fsdp": 8})
-    name_map = llm_name_map(config)
-    flat_sh = mmd.flatten(sh.param_shardings(llm.abstract_params(config), mesh))
-    with open_hf_checkpoint(hf_dir, name_map) as ckpt:
+    flat_sh = traverse_util.flatten_dict(sh.param_shardings(llm.abstract_params(config), mesh))
+    with SafetensorsCheckpoint(hf_dir) as ckpt:
         total = sum(t.nbytes for t in ckpt.tensors.values())
-        got = hf_onto(ckpt, name_map, flat_sh, np.float32, progress=False)
+    got = traverse_util.flatten_dict(load(hf_dir, dtype="float32", shardings=flat_sh)[1])
     err = max(float(np.abs(np.asarray(s.data) - whole[p][s.index]).max()) for p, a in got.items()
               for s in a.addressable_shards)
     print(f"PLACED {err:.3e} {read[0]} {total}", flush=True)

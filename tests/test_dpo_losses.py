@@ -70,11 +70,11 @@ def _batch(rows, pad_id):
 
 def _mm_logps(hf_dir, ids, cmask):
     """Summed completion log-probs and token counts of each row under the mm-converted LLM (float32)."""
-    from mm.convert.pipeline import load_hf_llm
+    from mm.convert.registry import load
     from mm.losses import completion_logprobs, next_token_targets
     from mm.models.llm import LLM
 
-    config, params = load_hf_llm(hf_dir)
+    config, params = load(hf_dir)
     hidden = LLM(config).apply({"params": params}, jnp.asarray(ids), return_hidden=True)[0]
     kernel = params["embed_tokens"]["embedding"].T if config.tie_word_embeddings else params["lm_head"]["kernel"]
     labels, mask = next_token_targets(jnp.asarray(ids), jnp.asarray(cmask))

@@ -17,9 +17,11 @@ from safetensors import safe_open
 
 from mm import soup as soup_lib
 from mm.config import ConfigError
-from mm.convert import hf_to_mm, params_metadata
-from mm.convert.errors import ConversionError
-from mm.convert.mm_dir import flatten, load_param_paths, read_mm_manifest
+from flax.traverse_util import flatten_dict as flatten
+
+from mm.checkpoints.mm_dir import load_param_paths, params_metadata, read_mm_manifest
+from mm.convert.registry import hf_to_mm
+from mm.checkpoints.errors import ConversionError
 from tests.helpers.hf_models import make_llama
 
 
@@ -215,7 +217,7 @@ def _iaa_dir(iaa_model, path, branch_seed, base_seed=None):
     """The model with its branch (and, given `base_seed`, its base) perturbed: a fine-tuned branch of one base."""
     import jax
 
-    from mm.convert import vlm_dir
+    from mm.convert import registry
 
     cfg, params = iaa_model
     params = dict(params)
@@ -224,7 +226,7 @@ def _iaa_dir(iaa_model, path, branch_seed, base_seed=None):
             rng = np.random.default_rng(seed)
             params[key] = jax.tree.map(lambda x: (x + rng.normal(scale=0.02, size=x.shape)).astype(x.dtype),
                                        params[key])
-    return vlm_dir.save_mm_vlm(cfg, params, path)
+    return registry.save("vlm", cfg, params, path)
 
 
 def test_iaa_soup_averages_the_branch_and_copies_the_shared_base(iaa_model, tmp_path):

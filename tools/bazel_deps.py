@@ -357,7 +357,7 @@ def _stem(path: str) -> str:
     return PurePosixPath(path).stem
 
 
-def _sccs(nodes: list[str], edges: dict[str, set[str]]) -> list[list[str]]:
+def sccs(nodes: list[str], edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components (Tarjan, iterative), each sorted; deterministic for sorted input."""
     index, low, on_stack, stack, out = {}, {}, set(), [], []
     counter = 0
@@ -414,7 +414,7 @@ def plan(repo: Repo) -> dict[str, list[Target]]:
     lib_deps = {f: {d for d in repo.imports(f) if not repo.is_test(d)} for f in libs}
     owner: dict[str, str] = {}  # file -> label of the library holding it
     groups: dict[str, list[str]] = {}
-    for comp in _sccs(libs, lib_deps):
+    for comp in sccs(libs, lib_deps):
         packages = {_package(f) for f in comp}
         if len(packages) > 1:
             raise BuildError("import cycle across packages (Bazel targets cannot form cycles): " + " -> ".join(comp)

@@ -19,16 +19,22 @@ round trips are exact.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from mm.checkpoints import mm_dir as mmd
+from mm.checkpoints.engine import convert
+from mm.checkpoints.errors import ConversionError
+from mm.checkpoints.name_map import (IDENTITY, TRANSPOSE, Entry, MMPath, NameMap, SplitHeadsBias, SplitHeadsIn,
+                                     SplitHeadsOut, Transform)
+from mm.checkpoints.readers import SafetensorsReader, TreeReader
+from mm.checkpoints.writers import SafetensorsWriter, TreeWriter
 from mm.config import ConfigError, VisionConfig, read_json
-from mm.convert.errors import ConversionError
-from mm.convert.name_map import (IDENTITY, TRANSPOSE, Entry, MMPath, NameMap, SplitHeadsBias, SplitHeadsIn,
-                                 SplitHeadsOut, Transform)
+from mm.convert.family import Family, Opened
 
 TOWER_MODULE = "vision_model."  # the tower's sub-module name in hub checkpoints; absent in transformers >= 5.24 saves
 RELEASE_TOWER_CONTAINER = "model.vision_tower.vision_tower."  # the IAA release
@@ -37,6 +43,7 @@ TOWER_CONTAINERS = (RELEASE_TOWER_CONTAINER, LLAVA_TOWER_CONTAINER, "")  # "" la
 PATCH_EMBED = "embeddings.patch_embedding.weight"  # every CLIP / SigLIP tower has it; it locates the tower
 HF_EXPORT_PREFIX = TOWER_MODULE
 VISION_KIND = "vision"  # mm checkpoint kind: mm_config.json {"kind": "vision", "vision": VisionConfig...}
+HF_FILES = ("preprocessor_config.json",)
 
 
 class ConvToHWIO(Transform):
@@ -132,23 +139,27 @@ def vision_entries(c: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX, mm_prefix
     return out
 
 
-def vision_ignorable(hf_prefix: str = HF_EXPORT_PREFIX, owned: str | None = None) -> list[str]:
+def vision_ignorable(hf_prefix: str = HF_EXPORT_PREFIX, owned: str | None = None, namespace: str = "") -> list[str]:
     """HF names dropped on import: everything outside the part of the checkpoint the tower owns (`owned`,
     default `hf_prefix`: CLIPModel / SiglipModel text side, projections, logit scale/bias, an LLM beside it),
-    and the non-persistent `position_ids` buffer older exports contain."""
+    and the non-persistent `position_ids` buffer older exports contain. `namespace`: the reader's prefix on
+    every name of this checkpoint (`readers.SafetensorsReader(namespace=)`), outside which nothing is dropped."""
     hp, own = re.escape(hf_prefix), re.escape(hf_prefix if owned is None else owned)
     pats = [rf"{hp}embeddings\.position_ids"]
     if own:
         pats.append(rf"(?!{own}).*")  # anything not under the owned prefix
     else:
         pats += [r"text_model\..*", r"(visual|text)_projection\.weight", r"logit_(scale|bias)"]
-    return pats
+    return [re.escape(namespace) + p for p in pats]
 
 
-def vision_name_map(config: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX, owned: str | None = None) -> NameMap:
+def vision_name_map(config: VisionConfig, hf_prefix: str = HF_EXPORT_PREFIX, owned: str | None = None,
+                    mm_prefix: MMPath = (), namespace: str = "") -> NameMap:
     """The name map of a vision tower stored under `hf_prefix` (in a checkpoint whose names under `owned`,
-    default `hf_prefix`, all belong to the tower)."""
-    return NameMap(vision_entries(config, hf_prefix), vision_ignorable(hf_prefix, owned))
+    default `hf_prefix`, all belong to the tower), at `mm_prefix` in the mm tree; `namespace` as in
+    `vision_ignorable` (it prefixes `hf_prefix` too)."""
+    return NameMap(vision_entries(config, namespace + hf_prefix, mm_prefix),
+                   vision_ignorable(hf_prefix, owned, namespace))
 
 
 def tower_prefixes(containers: Iterable[str] = TOWER_CONTAINERS) -> list[str]:
@@ -181,40 +192,18 @@ def vision_config_from_hf(d: Mapping, source: str = "config.json", **runtime) ->
 
 
 # ------------------------------------------------------------------------------ in-memory helpers
-def _get(tree: Mapping, path: MMPath) -> np.ndarray:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def hf_state_to_params(config: VisionConfig, tensors: Mapping[str, np.ndarray], source: str = "checkpoint",
                        hf_prefix: str | None = None) -> dict:
     """An in-memory HF state dict (numpy arrays) -> mm params, with names and shapes checked first."""
-    from mm.convert.mm_dir import set_path
-    from mm.convert.name_map import check_names_and_shapes
-
     prefix = detect_vision_prefix(tensors, source) if hf_prefix is None else hf_prefix
-    nm = vision_name_map(config, prefix)
-    check_names_and_shapes({k: tuple(v.shape) for k, v in tensors.items()}, nm, source)
-    params: dict = {}
-    for e in nm.entries:
-        set_path(params, e.mm_path, e.transform.to_mm(np.asarray(tensors[e.hf_name])))
-    return params
+    return convert(TreeReader(tensors, source, side="hf"), vision_name_map(config, prefix), TreeWriter(),
+                   progress=False)
 
 
 def params_to_hf_state(config: VisionConfig, params: Mapping, hf_prefix: str = HF_EXPORT_PREFIX) -> dict[str, np.ndarray]:
     """mm params -> an HF state dict (numpy), under `hf_prefix`."""
-    out = {}
-    for e in vision_entries(config, hf_prefix):
-        try:
-            x = np.asarray(_get(params, e.mm_path))
-        except KeyError as err:
-            raise ConversionError(f"mm params: missing {'/'.join(e.mm_path)}") from err
-        if tuple(x.shape) != e.mm_shape:
-            raise ConversionError(f"mm params: {'/'.join(e.mm_path)} has shape {list(x.shape)}, "
-                                  f"expected {list(e.mm_shape)}")
-        out[e.hf_name] = e.transform.to_hf(x)
-    return out
+    return convert(TreeReader(params, "mm params"), vision_name_map(config, hf_prefix), TreeWriter(side="hf"),
+                   progress=False)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -229,102 +218,37 @@ def read_hf_vision_config(hf_dir: str | Path, **runtime: Any) -> VisionConfig:
 
 def is_vision_hf_config(d: Mapping[str, Any]) -> bool:
     """True for configs whose checkpoint this module converts (CLIP / SigLIP vision or full models)."""
-    return d.get("model_type") in ("clip", "siglip", "clip_vision_model", "siglip_vision_model")
+    return d.get("model_type") in HF_MODEL_TYPES
 
 
-def hf_dir_is_vision(hf_dir: str | Path) -> bool:
-    """Whether an HF directory's `config.json` is one this module converts (False when absent or unreadable:
-    the caller's own reader then reports the problem)."""
+def open_hf(directory: Path) -> Opened:
+    """A standalone HF CLIP / SigLIP directory (or the tower of a full CLIPModel / SiglipModel)."""
+    config = read_hf_vision_config(directory)
+    reader = SafetensorsReader(directory)
     try:
-        return is_vision_hf_config(read_json(Path(hf_dir) / "config.json"))
-    except ConfigError:
-        return False
+        prefix = detect_vision_prefix(reader.tensors(), str(directory))
+    except ConversionError:
+        reader.close()
+        raise
+    return Opened(FAMILY, config, reader, vision_name_map(config, prefix), directory)
 
 
-def open_hf_vision(hf_dir: str | Path, config: VisionConfig) -> tuple[NameMap, Any]:
-    from mm.convert.pipeline import open_hf_checkpoint
-    from mm.convert.safetensors_io import SafetensorsCheckpoint
-
-    with SafetensorsCheckpoint(hf_dir) as probe:
-        prefix = detect_vision_prefix(probe.tensors, str(hf_dir))
-    name_map = vision_name_map(config, prefix)
-    return name_map, open_hf_checkpoint(hf_dir, name_map)
-
-
-def load_hf_vision(hf_dir: str | Path, **runtime: Any) -> tuple[VisionConfig, dict[str, Any]]:
-    """An HF CLIP / SigLIP checkpoint directory straight into `(VisionConfig, params)` (numpy, in the
-    config's `param_dtype`). What `mm.from_pretrained` needs for a vision tower."""
-    from mm.convert.pipeline import read_params
-
-    config = read_hf_vision_config(hf_dir, **runtime)
-    name_map, ckpt = open_hf_vision(hf_dir, config)
-    with ckpt:
-        return config, read_params(ckpt, name_map, config.param_dtype)
-
-
-def hf_vision_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
-                    progress: bool = True) -> Path:
-    """HF CLIP / SigLIP checkpoint (vision tower of it) -> mm checkpoint directory of kind "vision"."""
-    from mm.convert import pipeline as pl
-
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ConversionError(f"{src}: not a directory")
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
-    config = read_hf_vision_config(src)
-    name_map, ckpt = open_hf_vision(src, config)
-    return pl.stream_hf_to_mm(src, dst, ckpt, name_map, VISION_KIND, config, dtype=dtype, overwrite=overwrite,
-                              progress=progress, extra_files=("preprocessor_config.json",))
-
-
-def mm_vision_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite: bool = False,
-                    progress: bool = True, max_shard_bytes: int | None = None) -> Path:
-    """mm checkpoint of kind "vision" -> HF `CLIPVisionModel` / `SiglipVisionModel` directory (tensors under
+def write_hf(opened: Opened, stage: Path, dst: Path, dtype: str, max_shard_bytes: int, progress: bool
+             ) -> None:
+    """An mm "vision" directory as an HF `CLIPVisionModel` / `SiglipVisionModel` directory (tensors under
     `vision_model.`, which transformers 4 and 5 both load)."""
-    from mm.convert import mm_dir as mmd
-    from mm.convert import pipeline as pl
-    from mm.convert.safetensors_io import DEFAULT_SHARD_BYTES
+    from mm.convert.llm_family import hf_torch_dtype
 
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst}: already exists (pass --overwrite to replace it)")
-    config = read_mm_vision_config(src)
-    return pl.stream_mm_to_hf(src, dst, vision_name_map(config), config.to_hf_dict, dtype=dtype,
-                              overwrite=overwrite, progress=progress,
-                              max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
-                              extras=lambda stage: mmd.copy_files(src, stage, ("preprocessor_config.json",)))
+    writer = SafetensorsWriter(stage, max_shard_bytes)
+    convert(opened.reader, vision_name_map(opened.config), writer, dtype=dtype, progress=progress, desc="mm-to-hf")
+    cfg = opened.config.to_hf_dict(torch_dtype=hf_torch_dtype(p.dtype for p in writer.plan))
+    (stage / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    mmd.copy_files(opened.directory, stage, HF_FILES)
 
 
-def read_mm_vision_config(mm_path: str | Path) -> VisionConfig:
-    """The `VisionConfig` of an mm checkpoint of kind "vision"."""
-    from mm.convert import mm_dir as mmd
-
-    path = Path(mm_path) / mmd.MM_CONFIG_FILE
-    try:
-        d = read_json(path)
-    except ConfigError as e:
-        raise ConversionError(str(e)) from e
-    if d.get("kind") != VISION_KIND or not isinstance(d.get(VISION_KIND), Mapping):
-        raise ConversionError(f"{path}: not an mm vision checkpoint (kind={d.get('kind')!r})")
-    try:
-        return VisionConfig.from_json_dict(d[VISION_KIND], source=f"{path}: {VISION_KIND}")
-    except (ConfigError, TypeError) as e:
-        raise ConversionError(f"{path}: {VISION_KIND}: {e}") from e
-
-
-def load_mm_vision(mm_path: str | Path, shardings: Any = None) -> tuple[VisionConfig, dict[str, Any]]:
-    """`(VisionConfig, params)` of an mm vision checkpoint (numpy, or jax arrays placed by `shardings`, one
-    `Sharding` for all params)."""
-    from mm.convert import mm_dir as mmd
-
-    config = read_mm_vision_config(mm_path)
-    name_map = vision_name_map(config)
-    stored = mmd.params_metadata(mm_path)
-    mmd.check_params(stored, name_map, str(Path(mm_path) / mmd.PARAMS_DIR))
-    paths = list(name_map.expected_mm_paths())
-    dtype = np.dtype(config.param_dtype)
-    per_path = None if shardings is None else {p: shardings for p in paths}
-    params = mmd.load_param_paths(mm_path, paths, {p: dtype for p in paths}, {p: stored[p][0] for p in paths},
-                                  per_path)
-    return config, params
+HF_MODEL_TYPES = ("clip", "siglip", "clip_vision_model", "siglip_vision_model")
+FAMILY = Family(
+    name="vision tower (CLIP / SigLIP)", handle="vision", kind=VISION_KIND, name_map=vision_name_map,
+    parse=lambda d, source: VisionConfig.from_json_dict(d, source=source), to_json=lambda c: c.to_json_dict(),
+    with_param_dtype=lambda c, dt: c.replace(param_dtype=dt), hf_model_types=HF_MODEL_TYPES, open_hf=open_hf,
+    write_hf=write_hf, hf_files=HF_FILES)

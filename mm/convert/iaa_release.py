@@ -26,16 +26,19 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 
-from mm.config import ConfigError, LLMConfig, read_json
-from mm.convert import mm_dir as mmd
-from mm.convert.errors import ConversionError
+from mm.checkpoints import mm_dir as mmd
+from mm.checkpoints.engine import convert
+from mm.checkpoints.errors import ConversionError
+from mm.checkpoints.name_map import IDENTITY, TRANSPOSE, Entry, NameMap
+from mm.checkpoints.readers import ChainReader, Reader, SafetensorsReader, TreeReader
+from mm.checkpoints.staging import staged_output
+from mm.checkpoints.writers import SafetensorsWriter, TreeWriter
+from mm.config import ConfigError, LLMConfig, VisionConfig, read_json
+from mm.convert import hf_vision, llm_family
+from mm.convert.family import Opened
 from mm.convert.hf_vision import RELEASE_TOWER_CONTAINER, TOWER_MODULE, detect_vision_prefix
-from mm.convert.llm_map import llm_entries, llm_ignorable
-from mm.convert.name_map import IDENTITY, TRANSPOSE, Entry, NameMap
-from mm.convert.pipeline import open_hf_checkpoint, read_params, staged_output
-from mm.convert.export import write_hf_tensors
+from mm.convert.llm_family import llm_entries, llm_ignorable
 from mm.models.connectors import ProjectorConfig
 from mm.models.iaa import IAA_14, BranchConfig, IAAConfig
 
@@ -43,6 +46,7 @@ RELEASE_MODEL_TYPE = "IAA"
 RELEASE_VISION_PREFIX = RELEASE_TOWER_CONTAINER + TOWER_MODULE  # the release's own naming of its tower
 ADAPTER_CONFIG = "iaa_adapter_config.json"
 ADAPTER_WEIGHTS = "iaa_adapter.safetensors"
+TOWER_NAMESPACE = "vision_tower:"  # the names of a separate tower directory read beside the release
 BRANCH_NAMES = {
     "mm": dict(embed="model.embed_tokens_condition", layers="model.condition_layers", norm="model.norm_condition",
                head="lm_head_condtion", projector="model.mm_projector"),
@@ -161,97 +165,19 @@ def release_hf_config(config: IAAConfig, vision_tower: str, select_layer: int = 
 # ------------------------------------------------------------------------------------------- import
 def load_release(src: str | Path, positions: Sequence[int] | None = None,
                  param_dtype: str = "float32") -> tuple[IAAConfig, dict[str, Any], VisionSource]:
-    """Reads a release directory into mm IAA params `{"base": ..., "mm": ..., "g": ...}` (numpy)."""
-    from mm.convert.safetensors_io import SafetensorsCheckpoint
-
+    """Reads a release directory's language side into mm IAA params `{"base": ..., "mm": ..., "g": ...}`
+    (numpy; no vision tower: the registry's `load` gives the whole VLM)."""
     src = Path(src)
-    with SafetensorsCheckpoint(src) as probe:
-        names = list(probe.tensors)
-    config, vision = read_release_config(src, names, positions)
-    config = dataclasses.replace(config, llm=config.llm.replace(param_dtype=param_dtype))
-    name_map = release_name_map(config)
-    with open_hf_checkpoint(src, name_map) as ckpt:
-        return config, read_params(ckpt, name_map, param_dtype), vision
+    with SafetensorsReader(src) as reader:
+        config, vision = read_release_config(src, list(reader.tensors()), positions)
+        config = dataclasses.replace(config, llm=config.llm.replace(param_dtype=param_dtype))
+        params = convert(reader, release_name_map(config), TreeWriter(), dtype=param_dtype, progress=False)
+    return config, params, vision
 
 
-# ------------------------------------------------------------------------------------------- export
-def export_release(config: IAAConfig, params: Mapping[str, Any], dst: str | Path, *, vision_tower: str | None = None,
-                   dtype: str | None = None, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                   tokenizer_dir: str | Path | None = None, vision: tuple[Any, Any] | None = None) -> Path:
-    """Writes `params` in the release layout (config.json + safetensors [+ index] + tokenizer files).
-
-    `vision=(VisionConfig, tower params)` also writes the tower as an HF directory `dst/vision_tower/` and
-    points `mm_vision_tower` at it (absolute path), which is where the reference loader reads CLIP from;
-    otherwise `vision_tower` (e.g. a hub id) is recorded as given.
-    """
-    name_map = release_name_map(config)
-    if vision is None and vision_tower is None:
-        raise ConversionError("export_release needs vision_tower= (a path or hub id) or vision=(config, params)")
-    if vision is not None:
-        vision_tower = str(Path(dst).absolute() / "vision_tower")
-    with staged_output(dst, overwrite) as stage:
-        if vision is not None:
-            from mm.convert.hf_vision import vision_name_map
-
-            vcfg, vparams = vision
-            (stage / "vision_tower").mkdir()
-            (stage / "vision_tower" / "config.json").write_text(json.dumps(vcfg.to_hf_dict(), indent=2))
-            write_hf_tensors(stage / "vision_tower", vision_name_map(vcfg), vparams, dtype, max_shard_bytes)
-        torch_dtype = str(np.dtype(dtype or np.asarray(params["base"]["norm"]["scale"]).dtype))
-        (stage / "config.json").write_text(json.dumps(release_hf_config(config, vision_tower,
-                                                                         torch_dtype=torch_dtype), indent=2))
-        if tokenizer_dir is not None:
-            mmd.copy_files(Path(tokenizer_dir), stage, mmd.TOKENIZER_FILES)
-        write_hf_tensors(stage, name_map, params, dtype, max_shard_bytes)
-    return Path(dst)
-
-
-def export_base_and_adapter(config: IAAConfig, params: Mapping[str, Any], dst: str | Path, *,
-                            vision_tower: str, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """`dst/base/`: the frozen LLM as a plain HF checkpoint (transformers loads it as is);
-    `dst/adapter/`: the branches in release names plus `iaa_adapter_config.json` (positions, projector)."""
-    from mm.convert.llm_map import llm_name_map
-
-    with staged_output(dst, overwrite) as stage:
-        base = stage / "base"
-        base.mkdir()
-        (base / "config.json").write_text(json.dumps(config.llm.to_hf_dict(
-            torch_dtype=str(np.dtype(dtype or np.asarray(params["base"]["norm"]["scale"]).dtype))), indent=2))
-        write_hf_tensors(base, llm_name_map(config.llm), params["base"], dtype, 5 * 10**9)
-        adapter = stage / "adapter"
-        adapter.mkdir()
-        meta = release_hf_config(config, vision_tower)
-        meta["iaa_branches"] = {b.name: {"positions": list(b.positions)} for b in config.branches}
-        meta["base_model"] = "../base"
-        (adapter / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-        branch_params = {b.name: params[b.name] for b in config.branches}
-        write_hf_tensors(adapter, release_name_map(config, with_base=False), branch_params, dtype, 10**15,
-                       file_names=[ADAPTER_WEIGHTS])
-    return Path(dst)
-
-
-def load_base_and_adapter(src: str | Path, param_dtype: str = "float32") -> tuple[IAAConfig, dict[str, Any]]:
-    """Reads what `export_base_and_adapter` wrote (the base may be any HF Llama directory)."""
-    from mm.convert.pipeline import load_hf_llm
-
-    src = Path(src)
-    meta = read_json(src / "adapter" / ADAPTER_CONFIG)
-    base_dir = (src / "adapter" / meta.get("base_model", "../base")).resolve()
-    llm, base = load_hf_llm(base_dir, param_dtype=param_dtype)
-    proj = _projector_config(meta, llm, str(src / "adapter" / ADAPTER_CONFIG))
-    branches = tuple(BranchConfig(n, tuple(v["positions"]), proj) for n, v in meta["iaa_branches"].items())
-    config = IAAConfig(llm=llm, branches=branches)
-    name_map = release_name_map(config, with_base=False)
-    with open_hf_checkpoint(src / "adapter", name_map) as ckpt:
-        return config, {"base": base, **read_params(ckpt, name_map, param_dtype)}
-
-
-# --------------------------------------------------------------------------------- with the tower
-def _infer_clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> Any:
+def _infer_clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> VisionConfig:
     """A CLIP VisionConfig from tensor shapes alone. Heads are not recoverable from shapes: CLIP ViTs use
     64-dim heads (ViT-B/L), which is assumed and reported."""
-    from mm.config import VisionConfig
-
     hidden, _, patch, _ = shapes[prefix + "embeddings.patch_embedding.weight"]
     n_pos = shapes[prefix + "embeddings.position_embedding.weight"][0]
     grid = int(round((n_pos - 1) ** 0.5))
@@ -262,38 +188,138 @@ def _infer_clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> An
                         hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
-def load_release_vlm(src: str | Path, *, vision: str | Path | None = None, positions: Sequence[int] | None = None,
-                     param_dtype: str = "float32") -> tuple[Any, dict[str, Any], str]:
-    """A release directory as a full VLM: `(VLMConfig, params, which vision tower was used)`.
+def open_hf(directory: Path, vision: str | Path | None = None, positions: Sequence[int] | None = None) -> Opened:
+    """A release directory as a whole VLM (tower + IAA), read in one stream (a "vlm" model: the registry sets
+    the family).
 
     The tower comes from, in order: `vision` (a local HF CLIP/SigLIP directory); `mm_vision_tower` when it is
     a local directory (what the reference loader does); the checkpoint's own
     `model.vision_tower.vision_tower.[vision_model.]*` tensors (config inferred from their shapes). Nothing is
     downloaded: a hub id with no tensors in the checkpoint is an error that says what to pass.
     """
-    from mm.convert.hf_vision import load_hf_vision, vision_name_map
-    from mm.convert.safetensors_io import SafetensorsCheckpoint
     from mm.models.vlm import VLMConfig
 
-    config, params, vs = load_release(src, positions, param_dtype)
-    tower_dir = Path(vision) if vision is not None else (
-        Path(vs.mm_vision_tower) if vs.mm_vision_tower and Path(vs.mm_vision_tower).is_dir() else None)
-    if tower_dir is not None:
-        vcfg, vparams = load_hf_vision(tower_dir, param_dtype=param_dtype)
-        used = f"vision tower from {tower_dir}" + (" (mm_vision_tower)" if vision is None else "")
-    elif vs.in_checkpoint:
-        with SafetensorsCheckpoint(src) as probe:
-            prefix = detect_vision_prefix(probe.tensors, str(src), containers=(RELEASE_TOWER_CONTAINER,))
-            shapes = {n: t.shape for n, t in probe.tensors.items() if n.startswith(prefix)}
-        vcfg = _infer_clip_config(shapes, prefix).replace(param_dtype=param_dtype)
-        tower_map = vision_name_map(vcfg, prefix, owned=RELEASE_TOWER_CONTAINER)  # all under it is the tower's
-        with open_hf_checkpoint(src, tower_map) as ckpt:
-            vparams = read_params(ckpt, tower_map, param_dtype)
-        used = (f"vision tower from the checkpoint's {prefix}* tensors (config inferred from "
-                f"shapes, {vcfg.num_heads} heads of 64 assumed)")
-    else:
-        raise ConversionError(f"{src}: mm_vision_tower={vs.mm_vision_tower!r} is not a local directory and the "
-                              "checkpoint holds no vision tower tensors; pass vision=<local HF CLIP directory>")
+    release = SafetensorsReader(directory)
+    readers: list[Reader] = [release]
+    try:
+        config, vs = read_release_config(directory, list(release.tensors()), positions)
+        tower_dir = Path(vision) if vision is not None else (
+            Path(vs.mm_vision_tower) if vs.mm_vision_tower and Path(vs.mm_vision_tower).is_dir() else None)
+        if tower_dir is not None:
+            vcfg = hf_vision.read_hf_vision_config(tower_dir)
+            tower = SafetensorsReader(tower_dir, namespace=TOWER_NAMESPACE)
+            readers.append(tower)
+            prefix = detect_vision_prefix([n[len(TOWER_NAMESPACE):] for n in tower.tensors()], str(tower_dir))
+            tower_map = hf_vision.vision_name_map(vcfg, prefix, mm_prefix=("vision",), namespace=TOWER_NAMESPACE)
+            used = f"vision tower from {tower_dir}" + (" (mm_vision_tower)" if vision is None else "")
+        elif vs.in_checkpoint:
+            prefix = detect_vision_prefix(release.tensors(), str(directory), containers=(RELEASE_TOWER_CONTAINER,))
+            vcfg = _infer_clip_config({n: m.shape for n, m in release.tensors().items() if n.startswith(prefix)},
+                                      prefix)
+            # all under the container is the tower's
+            tower_map = hf_vision.vision_name_map(vcfg, prefix, owned=RELEASE_TOWER_CONTAINER, mm_prefix=("vision",))
+            used = (f"vision tower from the checkpoint's {prefix}* tensors (config inferred from "
+                    f"shapes, {vcfg.num_heads} heads of 64 assumed)")
+        else:
+            raise ConversionError(f"{directory}: mm_vision_tower={vs.mm_vision_tower!r} is not a local directory and "
+                                  "the checkpoint holds no vision tower tensors; pass vision=<local HF CLIP directory>")
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    lm_map = release_name_map(config)
+    if tower_dir is not None:  # its names are namespaced: its patterns touch only them; the release's container
+        ignorable = lm_map.ignorable + tower_map.ignorable  # (a tower copy the reference loader ignores) is dropped
+    else:  # the tower is the container's contents: anything else under it is unexpected
+        ignorable = tuple(llm_ignorable(config.llm)) + tower_map.ignorable[:1]  # + its position_ids buffer
+    name_map = NameMap(list(tower_map.entries) + list(lm_map.entries), ignorable)
     vlm = VLMConfig(vision=vcfg, lm=config, feature_layer=vs.select_layer, feature=vs.select_feature,
                     image_token_id=-200)
-    return vlm, {"vision": vparams, **params}, used
+    return Opened(None, vlm, ChainReader(readers) if len(readers) > 1 else release, name_map, directory,
+                  llm_family.tokenizer_dir_of(directory), used)
+
+
+# ------------------------------------------------------------------------------------------- export
+def write_release(config: IAAConfig, reader: Reader, stage: Path, dst: Path, *, dtype: str = "keep",
+                  max_shard_bytes: int = 5 * 10**9, tokenizer_dir: Path | None = None, vision_tower: str | None = None,
+                  vision_config: VisionConfig | None = None, progress: bool = False) -> None:
+    """The release layout in `stage` (which becomes `dst`) from IAA params in `reader` (mm side: `base`,
+    branches, and with `vision_config` the tower under `vision/`, written as the HF directory
+    `dst/vision_tower/` that `mm_vision_tower` points at (absolute), which is where the reference loader reads
+    CLIP from); otherwise `vision_tower` (e.g. a hub id) is recorded as given."""
+    if vision_config is None and vision_tower is None:
+        raise ConversionError("export_release needs vision_tower= (a path or hub id) or vision=(config, params)")
+    if vision_config is not None:
+        vision_tower = str(Path(dst).absolute() / "vision_tower")
+        tower_dir = stage / "vision_tower"
+        tower_dir.mkdir()
+        tower_map = NameMap(hf_vision.vision_entries(vision_config, hf_vision.HF_EXPORT_PREFIX, ("vision",)),
+                            ignorable_mm=[r"(?!vision/).*"])
+        convert(reader, tower_map, SafetensorsWriter(tower_dir, max_shard_bytes), dtype=dtype, progress=progress,
+                desc="mm-to-hf vision")
+        (tower_dir / "config.json").write_text(json.dumps(vision_config.to_hf_dict(), indent=2))
+    lm_map = release_name_map(config)
+    lm_map = NameMap(lm_map.entries, lm_map.ignorable, ignorable_mm=[r"vision/.*"])
+    writer = SafetensorsWriter(stage, max_shard_bytes)
+    convert(reader, lm_map, writer, dtype=dtype, progress=progress, desc="mm-to-hf")
+    torch_dtype = str(next(p.dtype for p in writer.plan if p.key == "model.norm.weight"))
+    (stage / "config.json").write_text(json.dumps(release_hf_config(config, vision_tower, torch_dtype=torch_dtype),
+                                                  indent=2))
+    if tokenizer_dir is not None:
+        mmd.copy_files(Path(tokenizer_dir), stage, mmd.TOKENIZER_FILES)
+
+
+def export_release(config: IAAConfig, params: Mapping[str, Any], dst: str | Path, *, vision_tower: str | None = None,
+                   dtype: str | None = None, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                   tokenizer_dir: str | Path | None = None, vision: tuple[Any, Any] | None = None) -> Path:
+    """Writes in-memory `params` in the release layout (config.json + safetensors [+ index] + tokenizer files);
+    `vision=(VisionConfig, tower params)` adds the tower (see `write_release`), otherwise `vision_tower` (e.g. a
+    hub id) is recorded as given."""
+    tree = dict(params) if vision is None else {**params, "vision": vision[1]}
+    with staged_output(dst, overwrite) as stage:
+        write_release(config, TreeReader(tree), stage, Path(dst), dtype=dtype or "keep", max_shard_bytes=max_shard_bytes,
+                      tokenizer_dir=None if tokenizer_dir is None else Path(tokenizer_dir), vision_tower=vision_tower,
+                      vision_config=None if vision is None else vision[0])
+    return Path(dst)
+
+
+def export_base_and_adapter(config: IAAConfig, params: Mapping[str, Any], dst: str | Path, *,
+                            vision_tower: str, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """`dst/base/`: the frozen LLM as a plain HF checkpoint (transformers loads it as is);
+    `dst/adapter/`: the branches in release names plus `iaa_adapter_config.json` (positions, projector)."""
+    with staged_output(dst, overwrite) as stage:
+        base = stage / "base"
+        base.mkdir()
+        writer = SafetensorsWriter(base, 5 * 10**9)
+        convert(TreeReader(params["base"]), llm_family.llm_name_map(config.llm), writer, dtype=dtype or "keep",
+                progress=False)
+        torch_dtype = str(next(p.dtype for p in writer.plan if p.key == "model.norm.weight"))
+        (base / "config.json").write_text(json.dumps(config.llm.to_hf_dict(torch_dtype=torch_dtype), indent=2))
+        adapter = stage / "adapter"
+        adapter.mkdir()
+        meta = release_hf_config(config, vision_tower)
+        meta["iaa_branches"] = {b.name: {"positions": list(b.positions)} for b in config.branches}
+        meta["base_model"] = "../base"
+        (adapter / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+        branch_params = {b.name: params[b.name] for b in config.branches}
+        convert(TreeReader(branch_params), release_name_map(config, with_base=False),
+                SafetensorsWriter(adapter, 10**15, file_names=[ADAPTER_WEIGHTS]), dtype=dtype or "keep",
+                progress=False)
+    return Path(dst)
+
+
+def load_base_and_adapter(src: str | Path, param_dtype: str = "float32") -> tuple[IAAConfig, dict[str, Any]]:
+    """Reads what `export_base_and_adapter` wrote (the base may be any HF Llama directory)."""
+    src = Path(src)
+    meta = read_json(src / "adapter" / ADAPTER_CONFIG)
+    base_dir = (src / "adapter" / meta.get("base_model", "../base")).resolve()
+    with llm_family.open_hf(base_dir) as base_ckpt:
+        llm = base_ckpt.config.replace(param_dtype=param_dtype)
+        base = convert(base_ckpt.reader, base_ckpt.name_map, TreeWriter(), dtype=param_dtype, progress=False)
+    proj = _projector_config(meta, llm, str(src / "adapter" / ADAPTER_CONFIG))
+    branches = tuple(BranchConfig(n, tuple(v["positions"]), proj) for n, v in meta["iaa_branches"].items())
+    config = IAAConfig(llm=llm, branches=branches)
+    with SafetensorsReader(src / "adapter") as reader:
+        branch_params = convert(reader, release_name_map(config, with_base=False), TreeWriter(), dtype=param_dtype,
+                                progress=False)
+    return config, {"base": base, **branch_params}

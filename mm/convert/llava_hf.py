@@ -17,16 +17,18 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 
+from mm.checkpoints import mm_dir as mmd
+from mm.checkpoints.engine import convert
+from mm.checkpoints.errors import ConversionError
+from mm.checkpoints.name_map import IDENTITY, TRANSPOSE, Entry, NameMap
+from mm.checkpoints.readers import Reader, SafetensorsReader, TreeReader
+from mm.checkpoints.staging import staged_output
+from mm.checkpoints.writers import SafetensorsWriter
 from mm.config import ConfigError, LLMConfig, read_json
-from mm.convert import mm_dir as mmd
-from mm.convert.errors import ConversionError
+from mm.convert.family import Opened
 from mm.convert.hf_vision import LLAVA_TOWER_CONTAINER, detect_vision_prefix, vision_config_from_hf, vision_entries
-from mm.convert.export import write_hf_tensors
-from mm.convert.llm_map import llm_entries, llm_ignorable
-from mm.convert.name_map import IDENTITY, TRANSPOSE, Entry, NameMap
-from mm.convert.pipeline import open_hf_checkpoint, read_params, staged_output
+from mm.convert.llm_family import llm_entries, llm_ignorable, tokenizer_dir_of
 from mm.models.connectors import ProjectorConfig
 from mm.models.llava import LLaVAConfig
 from mm.models.vlm import VLMConfig
@@ -77,16 +79,17 @@ def read_llava_config(src: str | Path, **runtime: Any) -> VLMConfig:
                      feature=_STRATEGY[strategy], image_token_id=int(d.get("image_token_index", 32000)))
 
 
-def load_llava(src: str | Path, param_dtype: str = "float32") -> tuple[VLMConfig, dict[str, Any]]:
-    """An HF Llava directory -> (VLMConfig, params) with numpy arrays in `param_dtype`."""
-    from mm.convert.safetensors_io import SafetensorsCheckpoint
-
-    config = read_llava_config(src, param_dtype=param_dtype)
-    with SafetensorsCheckpoint(src) as probe:
-        prefix = detect_vision_prefix(probe.tensors, str(src), containers=(LLAVA_TOWER_CONTAINER,))
-    name_map = llava_name_map(config, prefix)
-    with open_hf_checkpoint(src, name_map) as ckpt:
-        return config, read_params(ckpt, name_map, param_dtype)
+def open_hf(directory: Path) -> Opened:
+    """An HF Llava directory, as a "vlm" model (the registry sets the family)."""
+    config = read_llava_config(directory)
+    reader = SafetensorsReader(directory)
+    try:
+        prefix = detect_vision_prefix(reader.tensors(), str(directory), containers=(LLAVA_TOWER_CONTAINER,))
+    except ConversionError:
+        reader.close()
+        raise
+    return Opened(None, config, reader, llava_name_map(config, prefix), directory, tokenizer_dir_of(directory),
+                  "HF Llava")
 
 
 def llava_hf_config(config: VLMConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -101,15 +104,22 @@ def llava_hf_config(config: VLMConfig, torch_dtype: str = "float32") -> dict[str
     }
 
 
+def write_hf(config: VLMConfig, reader: Reader, stage: Path, dtype: str, max_shard_bytes: int,
+             tokenizer_dir: Path | None, progress: bool = False) -> None:
+    """A LLaVA-style VLM's params (`reader`, mm side) as an HF Llava directory in `stage`."""
+    writer = SafetensorsWriter(stage, max_shard_bytes)
+    convert(reader, llava_name_map(config), writer, dtype=dtype, progress=progress, desc="mm-to-hf")
+    torch_dtype = str(next(p.dtype for p in writer.plan if p.key == f"{LLM_PREFIX}model.norm.weight"))
+    (stage / "config.json").write_text(json.dumps(llava_hf_config(config, torch_dtype), indent=2))
+    if tokenizer_dir is not None:
+        mmd.copy_files(Path(tokenizer_dir), stage, mmd.TOKENIZER_FILES)
+
+
 def export_llava(config: VLMConfig, params: Mapping[str, Any], dst: str | Path, *, dtype: str | None = None,
                  overwrite: bool = False, tokenizer_dir: str | Path | None = None,
                  max_shard_bytes: int = 5 * 10**9) -> Path:
     """Writes a directory `LlavaForConditionalGeneration.from_pretrained` loads (config + safetensors)."""
-    name_map = llava_name_map(config)
     with staged_output(dst, overwrite) as stage:
-        torch_dtype = str(np.dtype(dtype or np.asarray(params["llm"]["norm"]["scale"]).dtype))
-        (stage / "config.json").write_text(json.dumps(llava_hf_config(config, torch_dtype), indent=2))
-        if tokenizer_dir is not None:
-            mmd.copy_files(Path(tokenizer_dir), stage, mmd.TOKENIZER_FILES)
-        write_hf_tensors(stage, name_map, params, dtype, max_shard_bytes)
+        write_hf(config, TreeReader(params), stage, dtype or "keep", max_shard_bytes,
+                 None if tokenizer_dir is None else Path(tokenizer_dir))
     return Path(dst)

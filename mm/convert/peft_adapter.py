@@ -3,7 +3,7 @@
 PEFT stores, per adapted HF module `M` (e.g. `model.layers.0.self_attn.q_proj`), `base_model.model.M.lora_A.weight`
 `[r, in]` and `base_model.model.M.lora_B.weight` `[out, r]`, and computes `W x + (alpha / r) B A x`. mm's
 adapters (`mm.models.lora`) are `A [in.., r]`, `B [r, out..]` next to a kernel `[in.., out..]`; the family's
-name map (`mm.convert.name_map`) gives each kernel's HF module. The conversion is exact (a reshape and a
+name map (`mm.checkpoints.name_map`) gives each kernel's HF module. The conversion is exact (a reshape and a
 transpose), and it is checked per module: the kernel's own transform must map `[in.., out..]` to `[out, in]`
 by that same reshape + transpose, or the module is refused by name.
 
@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mm.convert.errors import ConversionError
+from mm.checkpoints.errors import ConversionError
 from mm.models import lora
 
 CONFIG_FILE = "adapter_config.json"
@@ -86,7 +86,7 @@ def write_peft(dst: str | Path, flat: Mapping[str, Any], name_map: Any, *, mm_pr
     PEFT adapter directory `dst`, atomically. Returns `dst`."""
     from safetensors.numpy import save_file
 
-    from mm.convert.pipeline import staged_output
+    from mm.checkpoints.staging import staged_output
 
     adapted = _adapted(flat, name_map, mm_prefix)
     if not adapted:

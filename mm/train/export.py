@@ -82,14 +82,13 @@ def vlm_config(cfg: Any) -> Any:
 
 
 def _tokenizer_source(cfg: Any) -> Path | None:
-    from mm.convert import mm_dir as mmd
+    from mm.convert.llm_family import tokenizer_dir_of
 
     for d in (cfg.data.tokenizer, cfg.init.llm_checkpoint):
         if d:
-            base = paths.local_copy(d)
-            for p in (base, base / mmd.TOKENIZER_DIR):
-                if any((p / f).exists() for f in mmd.TOKENIZER_FILES):
-                    return p
+            found = tokenizer_dir_of(paths.local_copy(d))
+            if found is not None:
+                return found
     return None
 
 
@@ -112,7 +111,7 @@ def _lora(workdir: str | Path, cfg: Any, params: Any, dst: str | Path, merge_lor
         if cfg.model.kind != "llm":
             raise ConfigError(f"{workdir}: --lora-format peft needs model.kind llm (an HF causal LM as PEFT's base); "
                               f"this run is {cfg.model.kind!r}: use --merge-lora")
-        from mm.convert.llm_map import llm_name_map
+        from mm.convert.llm_family import llm_name_map
         from mm.convert.peft_adapter import write_peft
 
         return None, write_peft(dst, flat, llm_name_map(tcfg.llm_config_from(cfg)),
@@ -136,7 +135,7 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
     import shutil
     import tempfile
 
-    from mm.convert import mm_dir as mmd
+    from mm.checkpoints import mm_dir as mmd
 
     target = paths.as_path(dst)
     if target.exists() and not overwrite:
@@ -155,9 +154,7 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
 
 def _export_local(workdir: str | Path, dst: str | Path, *, step: int | None, overwrite: bool, merge_lora: bool,
                   lora_format: str | None) -> Path:
-    from mm.convert import mm_dir as mmd
-    from mm.convert.llm_map import llm_name_map
-    from mm.convert.pipeline import staged_output
+    from mm.convert import registry
 
     cfg, params, step = trained_params(workdir, step)
     params, written = _lora(workdir, cfg, params, dst, merge_lora, lora_format, overwrite)
@@ -166,24 +163,9 @@ def _export_local(workdir: str | Path, dst: str | Path, *, step: int | None, ove
     source = {"format": "mm-train", "workdir": str(paths.as_path(workdir)), "step": step}
     tok = _tokenizer_source(cfg)
     if cfg.model.kind == "llm":
-        c = tcfg.llm_config_from(cfg)
-        name_map = llm_name_map(c)
-        flat = mmd.flatten(params)
-        with staged_output(dst, overwrite) as stage:
-            mmd.write_mm_config(stage, "llm", {"llm": c.to_json_dict()}, source)
-            if tok is not None:
-                mmd.copy_files(tok, stage / mmd.TOKENIZER_DIR, mmd.TOKENIZER_FILES)
-            with mmd.ParamWriter(stage) as writer:
-                for _, entries in name_map.units():
-                    unit: dict[str, Any] = {}
-                    for e in entries:
-                        mmd.set_path(unit, e.mm_path, flat[e.mm_path])
-                    writer.add(unit)
-                writer.finalize()
-        return Path(dst)
+        return registry.save("llm", tcfg.llm_config_from(cfg), params, dst, overwrite=overwrite, tokenizer_dir=tok,
+                             source=source)
     if not tcfg.has_tower(cfg):
         raise ConfigError(f"{workdir}: model.kind={cfg.model.kind!r} trained on precomputed image features (data.kind="
                           f"{cfg.data.kind!r}), so it has no vision tower; nothing loadable can be exported")
-    from mm.convert.vlm_dir import save_mm_vlm
-
-    return save_mm_vlm(vlm_config(cfg), params, dst, overwrite=overwrite, tokenizer_dir=tok, source=source)
+    return registry.save("vlm", vlm_config(cfg), params, dst, overwrite=overwrite, tokenizer_dir=tok, source=source)

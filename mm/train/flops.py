@@ -14,9 +14,9 @@ Remat recomputation is not model FLOPs and is not counted.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Mapping
 
+from mm.train import param_groups as pg
 from mm.train.models import Stage
 from mm.train.param_groups import Assignment
 
@@ -51,7 +51,7 @@ def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: As
     upstream_trainable = False
 
     def trainable(p: str) -> bool:
-        return assignment.is_trainable(p if p in assignment.value_of else scanned_name(p))
+        return assignment.is_trainable(p if p in assignment.value_of else pg.scanned_name(p))
 
     for st in stages:
         here = [p for p in (*st.weights, *st.touches) if p in sizes]
@@ -71,15 +71,6 @@ def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: As
                 bwd += 2.0 * a
         upstream_trainable = upstream_trainable or any(trainable(p) for p in here)
     return {"forward": fwd * tokens, "backward": bwd * tokens, "total": (fwd + bwd) * tokens}
-
-
-_SCANNED = "layers/layer/"  # mm.models.llm's nn.scan names (an LLM's, or one under a prefix such as an IAA base)
-_PER_LAYER = re.compile(r"(^|/)layers_\d+/")
-
-
-def scanned_name(per_layer: str) -> str:
-    """`.../layers_3/x` -> `.../layers/layer/x`: where a scanned tree holds a per-layer param."""
-    return _PER_LAYER.sub(lambda m: m.group(1) + _SCANNED, per_layer, count=1)
 
 
 def format_peak_table() -> str:
@@ -109,7 +100,7 @@ def shapes_sizes(flat_shapes: Mapping[str, Any]) -> dict[str, int]:
 
     out = {p: int(math.prod(getattr(v, "shape", ()))) for p, v in flat_shapes.items()}
     for p, v in flat_shapes.items():
-        head, found, rest = p.partition(_SCANNED)
+        head, found, rest = p.partition(pg.SCANNED)
         if found and (head == "" or head.endswith("/")) and getattr(v, "shape", ()):
             n = int(v.shape[0])
             for i in range(n):

@@ -8,8 +8,8 @@ Sources, later ones winning for the params they hold:
    are copies of their source *as loaded above* - the real LLM, the previous stage's, or the seed's;
 5. everything else is initialised randomly from `init.seed`; the init is one jitted function whose outputs
    are only those params, so XLA never computes (or allocates) the ones a checkpoint fills.
-Checkpoints are read straight into sharded arrays (`mm.convert.placed` for HF dirs, Orbax's sharded restore
-for mm dirs): each host reads the regions its devices hold, one param at a time.
+Checkpoints are read straight into sharded arrays (`mm.convert.registry.load`: regional safetensors reads for
+HF dirs, Orbax's sharded restore for mm dirs): each host reads the regions its devices hold, one param at a time.
 
 A previous stage also says where its frozen weights came from (`meta.frozen_source`): a run given
 `init.checkpoint` but no `init.llm_checkpoint` / `init.vision_checkpoint` takes that stage's, so the base and
@@ -76,56 +76,38 @@ def _placed(loaded: Mapping[tuple[str, ...], Any], prefix: str, flat_sh: Mapping
     return out
 
 
-def _load_hf_or_mm(key: str, path: Path, want: Any, fields: tuple[str, ...], section: str, prefix: str,
-                   flat_sh: Mapping[str, Any], read_hf_config: Any, open_hf: Any) -> dict[str, jax.Array]:
-    """The checkpoint of config key `key` (an HF dir or an mm dir of one family) straight onto the shardings
-    under `prefix`, in `want.param_dtype`; its config must match `want` (`section`) on `fields`."""
-    from mm.convert import mm_dir as mmd
-    from mm.convert.errors import ConversionError
+def _load_checkpoint(key: str, path: Path, handle: str, want: Any, fields: tuple[str, ...], section: str,
+                     prefix: str, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The checkpoint of config key `key` (an HF or mm directory of a family served by `handle`, "llm" or
+    "vision") straight onto the shardings under `prefix`, in `want.param_dtype`; its config must match `want`
+    (`section`) on `fields`."""
+    from mm.checkpoints.errors import ConversionError
+    from mm.convert import registry
 
     source = f"{key}={path}"
     shardings = {k: v for k, v in _subtree(flat_sh, prefix).items() if not lora.is_adapter("/".join(k))}
     try:
-        if (path / mmd.MM_CONFIG_FILE).exists():
-            _check_fields(mmd.read_mm_config(path), want, fields, source, section)
-            tree = mmd.load_mm_params(path, want, shardings=traverse_util.unflatten_dict(shardings))
-            loaded = mmd.flatten(tree)
-        else:
-            from mm.convert.placed import hf_onto
-
-            _check_fields(read_hf_config(path), want, fields, source, section)
-            name_map, ckpt = open_hf(path, want)
-            with ckpt:
-                loaded = hf_onto(ckpt, name_map, shardings, np.dtype(want.param_dtype), desc=f"load {path.name}")
+        with registry.open_checkpoint(path) as opened:
+            if opened.family.handle != handle:
+                raise ConfigError(f"{source}: a {opened.family.name} checkpoint, not the {handle} this key takes")
+            _check_fields(opened.config, want, fields, source, section)
+            _, tree = registry.load(opened, dtype=want.param_dtype, shardings=shardings, progress=True)
     except ConversionError as e:
         raise ConfigError(f"{source}: {e}") from e
-    return _placed(loaded, prefix, flat_sh, source)
-
-
-def _open_hf_llm(path: Path, want: Any) -> tuple[Any, Any]:
-    from mm.convert.llm_map import llm_name_map
-    from mm.convert.pipeline import open_hf_checkpoint
-
-    name_map = llm_name_map(want)
-    return name_map, open_hf_checkpoint(path, name_map)
+    return _placed(traverse_util.flatten_dict(tree), prefix, flat_sh, source)
 
 
 def load_base_llm(path: str | Path, model: models.TrainModel, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Flat base-LLM params from an HF dir or an mm dir, placed on their shardings (`model.base_prefix`)."""
-    from mm.convert.pipeline import read_hf_llm_config
-
-    return _load_hf_or_mm("init.llm_checkpoint", paths.local_copy(path), model.llm_config, LLM_SHAPE_FIELDS,
-                          "model.llm", model.base_prefix, flat_sh, read_hf_llm_config, _open_hf_llm)
+    return _load_checkpoint("init.llm_checkpoint", paths.local_copy(path), "llm", model.llm_config,
+                            LLM_SHAPE_FIELDS, "model.llm", model.base_prefix, flat_sh)
 
 
 def load_vision(path: str | Path, cfg: Any, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Flat `vision/...` params from an HF CLIP / SigLIP dir or an mm vision dir, placed on their shardings; its
     config must equal `model.vision` on every field that shapes or computes the tower."""
-    from mm.convert import hf_vision
-
-    return _load_hf_or_mm("init.vision_checkpoint", paths.local_copy(path), tcfg.vision_config_from(cfg),
-                          VISION_SHAPE_FIELDS, "model.vision", "vision", flat_sh, hf_vision.read_hf_vision_config,
-                          hf_vision.open_hf_vision)
+    return _load_checkpoint("init.vision_checkpoint", paths.local_copy(path), "vision", tcfg.vision_config_from(cfg),
+                            VISION_SHAPE_FIELDS, "model.vision", "vision", flat_sh)
 
 
 def _previous_stage(path: str) -> tuple[Path, int, dict[str, Any]]:
@@ -250,8 +232,8 @@ def initial_params(cfg: Any, model: models.TrainModel, mesh: Any, flat_sh: Mappi
 def load_lora(path: str | Path, model: models.TrainModel, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
     """The adapters of the PEFT dir `path` on their shardings; they must be exactly the ones the run's LoRA
     rules make (same modules, ranks and scales), or a ConfigError names the first difference."""
-    from mm.convert.errors import ConversionError
-    from mm.convert.llm_map import llm_name_map
+    from mm.checkpoints.errors import ConversionError
+    from mm.convert.llm_family import llm_name_map
     from mm.convert.peft_adapter import llm_candidates, read_peft
 
     source = f"init.lora_checkpoint={path}"
@@ -276,3 +258,20 @@ def load_lora(path: str | Path, model: models.TrainModel, flat_sh: Mapping[str, 
             raise ConfigError(f"{source}: {lora.kernel_of(p)}: scale {float(v):g} in the dir, "
                               f"{lora.scale(ad.spec.rank, ad.spec.alpha, ad.spec.rslora):g} from the rules' alpha")
     return {p: jax.device_put(np.asarray(v), flat_sh[p]) for p, v in got.items()}
+
+
+def abstract_reference(trainable: Any) -> dict[str, Any]:
+    """The shapes (on their shardings) of the `REFERENCE_KEY` subtree `build_reference` makes for
+    `dpo.reference = ""`: the trainable params less LoRA adapters."""
+    return pg.unflatten({p: v for p, v in pg.flatten(trainable).items() if not lora.is_adapter(p)})
+
+
+def build_reference(cfg: Any, model: Any, trainable: Any, flat_sh: Mapping[str, Any], mesh: Any) -> dict[str, Any]:
+    """The `REFERENCE_KEY` subtree (see the module docstring), on the params' shardings."""
+    flat_t = pg.flatten(trainable)
+    loaded = load_base_llm(cfg.dpo.reference, model, flat_sh) if cfg.dpo.reference else {}
+    starting = [p for p in flat_t if p not in loaded and not lora.is_adapter(p)]  # adapters: off in the reference
+    with jax.set_mesh(mesh):  # fresh buffers: the train step donates (and updates) the trainable arrays
+        copies = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=[flat_sh[p] for p in starting])(
+            [flat_t[p] for p in starting])
+    return pg.unflatten({**loaded, **dict(zip(starting, copies))})

@@ -32,6 +32,7 @@ from mm.profiling.capture import Capture, compiled_step_report
 from mm.train.checkpoint import Checkpointer, find_trained_params  # noqa: F401 (re-exported)
 from mm.train.data import SyntheticSource
 from mm.train.grain_source import make_source
+from mm.train import initial_params as init_lib
 from mm.train.initial_params import SOURCES, initial_params
 from mm.train.metrics import MetricsWriter, Timer
 from mm.train.optimizer import make_optimizer, schedule
@@ -142,8 +143,8 @@ def build(cfg: Any, *, log: bool = True, devices: list[Any] | None = None, abstr
     if own_reference:  # rebuilt from the init sources on every start, never checkpointed
         from mm.train import preference
 
-        ref = (preference.abstract_reference(trainable) if abstract else
-               preference.build_reference(cfg, model, trainable, flat_sh, mesh))
+        ref = (init_lib.abstract_reference(trainable) if abstract else
+               init_lib.build_reference(cfg, model, trainable, flat_sh, mesh))
         frozen = {**frozen, preference.REFERENCE_KEY: ref}
 
     optimizer = make_optimizer(cfg, trainable, assignment)

@@ -101,11 +101,10 @@ def _stages(stages: Callable[[int], list[Any]], adapters: list[Adapter]) -> Call
     by_kernel = {ad.kernel: (ad.prefix + lora.A, ad.prefix + lora.B) for ad in adapters}
 
     def adapted(seq_len: int) -> list[Any]:
-        from mm.train.flops import scanned_name  # stages name per-layer params; a scanned tree stacks them
 
         out = []
         for s in stages(seq_len):
-            extra = tuple(p for w in s.weights for p in by_kernel.get(w, by_kernel.get(scanned_name(w), ())))
+            extra = tuple(p for w in s.weights for p in by_kernel.get(w, by_kernel.get(pg.scanned_name(w), ())))
             out.append(dataclasses.replace(s, touches=s.touches + extra) if extra else s)
         return out
 

@@ -42,6 +42,15 @@ def flatten(tree: Any) -> dict[str, Any]:
     return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+SCANNED = "layers/layer/"  # mm.models.llm's nn.scan names (an LLM's, or one under a prefix such as an IAA base)
+_PER_LAYER = re.compile(r"(^|/)layers_\d+/")
+
+
+def scanned_name(per_layer: str) -> str:
+    """`.../layers_3/x` -> `.../layers/layer/x`: where a scanned tree holds a per-layer param."""
+    return _PER_LAYER.sub(lambda m: m.group(1) + SCANNED, per_layer, count=1)
+
+
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, v in flat.items():

@@ -120,22 +120,3 @@ def make_loss(sequence_logps: SequenceLogps, s: DPOSettings, pixel_features: Cal
 
     return loss
 
-
-def abstract_reference(trainable: Any) -> dict[str, Any]:
-    """The shapes (on their shardings) of the `REFERENCE_KEY` subtree `build_reference` makes for
-    `dpo.reference = ""`: the trainable params less LoRA adapters."""
-    return pg.unflatten({p: v for p, v in pg.flatten(trainable).items() if not lora.is_adapter(p)})
-
-
-def build_reference(cfg: Any, model: Any, trainable: Any, flat_sh: Mapping[str, Any], mesh: Any) -> dict[str, Any]:
-    """The `REFERENCE_KEY` subtree (see the module docstring), on the params' shardings."""
-    from mm.train.initial_params import load_base_llm
-
-    flat_t = pg.flatten(trainable)
-    loaded = load_base_llm(cfg.dpo.reference, model, flat_sh) if cfg.dpo.reference else {}
-    starting = [p for p in flat_t if p not in loaded and not lora.is_adapter(p)]  # adapters: off in the reference
-    with jax.set_mesh(mesh):  # fresh buffers: the train step donates (and updates) the trainable arrays
-        copies = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=[flat_sh[p] for p in starting])(
-            [flat_t[p] for p in starting])
-    return pg.unflatten({**loaded, **dict(zip(starting, copies))})
-

@@ -1,6 +1,6 @@
 """Precomputed DPO reference log-probs (`dpo.precompute_reference = True`, TRL's `precompute_ref_log_probs`).
 
-Before step 1 the reference (the starting weights, or `dpo.reference`, exactly as `mm.train.preference` builds
+Before step 1 the reference (the starting weights, or `dpo.reference`, exactly as `mm.train.initial_params` builds
 it) scores every pair of the training data - and of `data.eval_path` when the run evaluates - in one pass, and
 is then dropped: the train step holds no reference params and runs no reference forward (the step's FLOPs are
 the policy's alone). The sums are kept with the run, one file a data set:
@@ -67,6 +67,7 @@ def prepare(cfg: Any, b: Any, workdir: str | Path, log: Callable[[str], None] = 
     params). Every process returns every table."""
     from mm.train import param_groups as pg
     from mm.train import preference
+    from mm.train.initial_params import build_reference
     from mm.train.grain_source import read_rows
 
     out_dir = as_path(workdir) / DIR
@@ -89,7 +90,7 @@ def prepare(cfg: Any, b: Any, workdir: str | Path, log: Callable[[str], None] = 
         if reference is None:
             params = pg.merge(b.state["params"], b.frozen)
             flat_sh = {p: x.sharding for p, x in pg.flatten(params).items()}
-            ref = preference.build_reference(cfg, b.model, b.state["params"], flat_sh, b.mesh)
+            ref = build_reference(cfg, b.model, b.state["params"], flat_sh, b.mesh)
             reference = preference.reference_params({**params, preference.REFERENCE_KEY: ref})[1]
         t0 = time.perf_counter()
         tables[path] = compute(cfg, b, reference, rows, path, name, log)

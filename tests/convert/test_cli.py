@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch.convert import main, parse_size
-from mm.convert.safetensors_io import INDEX_FILE
+from mm.checkpoints.safetensors_io import INDEX_FILE
 from tests.helpers.hf_models import load_hf, make_model
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mm.convert import ConversionError, hf_to_mm, load_mm_params, mm_to_hf
-from mm.convert import mm_dir as mmd
-from mm.convert.safetensors_io import INDEX_FILE
+from mm.checkpoints.errors import ConversionError
+from mm.convert.registry import hf_to_mm, load, mm_to_hf
+from mm.checkpoints import mm_dir as mmd
+from mm.checkpoints.safetensors_io import INDEX_FILE
 from tests.helpers.hf_models import make_model
 
 
@@ -133,11 +134,11 @@ def test_mm_side_mismatch_is_named(tmp_path, base):
         mm_to_hf(mm, tmp_path / "hf", progress=False)
     assert_nothing_left(tmp_path / "hf")
     with pytest.raises(ConversionError, match="missing params"):
-        load_mm_params(mm)
+        load(mm)[1]
     manifest["format_version"] = 99
     (mm / mmd.MM_CONFIG_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ConversionError, match="format_version"):
-        load_mm_params(mm)
+        load(mm)[1]
 
 
 def test_unsupported_hf_config_is_named(tmp_path, base):

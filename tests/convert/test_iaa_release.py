@@ -13,10 +13,11 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from flax.traverse_util import flatten_dict as flatten
 
+from mm.checkpoints.errors import ConversionError
 from mm.convert import iaa_release as rel
-from mm.convert.errors import ConversionError
-from mm.convert.mm_dir import flatten
+from mm.convert import registry
 from mm.models import iaa
 from tests.helpers.tower_naming import both_namings
 
@@ -36,6 +37,13 @@ VIS, T = 64, 260  # vision width 64: one 64-dim head, what the shape-based CLIP 
 CFG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=32, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0,
                   bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+
+
+def load_release_vlm(d, **options):
+    """(config, params, where the tower came from) of a release dir, through the registry."""
+    with registry.open_checkpoint(d, **options) as opened:
+        config, params = registry.load(opened)
+    return config, params, opened.note
 
 
 class ReleaseReference(torch.nn.Module):
@@ -230,7 +238,7 @@ def test_full_vlm_from_release_with_pixels(release, tmp_path, source):
     if source == "local_dir":
         tower.save_pretrained(str(tmp_path / "clip"))
         vision = tmp_path / "clip"
-    config, params, used = rel.load_release_vlm(d, vision=vision)
+    config, params, used = load_release_vlm(d, vision=vision)
     assert ("checkpoint" in used) == (source == "checkpoint"), used
     rs = np.random.RandomState(5)
     pix = rs.randn(1, 2, 3, 28, 28).astype(np.float32)  # two images of 4 patches each
@@ -251,7 +259,7 @@ def test_tower_with_or_without_the_vision_model_module_loads_the_same(release, t
     both)."""
     d, _ = release
     dirs = both_namings(d, tmp_path / "named", container=TOWER_CONTAINER)
-    (ca, a, used_a), (cb, b, used_b) = rel.load_release_vlm(dirs[True]), rel.load_release_vlm(dirs[False])
+    (ca, a, used_a), (cb, b, used_b) = load_release_vlm(dirs[True]), load_release_vlm(dirs[False])
     assert RELEASE_TOWER in used_a and TOWER_CONTAINER in used_b and RELEASE_TOWER not in used_b
     assert ca == cb
     fa, fb = flatten(a), flatten(b)
@@ -284,7 +292,7 @@ def test_an_unexpected_tower_tensor_is_named_with_its_file(release, tmp_path, wi
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ConversionError, match=rf"{re.escape(str(out))}: unexpected tensors "
                                               rf"\['{re.escape(TOWER_CONTAINER + bogus)} in {re.escape(shard)}'\]"):
-        rel.load_release_vlm(out)
+        load_release_vlm(out)
 
 
 def test_hub_id_without_tensors_says_what_to_pass(release, tmp_path):
@@ -292,7 +300,7 @@ def test_hub_id_without_tensors_says_what_to_pass(release, tmp_path):
     config, params, _ = rel.load_release(d)
     out = rel.export_release(config, params, tmp_path / "no_tower", vision_tower="openai/clip-vit-large-patch14-336")
     with pytest.raises(ConversionError, match="pass vision="):
-        rel.load_release_vlm(out)
+        load_release_vlm(out)
 
 
 def test_cli_release_to_mm_and_back(release, tmp_path):
@@ -311,5 +319,5 @@ def test_cli_release_to_mm_and_back(release, tmp_path):
     assert set(lm) == set(back) and all(np.array_equal(lm[k], back[k]) for k in lm)
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg["mm_vision_tower"] == str((tmp_path / "back" / "vision_tower").absolute())
-    _, _, used = rel.load_release_vlm(tmp_path / "back")  # the reference loader's path: mm_vision_tower, local
+    _, _, used = load_release_vlm(tmp_path / "back")  # the reference loader's path: mm_vision_tower, local
     assert "mm_vision_tower" in used

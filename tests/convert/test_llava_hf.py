@@ -7,7 +7,8 @@ from safetensors.numpy import load_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from mm.convert import llava_hf
-from mm.convert.errors import ConversionError
+from mm.convert.registry import load
+from mm.checkpoints.errors import ConversionError
 from mm.models import vlm
 from tests.helpers.tower_naming import both_namings
 
@@ -54,7 +55,7 @@ def _inputs():
 
 def test_import_matches_transformers_logits(hf):
     d, model = hf
-    config, params = llava_hf.load_llava(d)
+    config, params = load(d)
     assert config.feature == "patch" and config.feature_layer == -2 and config.image_token_id == IMG
     ids, pix, mm_pix = _inputs()
     with torch.no_grad():
@@ -66,7 +67,7 @@ def test_import_matches_transformers_logits(hf):
 
 def test_export_loads_in_transformers_and_round_trips_exactly(hf, tmp_path):
     d, model = hf
-    config, params = llava_hf.load_llava(d)
+    config, params = load(d)
     out = llava_hf.export_llava(config, params, tmp_path / "out")
     back = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
     ids, pix, _ = _inputs()
@@ -80,7 +81,7 @@ def test_export_loads_in_transformers_and_round_trips_exactly(hf, tmp_path):
 
 def test_generation_with_images_matches_uncached_argmax(hf):
     d, _ = hf
-    config, params = llava_hf.load_llava(d)
+    config, params = load(d)
     from mm.generate import Generator
 
     ids, _, mm_pix = _inputs()
@@ -117,11 +118,11 @@ def test_iaa_configs_have_no_llava_layout():
 def test_tower_with_or_without_the_vision_model_module_imports_the_same(hf, tmp_path):
     """`vision_tower.vision_model.*` (hub, transformers 4) and `vision_tower.*` (transformers >= 5.24) load to
     exactly the same params, which reproduce transformers' logits."""
-    from mm.convert.mm_dir import flatten
+    from flax.traverse_util import flatten_dict as flatten
 
     d, model = hf
     dirs = both_namings(d, tmp_path / "named", container="vision_tower.")
-    (ca, a), (cb, b) = llava_hf.load_llava(dirs[True]), llava_hf.load_llava(dirs[False])
+    (ca, a), (cb, b) = load(dirs[True]), load(dirs[False])
     assert ca == cb
     fa, fb = flatten(a), flatten(b)
     assert set(fa) == set(fb) and all(fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]) for k in fa)
@@ -147,7 +148,7 @@ def test_an_unexpected_tower_tensor_is_named_with_its_file(hf, tmp_path, with_mo
     save_file(tensors, str(f))
     with pytest.raises(ConversionError, match=rf"{re.escape(str(out))}: unexpected tensors "
                                               rf"\['{re.escape(bogus)} in model\.safetensors'\]"):
-        llava_hf.load_llava(out)
+        load(out)
 
 
 def test_cli_round_trip_through_an_mm_vlm_dir(hf, tmp_path):
@@ -167,3 +168,28 @@ def test_cli_round_trip_through_an_mm_vlm_dir(hf, tmp_path):
     assert mm_convert(["mm-to-hf", "--src", str(tmp_path / "mm"), "--dst", str(tmp_path / "hf"), "--no-progress"]) == 0
     orig, new = load_file(str(d / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert set(orig) == set(new) and all(np.array_equal(orig[k], new[k]) for k in orig)
+
+
+def test_a_bf16_llava_converts_streamed_and_stays_bf16_both_ways(hf, tmp_path):
+    """hf-to-mm / mm-to-hf of a VLM keep each tensor's dtype ("keep"): bf16 in, bf16 in the mm dir and back,
+    bit for bit; the mm dir's configs say bfloat16."""
+    import json
+
+    import ml_dtypes
+
+    from mm.checkpoints.mm_dir import params_metadata
+    from mm.convert.registry import hf_to_mm, mm_to_hf
+
+    _, model = hf
+    d = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(str(d))
+    model.to(torch.float32)
+    mm_dir = hf_to_mm(d, tmp_path / "mm", progress=False)
+    assert {dt for _, dt in params_metadata(mm_dir).values()} == {np.dtype(ml_dtypes.bfloat16)}
+    section = json.loads((mm_dir / "mm_config.json").read_text())["vlm"]
+    assert section["vision"]["param_dtype"] == "bfloat16" and section["lm"]["llm"]["param_dtype"] == "bfloat16"
+    back = mm_to_hf(mm_dir, tmp_path / "back", progress=False)
+    orig, new = load_file(str(d / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert set(orig) == set(new)
+    for k in orig:
+        assert new[k].dtype == orig[k].dtype and np.array_equal(new[k].view(np.uint16), orig[k].view(np.uint16)), k

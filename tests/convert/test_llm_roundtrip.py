@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mm.convert import (SafetensorsCheckpoint, hf_to_mm, load_mm_params, mm_to_hf, params_metadata,
-                        read_mm_config)
-from mm.convert.safetensors_io import INDEX_FILE
+from mm.checkpoints.mm_dir import params_metadata
+from mm.checkpoints.safetensors_io import SafetensorsCheckpoint
+from mm.convert.registry import hf_to_mm, load, mm_to_hf, read_config
+from mm.checkpoints.safetensors_io import INDEX_FILE
 from mm.models.llm import LLM
 from tests.helpers.hf_models import load_hf, make_model
 
@@ -46,11 +47,11 @@ def ids():
 def test_logits_match_transformers_and_round_trip_is_bit_identical(tmp_path, variant, ids):
     src = make_model(tmp_path, variant)
     mm = hf_to_mm(src, tmp_path / "mm", progress=False)
-    config = read_mm_config(mm)
+    config = read_config(mm)
     assert config.tie_word_embeddings == (variant == "qwen2-tied")
     assert config.attention_bias == variant.startswith("qwen2")
     assert (config.rope_scaling is not None) == (variant == "llama-llama3")
-    params = load_mm_params(mm)
+    params = load(mm)[1]
     assert ("lm_head" in params) == (not config.tie_word_embeddings)
     logits, _ = LLM(config).apply({"params": params}, ids)
     ref = hf_logits(src, ids)
@@ -68,7 +69,7 @@ def test_bf16_checkpoint_round_trips_bit_identical_with_keep_and_via_float32(tmp
     src = make_model(tmp_path, "llama-gqa", dtype=torch.bfloat16)
     mm = hf_to_mm(src, tmp_path / "mm", progress=False)
     assert {dt for _, dt in params_metadata(mm).values()} == {np.dtype(ml_dtypes.bfloat16)}
-    assert read_mm_config(mm).param_dtype == "bfloat16"
+    assert read_config(mm).param_dtype == "bfloat16"
     assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
     back = mm_to_hf(mm, tmp_path / "back", progress=False)
     assert_same_tensors(src, back)
@@ -85,9 +86,9 @@ def test_sharded_input_and_output(tmp_path, ids):
     sharded = make_model(tmp_path / "b", "qwen2-untied", max_shard_size="60KB")
     index = json.loads((sharded / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 2
-    p1 = load_mm_params(hf_to_mm(single, tmp_path / "mm1", progress=False))
+    p1 = load(hf_to_mm(single, tmp_path / "mm1", progress=False))[1]
     mm2 = hf_to_mm(sharded, tmp_path / "mm2", progress=False)
-    p2 = load_mm_params(mm2)
+    p2 = load(mm2)[1]
     flat1 = {k: v for k, v in __import__("jax").tree_util.tree_leaves_with_path(p1)}
     flat2 = {k: v for k, v in __import__("jax").tree_util.tree_leaves_with_path(p2)}
     assert flat1.keys() == flat2.keys()
@@ -130,13 +131,12 @@ def test_load_mm_params_onto_shardings_and_in_config_dtype(tmp_path):
     import jax
 
     mm = hf_to_mm(make_model(tmp_path, "qwen2-tied"), tmp_path / "mm", progress=False)
-    config = read_mm_config(mm)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[-1])
-    params = load_mm_params(mm, config.replace(param_dtype="bfloat16"), shardings=sharding)
+    params = load(mm, dtype="bfloat16", shardings=sharding)[1]
     leaves = jax.tree.leaves(params)
     assert all(isinstance(x, jax.Array) and x.sharding == sharding for x in leaves)
     assert all(x.dtype == jax.numpy.bfloat16 for x in leaves)
-    ref = load_mm_params(mm)
+    ref = load(mm)[1]
     np.testing.assert_array_equal(np.asarray(params["norm"]["scale"]),
                                   ref["norm"]["scale"].astype(ml_dtypes.bfloat16))
 
@@ -146,17 +146,17 @@ def test_load_mm_params_onto_a_mesh_with_a_tree_of_named_shardings(tmp_path):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     mm = hf_to_mm(make_model(tmp_path, "llama-gqa"), tmp_path / "mm", progress=False)
-    ref = load_mm_params(mm)
+    ref = load(mm)[1]
     devices = np.array(jax.devices()[:4])
     assert devices.size == 4, "tests/conftest.py asks XLA for 8 CPU devices"
     mesh = Mesh(devices, ("fsdp",))
     shardings = jax.tree.map(lambda x: NamedSharding(mesh, P("fsdp") if x.shape[0] % 4 == 0 else P()), ref)
-    params = load_mm_params(mm, shardings=shardings)
+    params = load(mm, shardings=shardings)[1]
     for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings)):
         assert x.sharding == s, path
         np.testing.assert_array_equal(np.asarray(x), _get(ref, path))
     with pytest.raises(Exception, match="shardings tree has no entry"):
-        load_mm_params(mm, shardings={"norm": {"scale": NamedSharding(mesh, P())}})
+        load(mm, shardings={"norm": {"scale": NamedSharding(mesh, P())}})
 
 
 def _get(tree, path):

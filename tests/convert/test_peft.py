@@ -128,8 +128,10 @@ def _mm_logits(run, ids):
 def test_mm_trained_adapter_exports_to_peft_and_merges_like_peft(lora_run):
     from peft import PeftModel
 
-    from mm.convert.llm_map import llm_name_map
-    from mm.convert.mm_dir import flatten, load_mm_params, read_mm_config
+    from mm.convert.llm_family import llm_name_map
+    from flax.traverse_util import flatten_dict as flatten
+
+    from mm.convert.registry import load, read_config
     from mm.train.export import export_run
 
     base, run, tmp = lora_run["base"], lora_run["run"], lora_run["tmp"]
@@ -148,8 +150,8 @@ def test_mm_trained_adapter_exports_to_peft_and_merges_like_peft(lora_run):
 
     merged_dir = export_run(run, tmp / "merged", merge_lora=True)
     merged_hf = peft_model.merge_and_unload().state_dict()
-    c = read_mm_config(merged_dir)
-    mine_params = flatten(load_mm_params(merged_dir, c))
+    c = read_config(merged_dir)
+    mine_params = flatten(load(merged_dir)[1])
     nm = llm_name_map(c)
     worst = 0.0
     for name, t in merged_hf.items():

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mm.convert import name_map as nm
-from mm.convert.errors import ConversionError
+from mm.checkpoints import name_map as nm
+from mm.checkpoints.errors import ConversionError
 from mm.convert.hf_vision import ConvToHWIO, FusedInProj
-from mm.convert.safetensors_io import PlannedTensor, SafetensorsCheckpoint, ShardedSafetensorsWriter
+from mm.checkpoints.safetensors_io import PlannedTensor, SafetensorsCheckpoint, ShardedSafetensorsWriter
 
 CASES = [  # (transform, HF shape)
     (nm.IDENTITY, (12,)), (nm.IDENTITY, (10, 6)), (nm.IDENTITY, (4, 6, 3)), (nm.TRANSPOSE, (10, 6)),
@@ -79,13 +79,12 @@ def test_read_rows_bfloat16_and_bounds(ckpt):
 @pytest.mark.parametrize("spec", [P("fsdp", "tensor"), P(None, "tensor"), P("fsdp", None), P()])
 def test_hf_onto_matches_the_in_memory_reader_on_any_mesh(tmp_path, spec):
     from mm import sharding as shd
-    from mm.convert.llm_map import llm_name_map
-    from mm.convert.pipeline import load_hf_llm, open_hf_checkpoint
-    from mm.convert.placed import hf_onto
+    from mm.convert.llm_family import llm_name_map
+    from mm.convert.registry import load
     from tests.helpers.hf_models import make_llama
 
     hf = make_llama(tmp_path, "gqa", max_shard_size="20KB")
-    config, want = load_hf_llm(hf)
+    config, want = load(hf)
     mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
     name_map = llm_name_map(config)
 
@@ -95,9 +94,9 @@ def test_hf_onto_matches_the_in_memory_reader_on_any_mesh(tmp_path, spec):
         return NamedSharding(mesh, P(*parts) if ok else P())
 
     shardings = {e.mm_path: sharding(e) for e in name_map.entries}
-    with open_hf_checkpoint(hf, name_map) as ck:
-        got = hf_onto(ck, name_map, shardings, np.float32, progress=False)
-    from mm.convert.mm_dir import flatten
+    from flax.traverse_util import flatten_dict as flatten
+
+    got = flatten(load(hf, dtype="float32", shardings=shardings)[1])
 
     for path, ref in flatten(want).items():
         assert got[path].sharding == shardings[path]

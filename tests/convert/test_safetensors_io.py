@@ -10,11 +10,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mm.config import LLMConfig
-from mm.convert import ConversionError, SafetensorsCheckpoint, ShardedSafetensorsWriter
-from mm.convert.llm_map import llm_name_map
-from mm.convert.name_map import (TRANSPOSE, SplitHeadsBias, SplitHeadsIn, SplitHeadsOut, save_unit,
-                                 transpose2d)
-from mm.convert.safetensors_io import INDEX_FILE, PlannedTensor, plan_shards
+from mm.checkpoints.errors import ConversionError
+from mm.checkpoints.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter
+from mm.convert.llm_family import llm_name_map
+from mm.checkpoints.name_map import (TRANSPOSE, SplitHeadsBias, SplitHeadsIn, SplitHeadsOut, save_unit,
+                                     transpose2d)
+from mm.checkpoints.safetensors_io import INDEX_FILE, PlannedTensor, plan_shards
 
 
 def test_reader_matches_torch_for_every_float_dtype(tmp_path):

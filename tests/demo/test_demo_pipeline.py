@@ -93,7 +93,7 @@ def test_demo_on_converted_hf_checkpoints(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     import mm
-    from mm.convert.hf_vision import load_hf_vision
+    from mm.convert.registry import load
     from tests.helpers.hf_models import make_llama
 
     llm = make_llama(tmp_path, "gqa", tokenizer=True, max_position_embeddings=1024)
@@ -108,7 +108,7 @@ def test_demo_on_converted_hf_checkpoints(tmp_path):
     assert "] base (elapsed" not in proc.stdout  # the given LLM is the base
     _check_report(w)
     iaa = mm.from_pretrained(w / "iaa" / "export")
-    _, hf_params = load_hf_vision(tmp_path / "clip")
+    _, hf_params = load(tmp_path / "clip")
     got = iaa.params["vision"]["encoder"]["layers_1"]["mlp"]["fc1"]["kernel"]
     assert np.array_equal(np.asarray(got), hf_params["encoder"]["layers_1"]["mlp"]["fc1"]["kernel"])
     base = mm.from_pretrained(llm)

@@ -64,8 +64,9 @@ def test_greedy_decisions_follow_its_rule_and_maximum_takes_the_top_two(quick_so
 
 def test_average_soup_is_the_branch_mean_on_the_frozen_base(quick_soups):
     import mm
-    from mm.convert import params_metadata
-    from mm.convert.mm_dir import flatten, load_param_paths
+    from flax.traverse_util import flatten_dict as flatten
+
+    from mm.checkpoints.mm_dir import load_param_paths, params_metadata
 
     w, _ = quick_soups
 

@@ -16,7 +16,7 @@ def tiny_iaa_vlm(path: Path, scale: float = 1.0) -> tuple[Path, Any, Any]:
     import jax
 
     from mm.config import LLMConfig, VisionConfig
-    from mm.convert import vlm_dir
+    from mm.convert import registry
     from mm.models import iaa, llm, vision, vlm
     from mm.models.connectors import ProjectorConfig
 
@@ -31,7 +31,7 @@ def tiny_iaa_vlm(path: Path, scale: float = 1.0) -> tuple[Path, Any, Any]:
                              llm.init_params(lc, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
     if scale != 1.0:
         params = jax.tree.map(lambda x: np.asarray(x) * scale if x.ndim > 1 else np.asarray(x), params)
-    return vlm_dir.save_mm_vlm(cfg, params, path), cfg, params
+    return registry.save("vlm", cfg, params, path), cfg, params
 
 
 def tiny_iaa_vlm_with_tokenizer(path: Path, scale: float = 3.0) -> Path:

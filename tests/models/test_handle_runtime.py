@@ -156,7 +156,7 @@ def test_mesh_shards_params_and_keeps_float32_outputs(dirs, mesh, plain, kind):
 def test_mm_dirs_restore_straight_onto_the_mesh(dirs, mesh, plain, tmp_path):
     """mm vision and LLM dirs (converted from the HF ones) come back sharded by Orbax's restore, with the HF
     dirs' unsharded outputs."""
-    from mm.convert import hf_to_mm
+    from mm.convert.registry import hf_to_mm
 
     for kind in ("vision", "llm"):
         h = mm.from_pretrained(hf_to_mm(dirs[kind], tmp_path / kind, progress=False), mesh=mesh)

@@ -7,7 +7,7 @@ import torch
 
 import mm
 from mm import sharding as sh
-from mm.convert import hf_to_mm
+from mm.convert.registry import hf_to_mm
 from mm.generate import left_pad
 from tests.helpers import hf_models
 

@@ -83,7 +83,7 @@ def test_vision_checkpoint_loads_and_mismatches_name_the_field(data, tmp_path):
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from mm.convert.hf_vision import load_hf_vision
+    from mm.convert.registry import load
     from mm.train import config as tcfg
     from mm.train import param_groups as pg
     from mm.train.from_checkpoints import vision_section
@@ -96,7 +96,7 @@ def test_vision_checkpoint_loads_and_mismatches_name_the_field(data, tmp_path):
     c.model.vision = vision_section(tmp_path / "clip")
     c.init.vision_checkpoint = str(tmp_path / "clip")
     b = build(c, log=False, devices=jax.devices()[:1])
-    _, want = load_hf_vision(tmp_path / "clip")
+    _, want = load(tmp_path / "clip")
     got = pg.flatten(b.frozen)
     for k, v in pg.flatten(want).items():
         assert np.array_equal(np.asarray(got[f"vision/{k}"]), v), k
@@ -157,7 +157,7 @@ def test_vlm_export_logits_equal_the_trained_model(data, tmp_path, kind):
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-tied"])
 def test_llm_section_reads_hf_and_mm_dirs(tmp_path, family):
-    from mm.convert import hf_to_mm
+    from mm.convert.registry import hf_to_mm
     from mm.train import config as tcfg
     from mm.train.from_checkpoints import llm_section
     from tests.helpers.hf_models import make_model

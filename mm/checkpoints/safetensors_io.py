@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from mm.convert.errors import ConversionError
+from mm.checkpoints.errors import ConversionError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -301,6 +301,12 @@ class ShardedSafetensorsWriter:
             self._f.write(self._header(self.shards[shard_i]))
         self._f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
         self._pos += 1
+
+    def abort(self) -> None:
+        """Closes the open shard without finishing (the caller discards the directory)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
     def close(self) -> None:
         """Finishes the last shard and writes the index (sharded output only)."""

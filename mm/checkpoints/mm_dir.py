@@ -1,4 +1,4 @@
-"""The mm checkpoint directory: `mm_config.json`, an Orbax `params/` checkpoint, tokenizer files.
+"""The mm checkpoint directory format: `mm_config.json`, an Orbax `params/` checkpoint, tokenizer files.
 
 Layout (format_version 1)::
 
@@ -8,14 +8,15 @@ Layout (format_version 1)::
     MM_DIR/tokenizer/              tokenizer files copied from the HF directory (when it had them)
     MM_DIR/generation_config.json  carried over from HF (when present), written back on export
 
-`kind` names the model family and which sections hold its configs: kind "llm" has one section "llm".
-Later kinds (e.g. "iaa", "llava") add their sections and register a name map in `NAME_MAPS`; the param tree
-is always the family's unscanned layout, so it restores into any mesh (`load_mm_params(..., shardings=)`).
+`kind` names the model family and which sections hold its configs (kind "llm" has one section "llm"); which
+kinds exist and how their sections parse is the registry's business (`mm.convert.registry`), not this
+module's. The param tree is always the family's unscanned layout, so it restores into any mesh.
 
 Params are written with Orbax's incremental partial save, one save unit (a decoder layer, the embedding...)
 per call (`ParamWriter`), then finalized: peak memory stays near one or two units, not the model. Arrays are
 stored uncompressed (*choice*: zstd costs CPU time and gains little on float weights), in chunks of at most
-`CHUNK_BYTES`.
+`CHUNK_BYTES`. Readers and writers for the engine are `mm.checkpoints.readers.MMDirReader` and
+`mm.checkpoints.writers.MMDirWriter`.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
-from mm.config import ConfigError, LLMConfig, VisionConfig, read_json
-from mm.convert.errors import ConversionError
-from mm.convert.hf_vision import vision_name_map
-from mm.convert.llm_map import llm_name_map
-from mm.convert.name_map import MMPath, NameMap
+from flax import traverse_util
+
+from mm.checkpoints.errors import ConversionError
+from mm.checkpoints.name_map import MMPath
+from mm.config import ConfigError, read_json
 
 MM_CONFIG_FILE = "mm_config.json"
 PARAMS_DIR = "params"
@@ -44,13 +45,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 EXTRA_HF_FILES = ("generation_config.json",)
 
-# kind -> (config section, parser, name map builder).
-KINDS: dict[str, tuple[str, Callable[..., Any], Callable[[Any], NameMap]]] = {
-    "llm": ("llm", LLMConfig.from_json_dict, llm_name_map),
-    "vision": ("vision", VisionConfig.from_json_dict, vision_name_map),
-}
-
-
 # ------------------------------------------------------------------------------------- config file
 def write_mm_config(mm_dir: str | Path, kind: str, sections: Mapping[str, Any], source: Mapping[str, Any]) -> None:
     manifest = {"format_version": FORMAT_VERSION, "kind": kind, **sections, "source": dict(source)}
@@ -58,7 +52,7 @@ def write_mm_config(mm_dir: str | Path, kind: str, sections: Mapping[str, Any], 
 
 
 def read_mm_manifest(mm_dir: str | Path) -> dict[str, Any]:
-    """The raw `mm_config.json`, with its version and kind checked."""
+    """The raw `mm_config.json`, with its format version checked (its kind is the registry's to check)."""
     path = Path(mm_dir) / MM_CONFIG_FILE
     try:
         d = read_json(path)
@@ -66,27 +60,11 @@ def read_mm_manifest(mm_dir: str | Path) -> dict[str, Any]:
         raise ConversionError(str(e)) from e
     if d.get("format_version") != FORMAT_VERSION:
         raise ConversionError(f"{path}: format_version={d.get('format_version')!r}, this mm reads {FORMAT_VERSION}")
-    if d.get("kind") not in KINDS:
-        raise ConversionError(f"{path}: kind={d.get('kind')!r}; known kinds {sorted(KINDS)}")
     return d
 
 
-def read_mm_config(mm_dir: str | Path) -> Any:
-    """The model config of an mm checkpoint (an `LLMConfig` for kind "llm")."""
-    d = read_mm_manifest(mm_dir)
-    section, parse, _ = KINDS[d["kind"]]
-    path = Path(mm_dir) / MM_CONFIG_FILE
-    if section not in d:
-        raise ConversionError(f"{path}: kind {d['kind']!r} needs a {section!r} section")
-    try:
-        return parse(d[section], source=f"{path}: {section}")
-    except (ConfigError, TypeError) as e:
-        raise ConversionError(f"{path}: {section}: {e}") from e
-
-
-def name_map_for(mm_dir: str | Path, config: Any = None) -> NameMap:
-    kind = read_mm_manifest(mm_dir)["kind"]
-    return KINDS[kind][2](read_mm_config(mm_dir) if config is None else config)
+def is_mm_dir(path: str | Path) -> bool:
+    return (Path(path) / MM_CONFIG_FILE).is_file()
 
 
 def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
@@ -99,23 +77,7 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
     return copied
 
 
-# -------------------------------------------------------------------------------------- param tree
-def set_path(tree: dict[str, Any], path: MMPath, value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def flatten(tree: Mapping[str, Any], prefix: MMPath = ()) -> dict[MMPath, Any]:
-    out: dict[MMPath, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
+# -------------------------------------------------------------------------------------- params/
 def _save_context() -> ocp.Context:
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False
@@ -153,7 +115,7 @@ class ParamWriter:
         self.wait()
         with self._ctx:
             self._pending = ocp.partial.save_async(self.path, unit_tree)
-        self._pending_bytes = sum(x.nbytes for x in flatten(unit_tree).values())
+        self._pending_bytes = sum(x.nbytes for x in traverse_util.flatten_dict(unit_tree).values())
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -186,60 +148,18 @@ def params_metadata(mm_dir: str | Path) -> dict[MMPath, tuple[tuple[int, ...], n
     if not path.is_dir():
         raise ConversionError(f"{path}: no params checkpoint")
     meta = ocp.metadata(path).metadata
-    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in flatten(meta).items()}
-
-
-def check_params(stored: Mapping[MMPath, tuple[tuple[int, ...], Any]], name_map: NameMap, source: str) -> None:
-    """Raises one `ConversionError` listing missing, unexpected and misshapen params."""
-    expected = name_map.expected_mm_paths()
-    show = lambda ps: sorted("/".join(p) for p in ps)  # noqa: E731
-    missing, unexpected = show(set(expected) - set(stored)), show(set(stored) - set(expected))
-    wrong = sorted(f"{'/'.join(p)}: {list(stored[p][0])} (expected {list(expected[p])})"
-                   for p in set(stored) & set(expected) if tuple(stored[p][0]) != tuple(expected[p]))
-    problems = [f"{what} params {items}" for what, items in
-                (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)) if items]
-    if problems:
-        raise ConversionError(f"{source}: " + "; ".join(problems))
+    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in traverse_util.flatten_dict(meta).items()}
 
 
 def load_param_paths(mm_dir: str | Path, paths: Iterable[MMPath], dtypes: Mapping[MMPath, Any],
                      shapes: Mapping[MMPath, tuple[int, ...]], shardings: Mapping[MMPath, Any] | None = None
                      ) -> dict[str, Any]:
     """Restores just `paths` (numpy arrays, or jax arrays placed by `shardings`), as a nested dict."""
-    abstract: dict[str, Any] = {}
+    abstract: dict[MMPath, Any] = {}
     for p in paths:
         if shardings is not None:
-            leaf = jax.ShapeDtypeStruct(shapes[p], dtypes[p], sharding=shardings[p])
+            abstract[p] = jax.ShapeDtypeStruct(shapes[p], dtypes[p], sharding=shardings[p])
         else:
-            leaf = np.empty(shapes[p], dtypes[p])  # untouched pages: no memory until Orbax writes into it
-        set_path(abstract, p, leaf)
+            abstract[p] = np.empty(shapes[p], dtypes[p])  # untouched pages: no memory until Orbax writes them
     with _load_context():
-        return ocp.load(Path(mm_dir) / PARAMS_DIR, abstract)
-
-
-def load_mm_params(mm_dir: str | Path, config: Any = None, shardings: Any = None) -> dict[str, Any]:
-    """The param tree of an mm checkpoint, checked against its config.
-
-    `config` (default: the stored one) fixes the expected tree and the dtype (`param_dtype`) params are
-    restored in. `shardings` is one `jax.sharding.Sharding` for every param or a tree of them matching the
-    params; with it, params are restored as jax arrays placed directly on those shardings (no host copy of
-    the full model), otherwise as numpy arrays.
-    """
-    mm_dir = Path(mm_dir)
-    config = read_mm_config(mm_dir) if config is None else config
-    name_map = name_map_for(mm_dir, config)
-    stored = params_metadata(mm_dir)
-    check_params(stored, name_map, str(mm_dir / PARAMS_DIR))
-    dtype = np.dtype(getattr(config, "param_dtype", None) or "float32")
-    paths = list(name_map.expected_mm_paths())
-    per_path = None
-    if shardings is not None:
-        if isinstance(shardings, jax.sharding.Sharding):
-            per_path = {p: shardings for p in paths}
-        else:
-            flat = flatten(shardings)
-            absent = sorted("/".join(p) for p in paths if p not in flat)
-            if absent:
-                raise ConversionError(f"shardings tree has no entry for params {absent[:10]}")
-            per_path = {p: flat[p] for p in paths}
-    return load_param_paths(mm_dir, paths, {p: dtype for p in paths}, {p: stored[p][0] for p in paths}, per_path)
+        return ocp.load(Path(mm_dir) / PARAMS_DIR, traverse_util.unflatten_dict(abstract))

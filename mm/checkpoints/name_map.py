@@ -1,7 +1,7 @@
 """The per-family name map: a table of `Entry(hf_name, hf_shape, mm_path, transform)` and lookups both ways.
 
-A family (Llama/Qwen2 LLMs here; vision towers, LLaVA, the IAA release later) only builds the table from its
-config; the streaming machinery (`mm.convert.pipeline`) does the rest. A `Transform` says how one HF tensor
+A family (`mm.convert.*_family` and friends, dispatched by `mm.convert.registry`) only builds the table from
+its config; the engine (`mm.checkpoints.engine.convert`) does the rest. A `Transform` says how one HF tensor
 becomes one mm param and back (rename, transpose, split heads), and what shape it has on each side, so
 names and shapes can be checked against safetensors headers before any data is read.
 
@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mm.convert.errors import ConversionError
+from mm.checkpoints.errors import ConversionError
 
 MMPath = tuple[str, ...]
 Box = tuple[slice, ...]  # a region of an array: one `slice(start, stop)` per dimension, steps of 1
@@ -213,15 +213,19 @@ def save_unit(mm_path: MMPath) -> MMPath:
 
 
 class NameMap:
-    """A family's entries plus HF names that are dropped on import (e.g. `rotary_emb.inv_freq` buffers)."""
+    """A family's entries plus names a source may hold that are not converted: HF names dropped on import
+    (`ignorable`, e.g. `rotary_emb.inv_freq` buffers) and mm paths (`ignorable_mm`, regexes over the
+    '/'-joined path) outside the part of a tree this map converts (e.g. the LLM beside a VLM's tower)."""
 
-    def __init__(self, entries: Sequence[Entry], ignorable: Iterable[str] = ()):
+    def __init__(self, entries: Sequence[Entry], ignorable: Iterable[str] = (), ignorable_mm: Iterable[str] = ()):
         self.entries = tuple(entries)
         self._by_hf = {e.hf_name: e for e in self.entries}
         self._by_mm = {e.mm_path: e for e in self.entries}
         if len(self._by_hf) != len(self.entries) or len(self._by_mm) != len(self.entries):
             raise ValueError("name map has duplicate HF names or mm paths")
-        self._ignorable = [re.compile(p) for p in ignorable]
+        self.ignorable, self.ignorable_mm = tuple(ignorable), tuple(ignorable_mm)
+        self._ignorable = [re.compile(p) for p in self.ignorable]
+        self._ignorable_mm = [re.compile(p) for p in self.ignorable_mm]
 
     def expected_hf_names(self) -> dict[str, tuple[int, ...]]:
         return {e.hf_name: e.hf_shape for e in self.entries}
@@ -231,6 +235,9 @@ class NameMap:
 
     def is_ignorable(self, hf_name: str) -> bool:
         return any(p.fullmatch(hf_name) for p in self._ignorable)
+
+    def is_ignorable_mm(self, mm_path: MMPath) -> bool:
+        return any(p.fullmatch("/".join(mm_path)) for p in self._ignorable_mm)
 
     def entry_for_hf(self, hf_name: str) -> Entry:
         try:
@@ -260,7 +267,7 @@ class NameMap:
         return list(groups.items())
 
 
-def check_names_and_shapes(found: dict[str, tuple[int, ...]], name_map: NameMap, source: str,
+def check_names_and_shapes(found: Mapping[str, tuple[int, ...]], name_map: NameMap, source: str,
                            files: Mapping[str, str] | None = None) -> None:
     """Raises one `ConversionError` listing every missing, unexpected and misshapen HF tensor; `files` (tensor
     name -> file name) adds the file each unexpected or misshapen tensor is in."""
@@ -280,5 +287,19 @@ def check_names_and_shapes(found: dict[str, tuple[int, ...]], name_map: NameMap,
         problems.append(f"unexpected tensors {unexpected}")
     if wrong:
         problems.append(f"wrongly shaped tensors {wrong}")
+    if problems:
+        raise ConversionError(f"{source}: " + "; ".join(problems))
+
+
+def check_params(found: Mapping[MMPath, tuple[int, ...]], name_map: NameMap, source: str) -> None:
+    """Raises one `ConversionError` listing missing, unexpected and misshapen mm params."""
+    expected = name_map.expected_mm_paths()
+    show = lambda ps: sorted("/".join(p) for p in ps)  # noqa: E731
+    missing = show(set(expected) - set(found))
+    unexpected = show(p for p in set(found) - set(expected) if not name_map.is_ignorable_mm(p))
+    wrong = sorted(f"{'/'.join(p)}: {list(found[p])} (expected {list(expected[p])})"
+                   for p in set(found) & set(expected) if tuple(found[p]) != tuple(expected[p]))
+    problems = [f"{what} params {items}" for what, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)) if items]
     if problems:
         raise ConversionError(f"{source}: " + "; ".join(problems))
