@@ -75,8 +75,8 @@ of fewer than 32 layers gets insertion layers at its first min(14, layers) posit
     from mm.config import VisionConfig
     from mm.convert.hf_vision import vision_entries
     from mm.convert.iaa_release import RELEASE_VISION_PREFIX, release_hf_config, release_name_map
-    from mm.models.connectors import ProjectorConfig
-    from mm.models.iaa import IAA_14, BranchConfig, IAAConfig
+    from mm.config import ProjectorConfig
+    from mm.config import IAA_14, BranchConfig, IAAConfig
 
     tower = VisionConfig(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_layers=24,
                          num_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)

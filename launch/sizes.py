@@ -65,7 +65,7 @@ def count(model: str, llm_spec: str, vision_spec: str | None = "clip-l-336", sta
     import jax
 
     from mm.models import iaa, llava, vision
-    from mm.models.connectors import ProjectorConfig
+    from mm.config import ProjectorConfig
 
     llm_cfg = _llm_config(llm_spec)
     vis_cfg = _vision_config(vision_spec)

@@ -28,7 +28,7 @@ import numpy as np
 
 from mm import sharding as sh
 from mm.attention import IMPLEMENTATIONS
-from mm.config import ConfigError, LLMConfig, VisionConfig
+from mm.config import ConfigError, LLMConfig, VisionConfig, VLMConfig, vlm_with_runtime
 from mm.generate import DecodeFns, Generator, left_pad, positions_from_mask
 from mm.models import llm
 
@@ -77,10 +77,8 @@ class Runtime:
 
     def configure(self, config: Any) -> Any:
         """`config` (an `LLMConfig`, `VisionConfig` or `VLMConfig`) with this runtime's options."""
-        from mm.models import vlm
-
-        if isinstance(config, vlm.VLMConfig):
-            return vlm.with_runtime(config, **self.options())
+        if isinstance(config, VLMConfig):
+            return vlm_with_runtime(config, **self.options())
         return config.replace(**self.options())
 
     def shardings(self, abstract: Any) -> Any:
@@ -264,7 +262,7 @@ def from_pretrained(path: str | Path, *, dtype: str | None = None, param_dtype: 
 def _merge_adapter(handle: Any, adapter: Path) -> Any:
     from mm.checkpoints.errors import ConversionError
     from mm.convert.llm_family import llm_name_map
-    from mm.convert.peft_adapter import llm_candidates, read_peft
+    from mm.convert.peft_adapter import read_peft
     from mm.models import lora
 
     if not isinstance(handle, LLMHandle):
@@ -272,7 +270,7 @@ def _merge_adapter(handle: Any, adapter: Path) -> Any:
                           f"{handle.source} loads as a {type(handle).__name__}")
     c = dataclasses.replace(handle.config, scan_layers=False)
     try:
-        adapters = read_peft(adapter, llm_name_map(c), llm_candidates(c))
+        adapters = read_peft(adapter, llm_name_map(c), llm.adapter_candidates(c))
     except ConversionError as e:
         raise ConfigError(f"adapter={adapter}: {e}") from e
     params = handle.params

@@ -2,6 +2,9 @@
 
 One dataclass per model family concept. `LLMConfig` covers the Llama family (Llama 2, 3, 3.1 with
 `llama3` RoPE scaling) and Qwen2 (q/k/v biases, optional tied embeddings): they differ only in fields.
+`VisionConfig` the CLIP / SigLIP towers; `ProjectorConfig` the vision -> LLM connectors; `LLaVAConfig`,
+`IAAConfig` (its `BranchConfig`s) the LLM-side models; `VLMConfig` a tower + one of those. They live here,
+not beside the Flax modules, so checkpoint code (`mm.convert`) reads and writes configs without model code.
 Numerics (`dtype`, `param_dtype`), layer scanning and rematerialisation are run-time options that live in
 the same config so a Flax module needs nothing else.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -387,3 +391,181 @@ class VisionConfig(_Numerics):
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}")
         return cls(**dict(d))
+
+
+# ------------------------------------------------------------------------------ multimodal models
+_MLP = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+    """Projector from the vision width `in_dim` to the LLM width `out_dim` (IAA release: mlp2x_gelu 1024->4096)."""
+
+    kind: str = "mlp2x_gelu"
+    in_dim: int = 1024
+    out_dim: int = 4096
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "identity") and not _MLP.match(self.kind):
+            raise ConfigError(f"projector.kind={self.kind!r}: choose linear, identity or mlp<N>x_gelu")
+        if _MLP.match(self.kind) and int(_MLP.match(self.kind).group(1)) < 1:
+            raise ConfigError(f"projector.kind={self.kind!r}: depth must be >= 1")
+        if self.kind == "identity" and self.in_dim != self.out_dim:
+            raise ConfigError(f"projector.kind='identity' needs in_dim == out_dim, got {self.in_dim}, {self.out_dim}")
+
+    @property
+    def depth(self) -> int:
+        """Number of Linear layers."""
+        if self.kind == "identity":
+            return 0
+        if self.kind == "linear":
+            return 1
+        return int(_MLP.match(self.kind).group(1))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any], source: str = "projector") -> "ProjectorConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaVAConfig:
+    llm: LLMConfig = LLMConfig()
+    projector: ProjectorConfig = ProjectorConfig()
+    bidirectional_image_attention: bool = False
+
+    def __post_init__(self) -> None:
+        if self.projector.out_dim != self.llm.hidden_size:
+            raise ConfigError(f"llava.projector.out_dim={self.projector.out_dim} != "
+                              f"llm.hidden_size={self.llm.hidden_size}")
+
+
+IAA_14 = (0, 1, 5, 6, 10, 11, 15, 16, 20, 21, 25, 26, 30, 31)
+# IAA-8 positions are not published (DESIGN.md: choice). Same pattern as IAA-14 - pairs of adjacent layers -
+# spread evenly over the 32 layers of Llama-3-8B.
+IAA_8 = (0, 1, 10, 11, 20, 21, 30, 31)
+TEXT = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchConfig:
+    """One plug-in branch: where its insertion layers go and how image features reach its width."""
+
+    name: str = "mm"
+    positions: tuple[int, ...] = IAA_14
+    projector: ProjectorConfig = ProjectorConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class IAAConfig:
+    llm: LLMConfig = LLMConfig()
+    branches: tuple[BranchConfig, ...] = (BranchConfig("mm"), BranchConfig("g"))
+    bidirectional_image_attention: bool = False  # off as in the original
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.branches]
+        if len(set(names)) != len(names) or TEXT in names:
+            raise ConfigError(f"iaa.branches: names must be unique and not {TEXT!r}, got {names}")
+        for b in self.branches:
+            bad = [p for p in b.positions if not 0 <= p < self.llm.num_layers]
+            if bad or list(b.positions) != sorted(set(b.positions)):
+                raise ConfigError(f"iaa.branches[{b.name}].positions={b.positions}: must be increasing and "
+                                  f"within [0, {self.llm.num_layers})")
+            if b.projector.out_dim != self.llm.hidden_size:
+                raise ConfigError(f"iaa.branches[{b.name}].projector.out_dim={b.projector.out_dim} != "
+                                  f"llm.hidden_size={self.llm.hidden_size}")
+        if self.llm.scan_layers:
+            raise ConfigError("iaa: llm.scan_layers must be False (insertion layers interleave the frozen ones)")
+
+    def branch(self, name: str) -> BranchConfig:
+        for b in self.branches:
+            if b.name == name:
+                return b
+        raise ConfigError(f"iaa: no branch {name!r}; have {[b.name for b in self.branches]}")
+
+    @property
+    def workflows(self) -> tuple[str, ...]:
+        return (TEXT,) + tuple(b.name for b in self.branches)
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    vision: VisionConfig = VisionConfig()
+    lm: IAAConfig | LLaVAConfig = LLaVAConfig()
+    feature_layer: int = -2  # penultimate layer, as LLaVA and IAA
+    feature: str = "patch"  # "patch" drops CLIP's class token, "cls_patch" keeps it
+    image_token_id: int = -200
+
+    def __post_init__(self) -> None:
+        widths = ([b.projector.in_dim for b in self.lm.branches] if isinstance(self.lm, IAAConfig)
+                  else [self.lm.projector.in_dim])
+        if any(w != self.vision.hidden_size for w in widths):
+            raise ConfigError(f"projector in_dim {widths} != vision.hidden_size {self.vision.hidden_size}")
+
+    @property
+    def is_iaa(self) -> bool:
+        return isinstance(self.lm, IAAConfig)
+
+    @property
+    def tokens_per_image(self) -> int:
+        n = (self.vision.image_size // self.vision.patch_size) ** 2
+        return n + (1 if self.feature == "cls_patch" else 0)
+
+    @property
+    def workflows(self) -> tuple[str, ...]:
+        return self.lm.workflows if self.is_iaa else ("mm",)
+
+
+def vlm_with_runtime(config: VLMConfig, **options: Any) -> VLMConfig:
+    """The config with run-time options (`dtype`, `param_dtype`, `attention_impl`) set in every sub-config
+    that has them: the tower, the LLM and each projector (projectors have no attention)."""
+    proj_opts = {k: v for k, v in options.items() if k != "attention_impl"}
+    lm = config.lm
+    if config.is_iaa:
+        lm = dataclasses.replace(lm, llm=lm.llm.replace(**options), branches=tuple(
+            dataclasses.replace(b, projector=dataclasses.replace(b.projector, **proj_opts)) for b in lm.branches))
+    else:
+        lm = dataclasses.replace(lm, llm=lm.llm.replace(**options),
+                                 projector=dataclasses.replace(lm.projector, **proj_opts))
+    return dataclasses.replace(config, vision=config.vision.replace(**options), lm=lm)
+
+
+def vlm_config_to_json(config: VLMConfig) -> dict[str, Any]:
+    """A JSON-able dict that `vlm_config_from_json` reads back into an equal config."""
+    lm = config.lm
+    if config.is_iaa:
+        lm_d = {"kind": "iaa", "llm": lm.llm.to_json_dict(),
+                "branches": [{"name": b.name, "positions": list(b.positions), "projector": b.projector.to_json_dict()}
+                             for b in lm.branches],
+                "bidirectional_image_attention": lm.bidirectional_image_attention}
+    else:
+        lm_d = {"kind": "llava", "llm": lm.llm.to_json_dict(), "projector": lm.projector.to_json_dict(),
+                "bidirectional_image_attention": lm.bidirectional_image_attention}
+    return {"vision": config.vision.to_json_dict(), "lm": lm_d, "feature_layer": config.feature_layer,
+            "feature": config.feature, "image_token_id": config.image_token_id}
+
+
+def vlm_config_from_json(d: dict[str, Any], source: str = "vlm config") -> VLMConfig:
+    lm_d = d["lm"]
+    llm_cfg = LLMConfig.from_json_dict(lm_d["llm"], source=f"{source}: lm.llm")
+    if lm_d["kind"] == "iaa":
+        branches = tuple(BranchConfig(b["name"], tuple(b["positions"]),
+                                          ProjectorConfig.from_json_dict(b["projector"], f"{source}: projector"))
+                         for b in lm_d["branches"])
+        lm = IAAConfig(llm=llm_cfg, branches=branches,
+                       bidirectional_image_attention=lm_d.get("bidirectional_image_attention", False))
+    elif lm_d["kind"] == "llava":
+        lm = LLaVAConfig(llm=llm_cfg, projector=ProjectorConfig.from_json_dict(lm_d["projector"], source),
+                         bidirectional_image_attention=lm_d.get("bidirectional_image_attention", False))
+    else:
+        raise ConfigError(f"{source}: lm.kind={lm_d['kind']!r}; choose iaa or llava")
+    return VLMConfig(vision=VisionConfig.from_json_dict(d["vision"], source=f"{source}: vision"), lm=lm,
+                     feature_layer=int(d["feature_layer"]), feature=d["feature"],
+                     image_token_id=int(d["image_token_id"]))

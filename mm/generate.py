@@ -36,6 +36,26 @@ class DecodeFns:
     init_cache: Callable[[int, int], Any]
 
 
+def decode_fns(apply: Callable[..., tuple[Array, Any]], init_cache: Callable[[int, int], Any]) -> DecodeFns:
+    """The prefill / step pair of any decoder, from its one forward function
+    `apply(params, ids, positions, *, segment_ids, kv_segment_ids, cache, cache_index, **extra) -> (logits, cache)`
+    (`extra`: what prefill gets beside the prompt, e.g. `pixel_values`, `image_mask`) and its cache maker."""
+
+    def prefill(params: Any, ids: Array, positions: Array, mask: Array, kv_mask: Array, cache: Any,
+                **extra: Any) -> tuple[Array, Any]:
+        logits, cache = apply(params, ids, positions, segment_ids=mask, kv_segment_ids=kv_mask, cache=cache,
+                              cache_index=0, **extra)
+        return logits[:, -1], cache
+
+    def step(params: Any, tok: Array, positions: Array, kv_mask: Array, cache: Any, index: Array
+             ) -> tuple[Array, Any]:
+        logits, cache = apply(params, tok, positions, segment_ids=jnp.ones(tok.shape, jnp.int32),
+                              kv_segment_ids=kv_mask, cache=cache, cache_index=index)
+        return logits[:, -1], cache
+
+    return DecodeFns(prefill=prefill, step=step, init_cache=init_cache)
+
+
 def bucket(n: int, minimum: int = 16) -> int:
     """Shape bucket: the next power of two >= n (at least `minimum`)."""
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))

@@ -201,7 +201,7 @@ def iaa_model():
 
     from mm.config import LLMConfig, VisionConfig
     from mm.models import iaa, llm, vision, vlm
-    from mm.models.connectors import ProjectorConfig
+    from mm.config import ProjectorConfig
 
     vc = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=28, patch_size=14)
     lc = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -39,8 +39,8 @@ from mm.convert import hf_vision, llm_family
 from mm.convert.family import Opened
 from mm.convert.hf_vision import RELEASE_TOWER_CONTAINER, TOWER_MODULE, detect_vision_prefix
 from mm.convert.llm_family import llm_entries, llm_ignorable
-from mm.models.connectors import ProjectorConfig
-from mm.models.iaa import IAA_14, BranchConfig, IAAConfig
+from mm.config import ProjectorConfig
+from mm.config import IAA_14, BranchConfig, IAAConfig
 
 RELEASE_MODEL_TYPE = "IAA"
 RELEASE_VISION_PREFIX = RELEASE_TOWER_CONTAINER + TOWER_MODULE  # the release's own naming of its tower
@@ -197,7 +197,7 @@ def open_hf(directory: Path, vision: str | Path | None = None, positions: Sequen
     `model.vision_tower.vision_tower.[vision_model.]*` tensors (config inferred from their shapes). Nothing is
     downloaded: a hub id with no tensors in the checkpoint is an error that says what to pass.
     """
-    from mm.models.vlm import VLMConfig
+    from mm.config import VLMConfig
 
     release = SafetensorsReader(directory)
     readers: list[Reader] = [release]

@@ -29,9 +29,9 @@ from mm.config import ConfigError, LLMConfig, read_json
 from mm.convert.family import Opened
 from mm.convert.hf_vision import LLAVA_TOWER_CONTAINER, detect_vision_prefix, vision_config_from_hf, vision_entries
 from mm.convert.llm_family import llm_entries, llm_ignorable, tokenizer_dir_of
-from mm.models.connectors import ProjectorConfig
-from mm.models.llava import LLaVAConfig
-from mm.models.vlm import VLMConfig
+from mm.config import ProjectorConfig
+from mm.config import LLaVAConfig
+from mm.config import VLMConfig
 
 VISION_PREFIX = LLAVA_TOWER_CONTAINER  # what export writes
 PROJECTOR_PREFIX = "multi_modal_projector."

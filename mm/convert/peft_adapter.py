@@ -140,21 +140,6 @@ def read_config(src: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def llm_candidates(config: Any) -> dict[str, Any]:
-    """The flat abstract params of the decoder LLM `config` (per-layer layout) with rank-1 adapters on every
-    adaptable kernel: what `read_peft` needs to know each kernel's in / out split."""
-    import dataclasses
-
-    import flax.linen as nn
-    from flax import traverse_util
-
-    from mm.models import llm
-
-    with lora.candidates():
-        tree = nn.unbox(llm.abstract_params(dataclasses.replace(config, scan_layers=False)))
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
-
-
 def read_peft(src: str | Path, name_map: Any, candidates: Mapping[str, Any], *, mm_prefix: str = ""
               ) -> dict[str, np.ndarray]:
     """Flat mm adapter leaves (`lora_a`, `lora_b`, `lora_scale` under `mm_prefix`) of the PEFT adapter dir

@@ -78,9 +78,8 @@ def _open_mm(directory: Path) -> Opened:
         config = family.parse(manifest[family.kind], f"{where}: {family.kind}")
     except (ConfigError, TypeError) as e:
         raise ConversionError(f"{where}: {family.kind}: {e}") from e
-    tok = directory / mmd.TOKENIZER_DIR
     return Opened(family, config, MMDirReader(directory), family.name_map(config), directory,
-                  tok if tok.is_dir() else None)
+                  llm_family.tokenizer_dir_of(directory))
 
 
 def open_checkpoint(path: str | Path, *, vision: str | Path | None = None, positions: Any = None) -> Opened:

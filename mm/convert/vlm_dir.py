@@ -1,7 +1,7 @@
 """The "vlm" family: mm checkpoint directories of IAA or LLaVA-style VLMs with their vision tower.
 
 Same layout as every mm checkpoint (`mm_config.json`, Orbax `params/`, `tokenizer/`): the config section
-"vlm" holds `mm.models.vlm.config_to_json`; params are the flat VLM tree (`vision`, and `base`/`mm`/`g` or
+"vlm" holds `mm.config.vlm_config_to_json`; params are the flat VLM tree (`vision`, and `base`/`mm`/`g` or
 `llm`/`projector`), written one save unit (a decoder layer, an embedding, ...) at a time. HF Llava
 directories (`llava_hf`) and IAA releases (`iaa_release`) open as this family; its HF form is whichever of
 the two the model is.
@@ -14,12 +14,12 @@ from pathlib import Path
 from mm.checkpoints.name_map import NameMap
 from mm.convert import hf_vision
 from mm.convert.family import Family, Opened
-from mm.models import vlm
+from mm.config import VLMConfig, vlm_config_from_json, vlm_config_to_json, vlm_with_runtime
 
 KIND = "vlm"
 
 
-def vlm_name_map(config: vlm.VLMConfig) -> NameMap:
+def vlm_name_map(config: VLMConfig) -> NameMap:
     """The VLM's params with HF-style names (IAA: release names; LLaVA: HF Llava names)."""
     if config.is_iaa:
         from mm.convert.iaa_release import RELEASE_VISION_PREFIX, release_name_map
@@ -48,5 +48,5 @@ def write_hf(opened: Opened, stage: Path, dst: Path, dtype: str, max_shard_bytes
 
 FAMILY = Family(
     name="VLM (IAA / LLaVA-style)", handle="vlm", kind=KIND, name_map=vlm_name_map,
-    parse=lambda d, source: vlm.config_from_json(dict(d), source), to_json=vlm.config_to_json,
-    with_param_dtype=lambda c, dt: vlm.with_runtime(c, param_dtype=dt), write_hf=write_hf)
+    parse=lambda d, source: vlm_config_from_json(dict(d), source), to_json=vlm_config_to_json,
+    with_param_dtype=lambda c, dt: vlm_with_runtime(c, param_dtype=dt), write_hf=write_hf)

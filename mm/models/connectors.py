@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mm.config import ConfigError, VisionConfig
+from mm.config import ConfigError, ProjectorConfig, VisionConfig
 from mm.models.partitioning import constrain
 from mm.models.vision import (
     FEATURE_KINDS,
@@ -35,45 +33,6 @@ from mm.models.vision import (
 )
 
 Array = jax.Array
-_MLP = re.compile(r"^mlp(\d+)x_gelu$")
-
-
-@dataclasses.dataclass(frozen=True)
-class ProjectorConfig:
-    """Projector from the vision width `in_dim` to the LLM width `out_dim` (IAA release: mlp2x_gelu 1024->4096)."""
-
-    kind: str = "mlp2x_gelu"
-    in_dim: int = 1024
-    out_dim: int = 4096
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("linear", "identity") and not _MLP.match(self.kind):
-            raise ConfigError(f"projector.kind={self.kind!r}: choose linear, identity or mlp<N>x_gelu")
-        if _MLP.match(self.kind) and int(_MLP.match(self.kind).group(1)) < 1:
-            raise ConfigError(f"projector.kind={self.kind!r}: depth must be >= 1")
-        if self.kind == "identity" and self.in_dim != self.out_dim:
-            raise ConfigError(f"projector.kind='identity' needs in_dim == out_dim, got {self.in_dim}, {self.out_dim}")
-
-    @property
-    def depth(self) -> int:
-        """Number of Linear layers."""
-        if self.kind == "identity":
-            return 0
-        if self.kind == "linear":
-            return 1
-        return int(_MLP.match(self.kind).group(1))
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json_dict(cls, d: dict[str, Any], source: str = "projector") -> "ProjectorConfig":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"{source}: unknown keys {unknown}")
-        return cls(**d)
 
 
 def _axes(k: int) -> tuple[str, str]:

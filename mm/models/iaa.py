@@ -18,67 +18,18 @@ modified states, so a text cache cannot be reused there.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mm.config import ConfigError, LLMConfig
+from mm.config import IAA_8, IAA_14, TEXT, BranchConfig, IAAConfig, LLMConfig, ProjectorConfig
 from mm.models import llm
-from mm.models.connectors import Projector, ProjectorConfig
+from mm.models.connectors import Projector
 from mm.models.splice import image_span_ids, splice_image_features
 
 Array = jax.Array
-
-IAA_14 = (0, 1, 5, 6, 10, 11, 15, 16, 20, 21, 25, 26, 30, 31)
-# IAA-8 positions are not published (DESIGN.md: choice). Same pattern as IAA-14 - pairs of adjacent layers -
-# spread evenly over the 32 layers of Llama-3-8B.
-IAA_8 = (0, 1, 10, 11, 20, 21, 30, 31)
-TEXT = "text"
-
-
-@dataclasses.dataclass(frozen=True)
-class BranchConfig:
-    """One plug-in branch: where its insertion layers go and how image features reach its width."""
-
-    name: str = "mm"
-    positions: tuple[int, ...] = IAA_14
-    projector: ProjectorConfig = ProjectorConfig()
-
-
-@dataclasses.dataclass(frozen=True)
-class IAAConfig:
-    llm: LLMConfig = LLMConfig()
-    branches: tuple[BranchConfig, ...] = (BranchConfig("mm"), BranchConfig("g"))
-    bidirectional_image_attention: bool = False  # off as in the original
-
-    def __post_init__(self) -> None:
-        names = [b.name for b in self.branches]
-        if len(set(names)) != len(names) or TEXT in names:
-            raise ConfigError(f"iaa.branches: names must be unique and not {TEXT!r}, got {names}")
-        for b in self.branches:
-            bad = [p for p in b.positions if not 0 <= p < self.llm.num_layers]
-            if bad or list(b.positions) != sorted(set(b.positions)):
-                raise ConfigError(f"iaa.branches[{b.name}].positions={b.positions}: must be increasing and "
-                                  f"within [0, {self.llm.num_layers})")
-            if b.projector.out_dim != self.llm.hidden_size:
-                raise ConfigError(f"iaa.branches[{b.name}].projector.out_dim={b.projector.out_dim} != "
-                                  f"llm.hidden_size={self.llm.hidden_size}")
-        if self.llm.scan_layers:
-            raise ConfigError("iaa: llm.scan_layers must be False (insertion layers interleave the frozen ones)")
-
-    def branch(self, name: str) -> BranchConfig:
-        for b in self.branches:
-            if b.name == name:
-                return b
-        raise ConfigError(f"iaa: no branch {name!r}; have {[b.name for b in self.branches]}")
-
-    @property
-    def workflows(self) -> tuple[str, ...]:
-        return (TEXT,) + tuple(b.name for b in self.branches)
-
 
 class Branch(nn.Module):
     """The trainable parts of one IAA branch."""
@@ -227,24 +178,12 @@ def init_cache(config: IAAConfig, workflow: str, batch: int, max_len: int) -> An
 
 def decode_fns(config: IAAConfig, workflow: str) -> Any:
     """Prefill/step functions for `mm.generate.Generator`; image inputs go to prefill as `extra` kwargs."""
-    from mm.generate import DecodeFns
+    from mm import generate
 
     model = IAA(config)
-
-    def prefill(params: Any, ids: Array, positions: Array, mask: Array, kv_mask: Array, cache: Any,
-                image_features: Array | None = None, image_mask: Array | None = None) -> tuple:
-        logits, cache = model.apply({"params": params}, ids, positions, workflow=workflow,
-                                    image_features=image_features, image_mask=image_mask, segment_ids=mask,
-                                    kv_segment_ids=kv_mask, cache=cache, cache_index=0)
-        return logits[:, -1], cache
-
-    def step(params: Any, tok: Array, positions: Array, kv_mask: Array, cache: Any, index: Array) -> tuple:
-        logits, cache = model.apply({"params": params}, tok, positions, workflow=workflow,
-                                    segment_ids=jnp.ones(tok.shape, jnp.int32), kv_segment_ids=kv_mask,
-                                    cache=cache, cache_index=index)
-        return logits[:, -1], cache
-
-    return DecodeFns(prefill=prefill, step=step, init_cache=lambda b, n: init_cache(config, workflow, b, n))
+    return generate.decode_fns(
+        lambda params, *a, **kw: model.apply({"params": params}, *a, workflow=workflow, **kw),
+        lambda b, n: init_cache(config, workflow, b, n))
 
 
 def trainable_counts(config: IAAConfig) -> dict[str, int]:

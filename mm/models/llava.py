@@ -7,31 +7,18 @@ groups, not here. Params: `{"llm": <LLM params>, "projector": ...}`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mm.config import ConfigError, LLMConfig
+from mm.config import LLaVAConfig
 from mm.models import llm
-from mm.models.connectors import Projector, ProjectorConfig
+from mm.models.connectors import Projector
 from mm.models.splice import image_span_ids, splice_image_features
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class LLaVAConfig:
-    llm: LLMConfig = LLMConfig()
-    projector: ProjectorConfig = ProjectorConfig()
-    bidirectional_image_attention: bool = False
-
-    def __post_init__(self) -> None:
-        if self.projector.out_dim != self.llm.hidden_size:
-            raise ConfigError(f"llava.projector.out_dim={self.projector.out_dim} != "
-                              f"llm.hidden_size={self.llm.hidden_size}")
 
 
 class LLaVA(nn.Module):
@@ -73,20 +60,8 @@ def abstract_params(config: LLaVAConfig) -> Any:
 
 def decode_fns(config: LLaVAConfig) -> Any:
     """Prefill/step functions for `mm.generate.Generator`; image inputs go to prefill as `extra` kwargs."""
-    from mm.generate import DecodeFns
+    from mm import generate
 
     model = LLaVA(config)
-
-    def prefill(params: Any, ids: Array, positions: Array, mask: Array, kv_mask: Array, cache: Any,
-                image_features: Array | None = None, image_mask: Array | None = None) -> tuple:
-        logits, cache = model.apply({"params": params}, ids, positions, image_features=image_features,
-                                    image_mask=image_mask, segment_ids=mask, kv_segment_ids=kv_mask, cache=cache,
-                                    cache_index=0)
-        return logits[:, -1], cache
-
-    def step(params: Any, tok: Array, positions: Array, kv_mask: Array, cache: Any, index: Array) -> tuple:
-        logits, cache = model.apply({"params": params}, tok, positions, segment_ids=jnp.ones(tok.shape, jnp.int32),
-                                    kv_segment_ids=kv_mask, cache=cache, cache_index=index)
-        return logits[:, -1], cache
-
-    return DecodeFns(prefill=prefill, step=step, init_cache=lambda b, n: llm.init_cache(config.llm, b, n))
+    return generate.decode_fns(lambda params, *a, **kw: model.apply({"params": params}, *a, **kw),
+                               lambda b, n: llm.init_cache(config.llm, b, n))

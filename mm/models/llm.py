@@ -392,19 +392,21 @@ def init_params(config: LLMConfig, rng: Array, batch: int = 1, seq: int = 8) -> 
 # ------------------------------------------------------------------------------------- decoding
 def decode_fns(config: LLMConfig) -> Any:
     """Prefill / step / cache functions that plug this LLM into `mm.generate.Generator`."""
-    from mm.generate import DecodeFns
+    from mm import generate
 
     model = LLM(config)
+    return generate.decode_fns(lambda params, *a, **kw: model.apply({"params": params}, *a, **kw),
+                               lambda b, n: init_cache(config, b, n))
 
-    def prefill(params: Any, ids: Array, positions: Array, mask: Array, kv_mask: Array, cache: Any) -> tuple:
-        logits, cache = model.apply({"params": params}, ids, positions, segment_ids=mask,
-                                    kv_segment_ids=kv_mask, cache=cache, cache_index=0)
-        return logits[:, -1], cache
 
-    def step(params: Any, tok: Array, positions: Array, kv_mask: Array, cache: Any, index: Array) -> tuple:
-        ones = jnp.ones(tok.shape, jnp.int32)
-        logits, cache = model.apply({"params": params}, tok, positions, segment_ids=ones,
-                                    kv_segment_ids=kv_mask, cache=cache, cache_index=index)
-        return logits[:, -1], cache
+def adapter_candidates(config: LLMConfig) -> dict[str, Any]:
+    """The flat ('/'-joined) abstract params of `config` (per-layer layout) with rank-1 LoRA adapters on every
+    adaptable kernel: what reading a PEFT adapter (`mm.convert.peft_adapter.read_peft`) needs to know each
+    kernel's in / out split."""
+    import dataclasses
 
-    return DecodeFns(prefill=prefill, step=step, init_cache=lambda b, n: init_cache(config, b, n))
+    from flax import traverse_util
+
+    with lora.candidates():
+        tree = nn.unbox(abstract_params(dataclasses.replace(config, scan_layers=False)))
+    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}

@@ -9,46 +9,14 @@ model splices them at `image_mask` (`input_ids == image_token_id` unless given).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from mm.config import ConfigError, VisionConfig
+from mm.config import VLMConfig
 from mm.models import iaa, llava, vision
-from mm.models.iaa import IAAConfig
-from mm.models.llava import LLaVAConfig
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class VLMConfig:
-    vision: VisionConfig = VisionConfig()
-    lm: IAAConfig | LLaVAConfig = LLaVAConfig()
-    feature_layer: int = -2  # penultimate layer, as LLaVA and IAA
-    feature: str = "patch"  # "patch" drops CLIP's class token, "cls_patch" keeps it
-    image_token_id: int = -200
-
-    def __post_init__(self) -> None:
-        widths = ([b.projector.in_dim for b in self.lm.branches] if isinstance(self.lm, IAAConfig)
-                  else [self.lm.projector.in_dim])
-        if any(w != self.vision.hidden_size for w in widths):
-            raise ConfigError(f"projector in_dim {widths} != vision.hidden_size {self.vision.hidden_size}")
-
-    @property
-    def is_iaa(self) -> bool:
-        return isinstance(self.lm, IAAConfig)
-
-    @property
-    def tokens_per_image(self) -> int:
-        n = (self.vision.image_size // self.vision.patch_size) ** 2
-        return n + (1 if self.feature == "cls_patch" else 0)
-
-    @property
-    def workflows(self) -> tuple[str, ...]:
-        return self.lm.workflows if self.is_iaa else ("mm",)
 
 
 def lm_module(config: VLMConfig) -> Any:
@@ -96,38 +64,12 @@ def init_cache(config: VLMConfig, workflow: str, batch: int, max_len: int) -> An
 
 def decode_fns(config: VLMConfig, workflow: str = "mm") -> Any:
     """Prefill/step for `mm.generate.Generator`; `pixel_values` and `image_mask` go to prefill as extras."""
-    from mm.generate import DecodeFns
+    from mm import generate
 
-    def prefill(params: Any, ids: Array, positions: Array, mask: Array, kv_mask: Array, cache: Any,
-                pixel_values: Array | None = None, image_mask: Array | None = None) -> tuple:
-        if image_mask is None and pixel_values is not None:
-            image_mask = ids == config.image_token_id
-        logits, cache = forward(params, config, ids, pixel_values=pixel_values, image_mask=image_mask,
-                                workflow=workflow, positions=positions, segment_ids=mask, kv_segment_ids=kv_mask,
-                                cache=cache, cache_index=0)
-        return logits[:, -1], cache
+    def apply(params: Any, ids: Array, positions: Array, **kw: Any) -> tuple[Array, Any]:
+        return forward(params, config, ids, positions=positions, workflow=workflow, **kw)
 
-    def step(params: Any, tok: Array, positions: Array, kv_mask: Array, cache: Any, index: Array) -> tuple:
-        logits, cache = forward(params, config, tok, workflow=workflow, positions=positions,
-                                segment_ids=jnp.ones(tok.shape, jnp.int32), kv_segment_ids=kv_mask, cache=cache,
-                                cache_index=index)
-        return logits[:, -1], cache
-
-    return DecodeFns(prefill=prefill, step=step, init_cache=lambda b, n: init_cache(config, workflow, b, n))
-
-
-def with_runtime(config: VLMConfig, **options: Any) -> VLMConfig:
-    """The config with run-time options (`dtype`, `param_dtype`, `attention_impl`) set in every sub-config
-    that has them: the tower, the LLM and each projector (projectors have no attention)."""
-    proj_opts = {k: v for k, v in options.items() if k != "attention_impl"}
-    lm = config.lm
-    if config.is_iaa:
-        lm = dataclasses.replace(lm, llm=lm.llm.replace(**options), branches=tuple(
-            dataclasses.replace(b, projector=dataclasses.replace(b.projector, **proj_opts)) for b in lm.branches))
-    else:
-        lm = dataclasses.replace(lm, llm=lm.llm.replace(**options),
-                                 projector=dataclasses.replace(lm.projector, **proj_opts))
-    return dataclasses.replace(config, vision=config.vision.replace(**options), lm=lm)
+    return generate.decode_fns(apply, lambda b, n: init_cache(config, workflow, b, n))
 
 
 def abstract_params(config: VLMConfig) -> dict[str, Any]:
@@ -141,41 +83,3 @@ def init_params(config: VLMConfig, vision_params: Any, llm_params: Any, rng: Arr
     lm = (iaa.init_params(config.lm, llm_params, rng) if config.is_iaa
           else llava.init_params(config.lm, llm_params, rng))
     return {"vision": vision_params, **lm}
-
-
-# ------------------------------------------------------------------------------------------- json
-def config_to_json(config: VLMConfig) -> dict[str, Any]:
-    """A JSON-able dict that `config_from_json` reads back into an equal config."""
-    lm = config.lm
-    if config.is_iaa:
-        lm_d = {"kind": "iaa", "llm": lm.llm.to_json_dict(),
-                "branches": [{"name": b.name, "positions": list(b.positions), "projector": b.projector.to_json_dict()}
-                             for b in lm.branches],
-                "bidirectional_image_attention": lm.bidirectional_image_attention}
-    else:
-        lm_d = {"kind": "llava", "llm": lm.llm.to_json_dict(), "projector": lm.projector.to_json_dict(),
-                "bidirectional_image_attention": lm.bidirectional_image_attention}
-    return {"vision": config.vision.to_json_dict(), "lm": lm_d, "feature_layer": config.feature_layer,
-            "feature": config.feature, "image_token_id": config.image_token_id}
-
-
-def config_from_json(d: dict[str, Any], source: str = "vlm config") -> VLMConfig:
-    from mm.config import LLMConfig
-    from mm.models.connectors import ProjectorConfig
-
-    lm_d = d["lm"]
-    llm_cfg = LLMConfig.from_json_dict(lm_d["llm"], source=f"{source}: lm.llm")
-    if lm_d["kind"] == "iaa":
-        branches = tuple(iaa.BranchConfig(b["name"], tuple(b["positions"]),
-                                          ProjectorConfig.from_json_dict(b["projector"], f"{source}: projector"))
-                         for b in lm_d["branches"])
-        lm = IAAConfig(llm=llm_cfg, branches=branches,
-                       bidirectional_image_attention=lm_d.get("bidirectional_image_attention", False))
-    elif lm_d["kind"] == "llava":
-        lm = LLaVAConfig(llm=llm_cfg, projector=ProjectorConfig.from_json_dict(lm_d["projector"], source),
-                         bidirectional_image_attention=lm_d.get("bidirectional_image_attention", False))
-    else:
-        raise ConfigError(f"{source}: lm.kind={lm_d['kind']!r}; choose iaa or llava")
-    return VLMConfig(vision=VisionConfig.from_json_dict(d["vision"], source=f"{source}: vision"), lm=lm,
-                     feature_layer=int(d["feature_layer"]), feature=d["feature"],
-                     image_token_id=int(d["image_token_id"]))

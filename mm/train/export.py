@@ -66,7 +66,7 @@ def trained_params(workdir: str | Path, step: int | None = None) -> tuple[Any, d
 
 
 def vlm_config(cfg: Any) -> Any:
-    from mm.models.vlm import VLMConfig
+    from mm.config import VLMConfig
     from mm.train import models
 
     lm = models.iaa_config(cfg) if cfg.model.kind == "iaa" else models.llava_config(cfg)

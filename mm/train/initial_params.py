@@ -29,7 +29,7 @@ from flax import traverse_util
 
 from mm import paths
 from mm.config import ConfigError
-from mm.models import lora
+from mm.models import llm, lora
 from mm.train import config as tcfg
 from mm.train import models
 from mm.train import param_groups as pg
@@ -234,12 +234,12 @@ def load_lora(path: str | Path, model: models.TrainModel, flat_sh: Mapping[str, 
     rules make (same modules, ranks and scales), or a ConfigError names the first difference."""
     from mm.checkpoints.errors import ConversionError
     from mm.convert.llm_family import llm_name_map
-    from mm.convert.peft_adapter import llm_candidates, read_peft
+    from mm.convert.peft_adapter import read_peft
 
     source = f"init.lora_checkpoint={path}"
     c = model.llm_config
     try:
-        got = read_peft(paths.local_copy(path), llm_name_map(c), llm_candidates(c), mm_prefix=model.base_prefix)
+        got = read_peft(paths.local_copy(path), llm_name_map(c), llm.adapter_candidates(c), mm_prefix=model.base_prefix)
     except ConversionError as e:
         raise ConfigError(f"{source}: {e}") from e
     want = {ad.prefix + leaf: ad for ad in model.adapters for leaf in lora.LEAVES}

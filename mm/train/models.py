@@ -213,7 +213,7 @@ def _without_vision(params: Any) -> Any:
 
 
 def _projector_config(cfg: Any, c: LLMConfig) -> Any:
-    from mm.models.connectors import ProjectorConfig
+    from mm.config import ProjectorConfig
 
     tower = _tower(cfg)
     width = tower.vc.hidden_size if tower is not None else int(cfg.model.vision_width)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mm.models.iaa import IAA_8, IAA_14
+from mm.config import IAA_8, IAA_14
 
 LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                  num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,

@@ -103,7 +103,7 @@ def test_generation_with_images_matches_uncached_argmax(hf):
 def test_iaa_configs_have_no_llava_layout():
     from mm.config import LLMConfig, VisionConfig
     from mm.models import iaa
-    from mm.models.connectors import ProjectorConfig
+    from mm.config import ProjectorConfig
 
     llm = LLMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                     head_dim=8)

@@ -18,7 +18,7 @@ def tiny_iaa_vlm(path: Path, scale: float = 1.0) -> tuple[Path, Any, Any]:
     from mm.config import LLMConfig, VisionConfig
     from mm.convert import registry
     from mm.models import iaa, llm, vision, vlm
-    from mm.models.connectors import ProjectorConfig
+    from mm.config import ProjectorConfig
 
     vc = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28, patch_size=14)
     lc = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,

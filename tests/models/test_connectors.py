@@ -10,7 +10,8 @@ import torch
 
 from mm.config import ConfigError, VisionConfig
 from mm.models import vision as V
-from mm.models.connectors import DualEncoder, DualEncoderConfig, Projector, ProjectorConfig, pixel_shuffle
+from mm.config import ProjectorConfig
+from mm.models.connectors import DualEncoder, DualEncoderConfig, Projector, pixel_shuffle
 
 
 def _init(cfg: ProjectorConfig, seed: int = 0):

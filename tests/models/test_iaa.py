@@ -11,7 +11,7 @@ import pytest
 from mm.config import ConfigError, LLMConfig
 from mm.generate import Generator
 from mm.models import iaa, llm
-from mm.models.connectors import ProjectorConfig
+from mm.config import ProjectorConfig
 
 LLM_CFG = LLMConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                     head_dim=8)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mm
+from mm.config import vlm_config_from_json, vlm_config_to_json
 from mm.models import vlm
 from tests.helpers.vlm_dirs import PH, tiny_iaa_vlm
 
@@ -19,7 +20,7 @@ def test_mm_vlm_dir_round_trip_and_workflows(iaa_dir):
     d, cfg, params = iaa_dir
     handle = mm.from_pretrained(d)
     assert isinstance(handle, mm.api.VLMHandle) and handle.workflows == ("text", "mm", "g")
-    assert vlm.config_from_json(vlm.config_to_json(cfg)) == cfg
+    assert vlm_config_from_json(vlm_config_to_json(cfg)) == cfg
     rs = np.random.RandomState(0)
     prompts = [[1, 7, PH, 9, 10, 11], [1, 12, 13, PH, 14, PH, 15]]
     pix = [rs.randn(1, 3, 28, 28).astype(np.float32), rs.randn(2, 3, 28, 28).astype(np.float32)]
