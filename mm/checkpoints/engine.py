@@ -107,9 +107,7 @@ def convert(reader: Reader, name_map: NameMap, writer: Writer, *, dtype: Any = "
     try:
         with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
                   disable=not progress or jax.process_index() != 0) as bar:
-            if writer.shardings is not None:
-                _placed(reader, entries, the_plan, writer, bar)
-            else:
+            if writer.shardings is None or not _placed(reader, entries, the_plan, writer, bar):
                 by_src = {k: (e, p) for k, e, p in zip(src_keys, entries, the_plan)}
                 stream = reader.iter(src_keys)
                 try:
@@ -128,7 +126,9 @@ def convert(reader: Reader, name_map: NameMap, writer: Writer, *, dtype: Any = "
         raise
 
 
-def _placed(reader: Reader, entries: list[Entry], the_plan: list[Planned], writer: Any, bar: tqdm) -> None:
+def _placed(reader: Reader, entries: list[Entry], the_plan: list[Planned], writer: Any, bar: tqdm) -> bool:
+    """Regional reads for a PlacedWriter where the reader can do them; False: stream whole tensors instead
+    (`PlacedWriter.write` places each)."""
     missing = sorted(_show(p.key) for p in the_plan if p.key not in writer.shardings)
     if missing:
         raise ConversionError(f"{reader.source}: params {missing[:5]} have no place (no sharding) in the model")
@@ -139,7 +139,7 @@ def _placed(reader: Reader, entries: list[Entry], the_plan: list[Planned], write
         for k in keys:
             writer.write_placed(k, got[k])
         bar.update(sum(meta[k].nbytes for k in keys))
-        return
+        return True
     if hasattr(reader, "read_rows") and reader.side == "hf" and writer.side == "mm":
         for e, p in zip(entries, the_plan):
             bar.set_postfix_str(e.hf_name, refresh=False)
@@ -149,8 +149,5 @@ def _placed(reader: Reader, entries: list[Entry], the_plan: list[Planned], write
             writer.write_region(p.key, np.asarray(block).astype(np.dtype(p.dtype), copy=False), box, regions,
                                 p.shape)
             bar.update(meta[e.hf_name].nbytes)
-        return
-    src_keys = [_key(e, reader.side) for e in entries]
-    for (k, arr), e, p in zip(reader.iter(src_keys), entries, the_plan):
-        writer.write(p.key, cast_and_map(arr, np.dtype(p.dtype), _transform(e, reader.side, writer.side)))
-        bar.update(arr.nbytes)
+        return True
+    return False

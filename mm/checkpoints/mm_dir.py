@@ -131,15 +131,19 @@ class ParamWriter:
     def __enter__(self) -> "ParamWriter":
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """On failure, lets an in-flight save finish (its own error is dropped) so the caller can delete the
-        directory it writes into without racing it."""
-        if exc_type is not None and self._pending is not None:
+    def abort(self) -> None:
+        """Lets an in-flight save finish (its own error is dropped) so the caller can delete the directory it
+        writes into without racing it."""
+        if self._pending is not None:
             try:
                 self._pending.result()
             except Exception:  # noqa: BLE001 - the original exception is the one that matters
                 pass
             self._pending = None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def params_metadata(mm_dir: str | Path) -> dict[MMPath, tuple[tuple[int, ...], np.dtype]]:

@@ -152,7 +152,7 @@ class MMDirWriter(Writer):
 
     def abort(self) -> None:
         self._pending = {}
-        self._params.__exit__(RuntimeError, None, None)
+        self._params.abort()
 
 
 class SafetensorsWriter(Writer):
