@@ -45,7 +45,7 @@ def get_config(arg: str = ""):
     c.eval = dict(max_new_tokens=24, batch_size=64)
     c = ml_collections.ConfigDict(c)
     if arg:
-        from mm.demo.stages import stage_config
+        from demo_app.stages import stage_config
 
         stage, _, workdir = arg.partition(",")
         return stage_config(c, stage, workdir or "/tmp/mm-demo")

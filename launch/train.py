@@ -59,7 +59,7 @@ def _run(argv: list[str]) -> int:
 
 
 # values of a config's `pipeline` key -> the module (with check() and run()) that runs it
-PIPELINES = {"demo": "mm.demo.pipeline", "soups": "mm.demo.soups", "bpo": "mm.demo.bpo"}
+PIPELINES = {"demo": "demo_app.pipeline", "soups": "demo_app.soups", "bpo": "demo_app.bpo"}
 
 
 def _run_pipeline(cfg, workdir: str) -> int:

@@ -1,5 +1,6 @@
-"""mm's import graph (function-level imports counted) has no cycle, and the checkpoint layers stay in order:
-the engine (`mm/checkpoints/`) imports no family, no family imports the registry."""
+"""mm's import graph (function-level imports counted) has no cycle, and the layers stay in order: the library
+imports no application code (`demo_app/`, `launch/`, ...), the checkpoint engine (`mm/checkpoints/`) imports no
+family, no family imports the registry."""
 
 import sys
 from pathlib import Path
@@ -31,6 +32,17 @@ def test_the_engine_imports_no_family_and_no_family_imports_the_registry(edges):
                           for m in engine for t in edges[m])
     families = [m for m in edges if m.startswith("mm/convert/") and not m.endswith(("registry.py", "__init__.py"))]
     assert families and all("mm/convert/registry.py" not in edges[m] for m in families)
+
+
+def test_the_library_imports_no_application_code():
+    """`mm` is the library: the demo application (`demo_app/`), the entry points (`launch/`), configs, benchmarks
+    and tools build on it, never the other way round (only the kernels package `mm_kernels` is part of it)."""
+    repo = Repo(ROOT)
+    library = [m for m in repo.files if m.startswith("mm/")]
+    outside = {(m, t) for m in library for t in repo.imports(m)
+               if not t.startswith(("mm/", "kernels/mm_kernels/"))}
+    assert any(m.startswith("demo_app/") for m in repo.files)  # the application was read too
+    assert outside == set()
 
 
 def test_a_function_level_import_cycle_is_found(tmp_path):

@@ -26,8 +26,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mm.demo import pipeline as demo_pipeline
-from mm.demo import stages
+from demo_app import pipeline as demo_pipeline
+from demo_app import stages
 
 QUICK = dict(negatives=dict(train_images=24, heldout_images=8, max_new_tokens=8), preference=dict(steps=16))
 _log = demo_pipeline._log
@@ -121,7 +121,7 @@ def check(c: Any, workdir: str | Path) -> None:
 def make_negatives(c: Any, p: dict[str, Path]) -> dict[str, Any]:
     """The BPO splits' scenes, and the IAA start's negatives for both; the `mm.bpo` summaries by split."""
     from mm import bpo
-    from mm.demo import shapes
+    from demo_app import shapes
 
     n, d = c.negatives, c.data
     sd = shapes.write(p["bpo_data"], int(n.train_images), int(n.heldout_images), seed=int(c.seed) + 500,
@@ -194,9 +194,9 @@ def run(c: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from mm.data.pipeline import ImageTiler
-    from mm.demo import shapes
-    from mm.demo.data import write_demo_data
-    from mm.demo.soups import SplitAccuracy
+    from demo_app import shapes
+    from demo_app.data import write_demo_data
+    from demo_app.soups import SplitAccuracy
     from mm.heldout import Loader
     from mm.train.grain_source import data_config
 
@@ -229,7 +229,7 @@ def run(c: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
         load = Loader()  # one handle: start and DPO export share its compiled functions
         tok = AutoTokenizer.from_pretrained(stages.tokenizer_dir(c, p["sft"]))
         pref = preference_results(c, p, load)
-        from mm.demo import text_task
+        from demo_app import text_task
 
         texts = [it.prompt for it in text_task.splits(8, 8, seed=int(c.seed) + 7)[1]]
         text = text_unchanged(p, load, tok, texts)

@@ -29,9 +29,9 @@ from typing import Any, Callable
 import ml_collections
 
 from mm.answers import stop_tokens
-from mm.demo import evaluate as ev
-from mm.demo import pipeline as demo_pipeline
-from mm.demo import shapes, stages
+from demo_app import evaluate as ev
+from demo_app import pipeline as demo_pipeline
+from demo_app import shapes, stages
 
 QUICK = dict(val_images=4, ingredient=dict(steps=4))
 QUICK_MIX_IMAGES = 24
@@ -199,7 +199,7 @@ def run(c: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from mm.data.pipeline import ImageTiler
-    from mm.demo.data import write_demo_data
+    from demo_app.data import write_demo_data
     from mm.heldout import Loader
     from mm.train.grain_source import data_config
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import ml_collections
 
-from mm.answers import stop_tokens
-from mm.demo import evaluate as ev
-from mm.demo import stages, text_task
+from mm.answers import stop_tokens, until_stop
+from demo_app import evaluate as ev
+from demo_app import stages, text_task
 
 QUICK = dict(data=dict(text_train=400, text_eval=24, mm_train_images=120, mm_eval_images=6),
              base=dict(steps=12, batch_size=8, seq_len=96), mm=dict(steps=8, batch_size=8, seq_len=96),
@@ -113,8 +113,8 @@ def begin(c: Any, workdir: str | Path, devices: Any, name: str) -> tuple[Path, l
 
 def run(demo: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     """Runs the whole demo; returns the results written to `WORKDIR/results.json`."""
-    from mm.demo.data import write_demo_data
-    from mm.demo.report import write_report
+    from demo_app.data import write_demo_data
+    from demo_app.report import write_report
 
     demo = resolve(demo)
     workdir, devices = begin(demo, workdir, devices, "demo")
@@ -176,8 +176,8 @@ def evaluate_all(demo: Any, workdir: Path, data: Any) -> dict[str, Any]:
                                  desc="text / LLaVA-style", **kw),
     }
     text_answers = {k: ev.decode(tok, v, stops) for k, v in text_tokens.items()}
-    identical = sum(a == b for a, b in zip(ev.until_stop(text_tokens["base"], stops),
-                                           ev.until_stop(text_tokens["iaa_text"], stops)))
+    identical = sum(a == b for a, b in zip(until_stop(text_tokens["base"], stops),
+                                           until_stop(text_tokens["iaa_text"], stops)))
 
     train_cfg = stages.stage_config(demo, "iaa", workdir)
     tiler = ImageTiler(data_config(train_cfg, seed=0, local_rows=1))

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mm.answers import Prompter, decode, generate_all, until_stop  # noqa: F401 - the demo's API
-from mm.demo import shapes
+from mm.answers import Prompter, decode, generate_all  # noqa: F401 - the demo's API
+from demo_app import shapes
 
 
 def answer_items(h: Any, items: Sequence[shapes.MMItem], pixels: list[np.ndarray], prompter: Prompter, *,

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mm.demo import stages
+from demo_app import stages
 
 MODEL_NAMES = {"base": "base LLM", "iaa": "IAA (LLM frozen)", "llava": "LLaVA-style (LLM trained)"}
 

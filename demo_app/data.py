@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mm.demo import shapes, text_task
+from demo_app import shapes, text_task
 
 
 @dataclasses.dataclass(frozen=True)
