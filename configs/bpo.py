@@ -4,7 +4,7 @@ The demo's base LLM and IAA model (trained here, or reused: `--config.start_work
 `configs/demo.py` run) make their own negatives on new scenes (`mm.bpo`: answers from DDPM-weakened images,
 error-injected rewrites by the frozen base LLM); DPO then trains the IAA branch on them against the start;
 held-out pairs measure the preference before and after, the text workflow is checked unchanged, and the demo's
-test questions are answered before and after. `demo_app/bpo.py` describes the stages and layout;
+test questions are answered before and after. `demo_app/bpo_run.py` describes the stages and layout;
 `WORKDIR/bpo.md` (with `plots/bpo.png`) is the report. `--config.quick=True` is the test's short version.
 
 Variants: `configs/bpo.py` (default) is the whole pipeline; `configs/bpo.py:STAGE,WORKDIR` with STAGE in
@@ -32,7 +32,7 @@ def get_config(arg: str = ""):
                         loss_weights=(1.0, 1.0), precompute_reference=True)
     c = ml_collections.ConfigDict(c)
     if arg:
-        from demo_app.bpo import stage_config
+        from demo_app.bpo_run import stage_config
 
         stage, _, workdir = arg.partition(",")
         return stage_config(c, stage, workdir or "/tmp/mm-bpo")

@@ -3,7 +3,7 @@
 A base LLM and a shared IAA start learn the demo's data; IAA branches are then fine-tuned from that start on
 different mixtures of question kinds (colour-, count- and grounding-heavy); `mm.soup` makes the average,
 maximum and greedy soups of the branches, chosen on a validation split; the start, every ingredient and every
-soup are evaluated on the test split. `demo_app/soups.py` describes the stages, splits and layout;
+soup are evaluated on the test split. `demo_app/soups_run.py` describes the stages, splits and layout;
 `WORKDIR/soups.md` (with `plots/soups.png`) is the report. `--config.quick=True` is the test's short version.
 
 Variants: `configs/soups.py` (default) is the whole pipeline; `configs/soups.py:STAGE,WORKDIR` with STAGE in
@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
     c.soup = dict(methods=("average", "maximum", "greedy"), top_p=2, accept="ge")
     c = ml_collections.ConfigDict(c)
     if arg:
-        from demo_app.soups import stage_config
+        from demo_app.soups_run import stage_config
 
         stage, _, workdir = arg.partition(",")
         return stage_config(c, stage, workdir or "/tmp/mm-soups")

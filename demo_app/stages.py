@@ -21,9 +21,9 @@ STAGES = ("base", "iaa", "llava")
 
 
 def paths(workdir: str | Path) -> dict[str, Path]:
-    """Everything the pipeline makes under its workdir: the data (`demo_app.data.layout`), each stage's
+    """Everything the pipeline makes under its workdir: the data (`demo_app.data_dir.layout`), each stage's
     workdir and its export."""
-    from demo_app.data import layout
+    from demo_app.data_dir import layout
 
     w = Path(workdir)
     out = {"data": w / "data", **layout(w / "data")}

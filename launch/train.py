@@ -59,7 +59,7 @@ def _run(argv: list[str]) -> int:
 
 
 # values of a config's `pipeline` key -> the module (with check() and run()) that runs it
-PIPELINES = {"demo": "demo_app.pipeline", "soups": "demo_app.soups", "bpo": "demo_app.bpo"}
+PIPELINES = {"demo": "demo_app.demo_run", "soups": "demo_app.soups_run", "bpo": "demo_app.bpo_run"}
 
 
 def _run_pipeline(cfg, workdir: str) -> int:

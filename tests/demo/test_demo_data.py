@@ -77,7 +77,7 @@ def test_demo_data_dir_packs_rows_and_trains_a_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     from mm.data.sources import ArrayRecordRows
-    from demo_app.data import write_demo_data
+    from demo_app.data_dir import write_demo_data
 
     d = ml_collections.ConfigDict(dict(text_train=50, text_eval=10, mm_train_images=12, mm_eval_images=3,
                                        min_side=40, max_side=80, max_aspect=1.6, max_objects=2,

@@ -30,17 +30,17 @@ import ml_collections
 
 from mm.answers import stop_tokens
 from demo_app import evaluate as ev
-from demo_app import pipeline as demo_pipeline
+from demo_app import demo_run
 from demo_app import shapes, stages
 
 QUICK = dict(val_images=4, ingredient=dict(steps=4))
 QUICK_MIX_IMAGES = 24
-_log = demo_pipeline._log
+_log = demo_run._log
 
 
 def resolve(c: Any) -> ml_collections.ConfigDict:
     """The effective config (`quick` applied, as the demo's, plus the soup run's own sections), unlocked copy."""
-    c = demo_pipeline.resolve(c)
+    c = demo_run.resolve(c)
     if c.quick:
         c.val_images = QUICK["val_images"]
         c.ingredient.update(QUICK["ingredient"])
@@ -199,23 +199,23 @@ def run(c: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from mm.data.pipeline import ImageTiler
-    from demo_app.data import write_demo_data
+    from demo_app.data_dir import write_demo_data
     from mm.heldout import Loader
     from mm.train.grain_source import data_config
 
     c = resolve(c)
-    w, devices = demo_pipeline.begin(c, workdir, devices, "soups")
+    w, devices = demo_run.begin(c, workdir, devices, "soups")
     p = paths(w, c)
     n_mix = len(c.mixtures)
     parts = [("data", 1.0 + 0.002 * sum(int(m.images) for m in c.mixtures.values())),
              ("base", 0.2 * c.base.steps), ("start", 0.45 * c.mm.steps),
              *[(f"ingredient {n}", 0.45 * c.ingredient.steps) for n in c.mixtures],
              ("soups", 12.0 * (2 * n_mix)), ("evaluate", 12.0 * (2 * n_mix + 1)), ("report", 2.0)]
-    prog = demo_pipeline.Progress(parts, "soups")
+    prog = demo_run.Progress(parts, "soups")
     part = prog.run
 
     def stage(name: str, stage_dir: Path) -> None:
-        demo_pipeline.train_stage(name, stage_config(c, name, w), stage_dir, "configs/soups.py", w, devices)
+        demo_run.train_stage(name, stage_config(c, name, w), stage_dir, "configs/soups.py", w, devices)
 
     def data() -> Any:
         d = write_demo_data(p["data"], c.data, seed=int(c.seed), log=_log)

@@ -26,17 +26,17 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from demo_app import pipeline as demo_pipeline
+from demo_app import demo_run
 from demo_app import stages
 
 QUICK = dict(negatives=dict(train_images=24, heldout_images=8, max_new_tokens=8), preference=dict(steps=16))
-_log = demo_pipeline._log
+_log = demo_run._log
 STAGES = ("base", "iaa", "dpo")
 
 
 def resolve(c: Any) -> ml_collections.ConfigDict:
     """The effective config (`quick` applied, as the demo's, plus the BPO run's own sections), unlocked copy."""
-    c = demo_pipeline.resolve(c)
+    c = demo_run.resolve(c)
     if c.quick:
         for section, values in QUICK.items():
             c[section].update(values)
@@ -195,13 +195,13 @@ def run(c: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
 
     from mm.data.pipeline import ImageTiler
     from demo_app import shapes
-    from demo_app.data import write_demo_data
-    from demo_app.soups import SplitAccuracy
+    from demo_app.data_dir import write_demo_data
+    from demo_app.soups_run import SplitAccuracy
     from mm.heldout import Loader
     from mm.train.grain_source import data_config
 
     c = resolve(c)
-    w, devices = demo_pipeline.begin(c, workdir, devices, "bpo")
+    w, devices = demo_run.begin(c, workdir, devices, "bpo")
     p = paths(w, c)
     own = not c.start_workdir
     n, pr = c.negatives, c.preference
@@ -209,11 +209,11 @@ def run(c: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     parts = ([("data", 1.0 + 0.001 * c.data.mm_train_images), ("base", 0.2 * c.base.steps),
               ("iaa", 0.45 * c.mm.steps)] if own else []) + [
         ("negatives", gen), ("dpo", 1.2 * pr.steps), ("evaluate", 30.0), ("report", 2.0)]
-    prog = demo_pipeline.Progress(parts, "bpo")
+    prog = demo_run.Progress(parts, "bpo")
     part = prog.run
 
     def stage(name: str, stage_dir: Path) -> None:
-        demo_pipeline.train_stage(name, stage_config(c, name, w), stage_dir, "configs/bpo.py", w, devices)
+        demo_run.train_stage(name, stage_config(c, name, w), stage_dir, "configs/bpo.py", w, devices)
 
     if own:
         sp = stages.paths(w)

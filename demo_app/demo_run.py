@@ -113,7 +113,7 @@ def begin(c: Any, workdir: str | Path, devices: Any, name: str) -> tuple[Path, l
 
 def run(demo: Any, workdir: str | Path, *, devices: Any = None) -> dict[str, Any]:
     """Runs the whole demo; returns the results written to `WORKDIR/results.json`."""
-    from demo_app.data import write_demo_data
+    from demo_app.data_dir import write_demo_data
     from demo_app.report import write_report
 
     demo = resolve(demo)
