@@ -36,7 +36,7 @@ def mean_step_seconds(b: Any, batches: Iterable[dict[str, Any]]) -> float:
 
 def synthetic_batches(cfg: Any, n: int, first: int = 0) -> list[dict[str, Any]]:
     """`n` host batches of the config's synthetic source, from step `first`, without `example_id`."""
-    from mm.train.data import SyntheticSource
+    from mm.train.synthetic_source import SyntheticSource
 
     src = SyntheticSource(cfg)
     out = []

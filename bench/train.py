@@ -50,7 +50,7 @@ def torch_tokens_per_s(size: str, steps: int, compile_: bool) -> float:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mm.train.data import example
+    from mm.train.synthetic_source import example
 
     llm, vw, n_img, batch, seq = SIZES[size]
     torch.manual_seed(0)

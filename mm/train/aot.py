@@ -52,7 +52,7 @@ def abstract_batch(cfg: Any, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStr
     if cfg.data.kind in GRAIN_KINDS:
         return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding) for k, (shape, dt) in
                 _grain_shapes(cfg).items()}
-    from mm.train.data import SyntheticSource
+    from mm.train.synthetic_source import SyntheticSource
 
     x = SyntheticSource(cfg).batch_at(0)
     x.pop("example_id")

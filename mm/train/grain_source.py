@@ -3,7 +3,7 @@
 `rejected/<key>`, the two halves of a pair at the same row index, one pair a row, see `mm.data.pipeline`).
 
 `DataPipeline` gives batches of this process's rows of one micro batch; a training step takes `grad_accum`
-of them stacked as `[grad_accum, micro_local, ...]` (the layout of `mm.train.data.SyntheticSource`). The
+of them stacked as `[grad_accum, micro_local, ...]` (the layout of `mm.train.synthetic_source.SyntheticSource`). The
 iterator state is the pipeline's own (`state()` / `restore()`, JSON: Grain's state plus the skip counters), taken
 between steps, so a resumed run continues with exactly the batches and counts of an uninterrupted one. The
 data repeats forever (the step count ends the run); `metrics()` are the skip counters for the metrics row.
@@ -196,7 +196,7 @@ def make_source(cfg: Any, *, seed: int | None = None, process_index: int = 0, pr
         path = source_path(cfg, evaluation=seed is not None)
         return GrainSource(cfg, seed=seed, path=path, process_index=process_index, process_count=process_count,
                            reference_logps=(reference_logps or {}).get(path))
-    from mm.train.data import SyntheticSource
+    from mm.train.synthetic_source import SyntheticSource
 
     return SyntheticSource(cfg, seed=seed, process_index=process_index, process_count=process_count,
                            multimodal=multimodal)

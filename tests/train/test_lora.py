@@ -18,7 +18,7 @@ from mm.config import ConfigError
 from mm.models import lora
 from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
-from mm.train.data import SyntheticSource
+from mm.train.synthetic_source import SyntheticSource
 
 LORA = {"lora": {"rank": 4, "alpha": 8}}
 PROJ = r"layers_\d+/(self_attn|mlp)/.*"

@@ -12,7 +12,7 @@ from mm.config import ConfigError
 from mm.sharding import global_batch
 from mm.train import flops as F
 from mm.train import loop, param_groups as pg
-from mm.train.data import SyntheticSource
+from mm.train.synthetic_source import SyntheticSource
 
 
 @pytest.fixture(scope="module")

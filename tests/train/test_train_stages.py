@@ -14,7 +14,7 @@ from mm.models import llm as llm_lib
 from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
 from mm.train.config import llm_config_from
-from mm.train.data import SyntheticSource
+from mm.train.synthetic_source import SyntheticSource
 from mm.train.models import cross_entropy
 
 

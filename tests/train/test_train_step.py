@@ -8,7 +8,7 @@ import pytest
 from helpers_train import tiny
 from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
-from mm.train.data import SyntheticSource
+from mm.train.synthetic_source import SyntheticSource
 from mm.train.optimizer import make_optimizer, schedule
 
 ONE = None

@@ -1,4 +1,5 @@
-"""Synthetic, deterministic training data with a checkpointable iterator state.
+"""The trainer's synthetic data source (`data.kind` `synthetic_text` / `synthetic_mm`): deterministic generated
+batches with a checkpointable iterator state.
 
 Every example is a pure function of `(seed, example_id)`, and the example ids of step `s` are
 `s * batch .. (s + 1) * batch - 1`, so the iterator state is just the next step; a resumed run, or N processes
@@ -8,8 +9,8 @@ set), so loss curves mean something. The multimodal variant adds random "precomp
 first positions (masked out of the loss).
 
 Batches are laid out `[grad_accum, micro_batch, ...]` so gradient accumulation is a scan over axis 0.
-This source stands in until the Grain pipeline of `mm.data` is wired to the trainer; that pipeline's iterator
-state plugs into the same `state()` / `restore()` interface.
+The other source, `mm.train.grain_source.GrainSource` (the Grain pipeline of `mm.data` over real rows: `data.kind`
+`llava_json` / `preference`), has the same layout and the same `state()` / `restore()` interface.
 """
 
 from __future__ import annotations
