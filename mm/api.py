@@ -30,7 +30,7 @@ from mm import sharding as sh
 from mm.attention import IMPLEMENTATIONS
 from mm.config import ConfigError, LLMConfig, VisionConfig, VLMConfig, vlm_with_runtime
 from mm.generate import DecodeFns, Generator, left_pad, positions_from_mask
-from mm.models import llm
+from mm.models import kinds, llm
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
@@ -162,16 +162,16 @@ class LLMHandle:
 
     def __post_init__(self) -> None:
         self.config = self.runtime.configure(self.config)
-        self.params = self.runtime.place(self.params, llm.abstract_params(self.config), self.source or "params")
-        model = llm.LLM(self.config)
+        model = kinds.of(self.config)
+        self.params = self.runtime.place(self.params, model.abstract_params(), self.source or "params")
 
         def forward(params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-            logits, _ = model.apply({"params": params}, ids, positions_from_mask(mask), segment_ids=mask)
+            logits, _ = model.apply(params, ids, positions_from_mask(mask), workflow="text", segment_ids=mask)
             return logits
 
         self._forward = self.runtime.jit(forward)
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        self._generator = self.runtime.generator(llm.decode_fns(self.config), pad)
+        self._generator = self.runtime.generator(model.decode_fns("text"), pad)
 
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """float32 logits `[B, T, V]`. Ragged lists are left-padded; padded positions' rows are meaningless."""
@@ -337,10 +337,9 @@ class VLMHandle:
     runtime: Runtime = Runtime()
 
     def __post_init__(self) -> None:
-        from mm.models import vlm
-
         self.config = self.runtime.configure(self.config)
-        self.params = self.runtime.place(self.params, vlm.abstract_params(self.config), self.source or "params")
+        self._model = kinds.of(self.config)
+        self.params = self.runtime.place(self.params, self._model.abstract_params(), self.source or "params")
 
         if self.image_token is None:
             tok_id = None
@@ -350,13 +349,12 @@ class VLMHandle:
                 tok_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
                 tok_id = None if tok_id == self.tokenizer.unk_token_id else tok_id
             self.image_token = self.config.image_token_id if tok_id is None else tok_id
-        self._vlm = vlm
         self._forward: dict[tuple, Any] = {}
         self._generators: dict[str, Generator] = {}
 
     @property
     def workflows(self) -> tuple[str, ...]:
-        return self.config.workflows
+        return self._model.workflows
 
     def _prepare(self, input_ids: Any, pixel_values: Any, workflow: str) -> tuple:
         from mm.models.splice import expand_placeholders
@@ -399,12 +397,11 @@ class VLMHandle:
                 img[i, width - len(m):] = m
         key = (workflow, pix is None)
         if key not in self._forward:
-            vlm, cfg = self._vlm, self.config
+            model = self._model
 
             def fwd(params: Any, ids: Any, att: Any, pix: Any, img: Any) -> Any:
-                return vlm.forward(params, cfg, jnp.maximum(ids, 0) if pix is None else ids, pixel_values=pix,
-                                   image_mask=img, workflow=workflow, positions=positions_from_mask(att),
-                                   segment_ids=att)[0]
+                return model.apply(params, jnp.maximum(ids, 0) if pix is None else ids, positions_from_mask(att),
+                                   pixel_values=pix, image_mask=img, workflow=workflow, segment_ids=att)[0]
             self._forward[key] = self.runtime.jit(fwd)
         ids, att, pix, img = self.runtime.inputs(ids, att, pix, img)
         return np.asarray(self._forward[key](self.params, ids, att, pix, img), np.float32)
@@ -416,7 +413,7 @@ class VLMHandle:
         rows, pix, masks = self._prepare(input_ids, pixel_values, workflow)
         if workflow not in self._generators:
             pad = self.config.lm.llm.pad_token_id
-            self._generators[workflow] = self.runtime.generator(self._vlm.decode_fns(self.config, workflow),
+            self._generators[workflow] = self.runtime.generator(self._model.decode_fns(workflow),
                                                                 0 if pad is None else pad)
         extra = {} if pix is None else {"pixel_values": pix, "image_mask": masks}
         llm_cfg = self.config.lm.llm
@@ -428,9 +425,9 @@ class VLMHandle:
 
 
 def _abstract(handle: str, config: Any) -> Any:
-    from mm.models import vision, vlm
+    from mm.models import vision
 
-    return {"llm": llm.abstract_params, "vision": vision.abstract_params, "vlm": vlm.abstract_params}[handle](config)
+    return vision.abstract_params(config) if handle == "vision" else kinds.of(config).abstract_params()
 
 
 def _load(path: Path, runtime: Runtime, vision: Any) -> Any:

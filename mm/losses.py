@@ -5,7 +5,8 @@ tokens in chunks: the forward keeps only each token's log-sum-exp, the backward 
 recomputes logits one `[chunk, <=8192]` tile at a time (vocab slices outside, token chunks inside) to
 accumulate dH and finish dW slice by slice. Peak extra memory is one chunk's `[chunk, V]` float32 logits
 (forward), a float32 dH and the dW being written, instead of all `[N, V]` logits and their gradient. `plain_cross_entropy`
-is the straightforward version: the reference in tests and the baseline in `bench/attention.py`.
+is the straightforward version: the reference in tests and the baseline in `bench/attention.py`. Both, and
+`cross_entropy` over logits a model already made, score tokens by the one `token_nll`.
 
 `reduction="none"` keeps the NLL per token; `completion_logprobs` builds on it for per-row summed log-probs of
 `[B, T]` rows (what preference losses score, see `mm.dpo_losses`), with `next_token_targets` for the causal shift.
@@ -55,6 +56,19 @@ def _reduce(nll: Array, w: Array, reduction: str, return_count: bool):
     return (loss, count) if return_count else loss
 
 
+def token_nll(logits: Array, labels: Array) -> Array:
+    """Per-token NLL (float32) `logsumexp(logits) - logits[label]` over the last axis; negative labels score
+    label 0 (give them zero weight)."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def cross_entropy(logits: Array, labels: Array, mask: Array) -> tuple[Array, Array]:
+    """(Sum of token NLL over `mask`, the mask's sum), float32, from materialised logits `[..., V]`."""
+    return jnp.sum(token_nll(logits, labels) * mask), jnp.sum(mask)
+
+
 def plain_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: Array | None = None, *,
                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean", return_count: bool = False):
     """Reference: full float32 logits `[N, V]`, log-softmax, weighted sum (or mean over the weight sum, or per
@@ -63,9 +77,7 @@ def plain_cross_entropy(hidden: Array, kernel: Array, labels: Array, weights: Ar
     _check_reduction(reduction)
     w = _token_weights(labels, weights, ignore_index)
     logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    safe = jnp.where(labels == ignore_index, 0, labels)
-    nll = -jnp.take_along_axis(logp, safe[:, None], axis=-1)[:, 0]
+    nll = token_nll(logits, jnp.where(labels == ignore_index, 0, labels))
     return _reduce(nll * w, w, reduction, return_count)
 
 

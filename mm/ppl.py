@@ -137,20 +137,17 @@ def read_rows(data: Any) -> Any:
 def nll_fn(handle: Any, workflow: str) -> Any:
     """(params, batch arrays) -> per-token NLL `[B, L]` (0 where not scored), compiled by the handle's runtime."""
     from mm.losses import chunked_cross_entropy
-    from mm.models import vlm
+    from mm.models import kinds
 
-    cfg = handle.config
-    lm = vlm.lm_module(cfg)
-    tied = cfg.lm.llm.tie_word_embeddings
+    model = kinds.of(handle.config)
+    tied = model.llm.tie_word_embeddings
 
     def fn(params: Any, ids: Any, positions: Any, segment_ids: Any, labels: Any, mask: Any, image_mask: Any,
            pixels: Any) -> Any:
-        kw: dict[str, Any] = {"workflow": workflow} if cfg.is_iaa else {}
-        if pixels is not None:
-            kw.update(image_features=vlm.encode_images(params, cfg, pixels), image_mask=image_mask)
-        lm_params = {k: v for k, v in params.items() if k != "vision"}
-        h, _ = lm.apply({"params": lm_params}, ids, positions, segment_ids=segment_ids, return_hidden=True, **kw)
-        head = params[("base" if workflow == "text" else workflow) if cfg.is_iaa else "llm"]
+        image = {} if pixels is None else {"pixel_values": pixels, "image_mask": image_mask}
+        h, _ = model.apply(params, ids, positions, workflow=workflow, segment_ids=segment_ids, return_hidden=True,
+                           **image)
+        head = model.head_params(params, workflow)
         kernel = head["embed_tokens"]["embedding"].T if tied else head["lm_head"]["kernel"]
         nll = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), kernel.astype(h.dtype), labels.reshape(-1),
                                     mask.reshape(-1), reduction="none")

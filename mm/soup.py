@@ -59,7 +59,8 @@ from mm.checkpoints.name_map import save_unit
 from mm.checkpoints.safetensors_io import (DEFAULT_SHARD_BYTES, INDEX_FILE, PlannedTensor, SafetensorsCheckpoint,
                                            ShardedSafetensorsWriter)
 from mm.checkpoints.staging import staged_output
-from mm.config import ConfigError, read_json
+from mm.config import ConfigError, VisionConfig, read_json
+from mm.models import kinds as model_kinds
 
 METHODS = ("average", "maximum", "greedy")
 ACCEPT = ("ge", "gt")
@@ -270,8 +271,8 @@ def open_ingredients(paths: Sequence[str | Path]) -> Ingredients:
             metas.append({k: meta[k] for k in sorted(meta, key=lambda k: (save_unit(k), k))})
             where.append({k: str(p / mmd.PARAMS_DIR) for k in meta})
         config = read_config(paths[0])
-        if getattr(config, "is_iaa", False):
-            frozen = {k for k in metas[0] if k[0] == "base"}
+        if not isinstance(config, VisionConfig):
+            frozen = {k for k in metas[0] if k[0] in model_kinds.of(config).frozen}
     else:  # "hf"
         configs = [_strip(read_json(p / "config.json"), _HF_NON_ARCH_KEYS) for p in paths]
         config_file = "config.json"

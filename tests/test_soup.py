@@ -200,7 +200,7 @@ def iaa_model():
     import jax
 
     from mm.config import LLMConfig, VisionConfig
-    from mm.models import iaa, llm, vision, vlm
+    from mm.models import iaa, kinds, llm, vision, vlm
     from mm.config import ProjectorConfig
 
     vc = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=28, patch_size=14)
@@ -208,8 +208,8 @@ def iaa_model():
                    head_dim=8, eos_token_id=(2,))
     cfg = vlm.VLMConfig(vision=vc, lm=iaa.IAAConfig(llm=lc, branches=(
         iaa.BranchConfig("mm", (0,), ProjectorConfig(in_dim=16, out_dim=32)),)), image_token_id=5)
-    params = vlm.init_params(cfg, vision.init_params(vc, jax.random.PRNGKey(0)),
-                             llm.init_params(lc, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
+    params = kinds.of(cfg).init_params(jax.random.PRNGKey(2), llm.init_params(lc, jax.random.PRNGKey(1)),
+                                       vision.init_params(vc, jax.random.PRNGKey(0)))
     return cfg, jax.tree.map(np.asarray, params)
 
 

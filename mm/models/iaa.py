@@ -18,6 +18,7 @@ modified states, so a text cache cannot be reused there.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mm.config import IAA_8, IAA_14, TEXT, BranchConfig, IAAConfig, LLMConfig, ProjectorConfig
-from mm.models import llm
+from mm.models import llm, protocol
 from mm.models.connectors import Projector
 from mm.models.splice import image_span_ids, splice_image_features
 
@@ -198,3 +199,74 @@ def preset(name: str, llm_config: LLMConfig, vision_width: int, branches: Sequen
     positions = {"iaa14": IAA_14, "iaa8": IAA_8}[name]
     proj = ProjectorConfig(kind=projector_type, in_dim=vision_width, out_dim=llm_config.hidden_size)
     return IAAConfig(llm=llm_config, branches=tuple(BranchConfig(n, positions, proj) for n in branches))
+
+
+# ------------------------------------------------------------------------------------- the kind
+@dataclasses.dataclass(frozen=True)
+class IAAKind:
+    """IAA as a `mm.models.protocol.ModelKind`: workflows "text" (the base LLM alone: image placeholders read as
+    token 0 and image inputs are not used) and one per branch."""
+
+    config: IAAConfig
+    name = "iaa"
+    base_prefix = "base"
+    frozen = ("base",)
+
+    @property
+    def llm(self) -> LLMConfig:
+        return self.config.llm
+
+    @property
+    def workflows(self) -> tuple[str, ...]:
+        return self.config.workflows
+
+    def trained_workflow(self, requested: str) -> str:
+        return self.config.branch(requested).name
+
+    def abstract_params(self) -> Any:
+        return abstract_params(self.config)
+
+    def init_params(self, rng: Array, llm_params: Any = None, vision_params: Any = None) -> Any:
+        k1, k2, _ = jax.random.split(rng, 3)  # the third initialises a VLM's tower (`vlm.VLMKind`)
+        return init_params(self.config, llm.init_params(self.llm, k1) if llm_params is None else llm_params, k2)
+
+    def apply(self, params: Any, input_ids: Array, positions: Array | None = None, *, workflow: str,
+              image_features: Array | None = None, image_mask: Array | None = None,
+              pixel_values: Array | None = None, **kw: Any) -> tuple[Array, Any]:
+        protocol.check_workflow(self, workflow)
+        if pixel_values is not None:
+            raise ValueError("iaa: pixel_values need the tower (a VLM); pass image_features")
+        if workflow == TEXT:
+            return IAA(self.config).apply({"params": params}, jnp.maximum(input_ids, 0), positions, workflow=TEXT,
+                                          **kw)
+        return IAA(self.config).apply({"params": params}, input_ids, positions, workflow=workflow,
+                                      image_features=image_features, image_mask=image_mask, **kw)
+
+    def head_params(self, params: Any, workflow: str) -> Any:
+        return params["base"] if workflow == TEXT else params[workflow]
+
+    def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
+        return init_cache(self.config, workflow, batch, max_len)
+
+    def decode_fns(self, workflow: str) -> Any:
+        protocol.check_workflow(self, workflow)
+        return decode_fns(self.config, workflow)
+
+    def stages(self, seq_len: int, workflow: str) -> list[protocol.Stage]:
+        """The base layers and, in a branch, its projector, MM-EL, insertion layers and MM-LH."""
+        c = self.llm
+        if workflow == TEXT:
+            layers = [s for i in range(c.num_layers) for s in protocol.layer_stages(f"base/layers_{i}", c, seq_len)]
+            return [protocol.embed_stage("base")] + layers + [protocol.head_stage("base", c)]
+        b = self.config.branch(workflow)
+        positions = list(b.positions)
+        out = protocol.projector_stages(f"{workflow}/projector", b.projector.kind) + [protocol.embed_stage(workflow)]
+        for i in range(c.num_layers):
+            out += protocol.layer_stages(f"base/layers_{i}", c, seq_len)
+            if i in positions:
+                out += protocol.layer_stages(f"{workflow}/layers_{positions.index(i)}", c, seq_len)
+        return out + [protocol.head_stage(workflow, c)]
+
+    def derived(self) -> dict[str, str]:
+        return {f"{b.name}/{k}": f"base/{src}" for b in self.config.branches
+                for k, src in branch_sources(self.config, b.name).items()}

@@ -7,6 +7,7 @@ groups, not here. Params: `{"llm": <LLM params>, "projector": ...}`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mm.config import LLaVAConfig
-from mm.models import llm
+from mm.models import llm, protocol
 from mm.models.connectors import Projector
 from mm.models.splice import image_span_ids, splice_image_features
 
@@ -65,3 +66,54 @@ def decode_fns(config: LLaVAConfig) -> Any:
     model = LLaVA(config)
     return generate.decode_fns(lambda params, *a, **kw: model.apply({"params": params}, *a, **kw),
                                lambda b, n: llm.init_cache(config.llm, b, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaVAKind:
+    """The LLaVA-style bridge as a `mm.models.protocol.ModelKind`: one workflow, "mm"; params `llm`, `projector`."""
+
+    config: LLaVAConfig
+    name = "llava"
+    base_prefix = "llm"
+    workflows = ("mm",)
+    frozen = ()
+
+    @property
+    def llm(self) -> Any:
+        return self.config.llm
+
+    def trained_workflow(self, requested: str) -> str:
+        return "mm"
+
+    def abstract_params(self) -> Any:
+        return abstract_params(self.config)
+
+    def init_params(self, rng: Array, llm_params: Any = None, vision_params: Any = None) -> Any:
+        k1, k2, _ = jax.random.split(rng, 3)  # the third initialises a VLM's tower (`vlm.VLMKind`)
+        return init_params(self.config, llm.init_params(self.llm, k1) if llm_params is None else llm_params, k2)
+
+    def apply(self, params: Any, input_ids: Array, positions: Array | None = None, *, workflow: str = "mm",
+              pixel_values: Array | None = None, **kw: Any) -> tuple[Array, Any]:
+        protocol.check_workflow(self, workflow)
+        if pixel_values is not None:
+            raise ValueError("llava: pixel_values need the tower (a VLM); pass image_features")
+        return LLaVA(self.config).apply({"params": params}, input_ids, positions, **kw)
+
+    def head_params(self, params: Any, workflow: str) -> Any:
+        return params["llm"]
+
+    def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
+        return llm.init_cache(self.config.llm, batch, max_len)
+
+    def decode_fns(self, workflow: str = "mm") -> Any:
+        protocol.check_workflow(self, workflow)
+        return decode_fns(self.config)
+
+    def stages(self, seq_len: int, workflow: str = "mm") -> list[protocol.Stage]:
+        out = protocol.projector_stages("projector", self.config.projector.kind) + [protocol.embed_stage("llm")]
+        for i in range(self.llm.num_layers):
+            out += protocol.layer_stages(f"llm/layers_{i}", self.llm, seq_len)
+        return out + [protocol.head_stage("llm", self.llm)]
+
+    def derived(self) -> dict[str, str]:
+        return {}

@@ -14,6 +14,7 @@ so each workflow of a multimodal model can keep its own cache.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -24,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mm.attention import attention
 from mm.config import LLMConfig, RopeScaling
-from mm.models import lora
+from mm.models import lora, protocol
 from mm.models.partitioning import KERNEL_INIT, constrain, param
 
 Array = jax.Array
@@ -403,10 +404,60 @@ def adapter_candidates(config: LLMConfig) -> dict[str, Any]:
     """The flat ('/'-joined) abstract params of `config` (per-layer layout) with rank-1 LoRA adapters on every
     adaptable kernel: what reading a PEFT adapter (`mm.convert.peft_adapter.read_peft`) needs to know each
     kernel's in / out split."""
-    import dataclasses
-
     from flax import traverse_util
 
     with lora.candidates():
         tree = nn.unbox(abstract_params(dataclasses.replace(config, scan_layers=False)))
     return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+# ------------------------------------------------------------------------------------- the kind
+@dataclasses.dataclass(frozen=True)
+class LLMKind:
+    """The plain decoder LLM as a `mm.models.protocol.ModelKind`: one workflow, "text"; no image inputs."""
+
+    config: LLMConfig
+    name = "llm"
+    base_prefix = ""
+    workflows = ("text",)
+    frozen = ()
+
+    @property
+    def llm(self) -> LLMConfig:
+        return self.config
+
+    def trained_workflow(self, requested: str) -> str:
+        return "text"
+
+    def abstract_params(self) -> Any:
+        return abstract_params(self.config)
+
+    def init_params(self, rng: Array, llm_params: Any = None, vision_params: Any = None) -> Any:
+        return init_params(self.config, rng) if llm_params is None else llm_params
+
+    def apply(self, params: Any, input_ids: Array, positions: Array | None = None, *, workflow: str = "text",
+              image_features: Array | None = None, image_mask: Array | None = None,
+              pixel_values: Array | None = None, **kw: Any) -> tuple[Array, Any]:
+        protocol.check_workflow(self, workflow)
+        if image_features is not None or pixel_values is not None:
+            raise ValueError("llm: a text-only LLM takes no image inputs")
+        return LLM(self.config).apply({"params": params}, input_ids, positions, **kw)
+
+    def head_params(self, params: Any, workflow: str) -> Any:
+        return params
+
+    def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
+        return init_cache(self.config, batch, max_len)
+
+    def decode_fns(self, workflow: str = "text") -> Any:
+        protocol.check_workflow(self, workflow)
+        return decode_fns(self.config)
+
+    def stages(self, seq_len: int, workflow: str = "text") -> list[protocol.Stage]:
+        out = [protocol.embed_stage("")]
+        for i in range(self.config.num_layers):
+            out += protocol.layer_stages(f"layers_{i}", self.config, seq_len)
+        return out + [protocol.head_stage("", self.config)]
+
+    def derived(self) -> dict[str, str]:
+        return {}

@@ -1,85 +1,121 @@
-"""A vision-language model = a ViT tower + an LLM-side model (IAA or LLaVA-style), as plain functions.
+"""A vision-language model = a ViT tower + an LLM-side model kind (IAA or LLaVA-style): `VLMKind`.
 
 Params are one flat tree: `{"vision": <VisionTower params>, **<IAA or LLaVA params>}` (IAA: `base`, `mm`,
 `g`; LLaVA: `llm`, `projector`), so parameter-group regexes see paths like `vision/encoder/layers_23/...`
 and `mm/layers_3/...` directly. Images arrive as `pixel_values` `[B, N, C, H, W]` (N images or tiles per
-row, rows with fewer padded at the end); their features are concatenated per row in order, and the LLM-side
-model splices them at `image_mask` (`input_ids == image_token_id` unless given).
+row, rows with fewer padded at the end) or `[B, C, H, W]` (one a row); their features are concatenated per row
+in order, and the LLM-side model splices them at `image_mask` (`input_ids == image_token_id` unless given).
+Get one with `mm.models.kinds.of(config)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 
-from mm.config import VLMConfig
-from mm.models import iaa, llava, vision
+from mm.config import TEXT, VLMConfig
+from mm.models import protocol, vision
 
 Array = jax.Array
 
 
-def lm_module(config: VLMConfig) -> Any:
-    return iaa.IAA(config.lm) if config.is_iaa else llava.LLaVA(config.lm)
-
-
-def encode_images(params: Any, config: VLMConfig, pixel_values: Array) -> Array:
-    """`[B, N, C, H, W]` -> features `[B, N * tokens_per_image, vision width]` from the selected layer."""
+def encode_images(vision_params: Any, vc: Any, pixel_values: Array, layer: int = -2, feature: str = "patch") -> Array:
+    """`[B, N, C, H, W]` (or `[B, C, H, W]`) -> features `[B, N * tokens_per_image, vision width]` of tower `vc`'s
+    hidden state `layer`, in the order the splice fills a row's image positions."""
+    if pixel_values.ndim == 4:
+        return vision.image_features(vision_params, vc, pixel_values, layer, feature)
     b, n = pixel_values.shape[:2]
-    flat = pixel_values.reshape((b * n,) + pixel_values.shape[2:])
-    feats = vision.image_features(params["vision"], config.vision, flat, config.feature_layer, config.feature)
+    feats = vision.image_features(vision_params, vc, pixel_values.reshape((b * n,) + pixel_values.shape[2:]),
+                                  layer, feature)
     return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
 
-def forward(params: Any, config: VLMConfig, input_ids: Array, *, pixel_values: Array | None = None,
-            image_features: Array | None = None, image_mask: Array | None = None, workflow: str = "mm",
-            positions: Array | None = None, segment_ids: Array | None = None, kv_segment_ids: Array | None = None,
-            cache: Any = None, cache_index: Array | None = None) -> tuple[Array, Any]:
-    """Logits `[B, T, V]` (float32) and the updated cache. `image_features` skips the tower (precomputed)."""
-    lm_params = {k: v for k, v in params.items() if k != "vision"}
-    if workflow == iaa.TEXT:
-        if not config.is_iaa:
-            raise ValueError("the text workflow exists only for IAA models (a LLaVA-style model has one LLM)")
-        return lm_module(config).apply({"params": lm_params}, input_ids, positions, workflow=iaa.TEXT,
-                                       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, cache=cache,
-                                       cache_index=cache_index)
-    if image_features is None and pixel_values is not None:
-        image_features = encode_images(params, config, pixel_values)
-    if image_features is not None and image_mask is None:
-        image_mask = input_ids == config.image_token_id
-    kw: dict[str, Any] = dict(image_features=image_features, image_mask=image_mask, segment_ids=segment_ids,
-                              kv_segment_ids=kv_segment_ids, cache=cache, cache_index=cache_index)
-    if config.is_iaa:
-        kw["workflow"] = workflow
-    return lm_module(config).apply({"params": lm_params}, input_ids, positions, **kw)
+def _without_vision(params: Any) -> Any:
+    return {k: v for k, v in params.items() if k != "vision"}
 
 
-def init_cache(config: VLMConfig, workflow: str, batch: int, max_len: int) -> Any:
-    if config.is_iaa:
-        return iaa.init_cache(config.lm, workflow, batch, max_len)
-    from mm.models import llm
+@dataclasses.dataclass(frozen=True)
+class VLMKind:
+    """The tower in front of `lm` (the kind of `config.lm`) as one `mm.models.protocol.ModelKind`."""
 
-    return llm.init_cache(config.lm.llm, batch, max_len)
+    config: VLMConfig
+    lm: Any  # the LLM-side ModelKind
+    name = "vlm"
 
+    @property
+    def llm(self) -> Any:
+        return self.lm.llm
 
-def decode_fns(config: VLMConfig, workflow: str = "mm") -> Any:
-    """Prefill/step for `mm.generate.Generator`; `pixel_values` and `image_mask` go to prefill as extras."""
-    from mm import generate
+    @property
+    def base_prefix(self) -> str:
+        return self.lm.base_prefix
 
-    def apply(params: Any, ids: Array, positions: Array, **kw: Any) -> tuple[Array, Any]:
-        return forward(params, config, ids, positions=positions, workflow=workflow, **kw)
+    @property
+    def workflows(self) -> tuple[str, ...]:
+        return self.lm.workflows
 
-    return generate.decode_fns(apply, lambda b, n: init_cache(config, workflow, b, n))
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        return self.lm.frozen
 
+    def trained_workflow(self, requested: str) -> str:
+        return self.lm.trained_workflow(requested)
 
-def abstract_params(config: VLMConfig) -> dict[str, Any]:
-    """Boxed shapes of the whole tree (`vision` and the LLM side, logical axis names included), nothing allocated."""
-    lm = iaa.abstract_params(config.lm) if config.is_iaa else llava.abstract_params(config.lm)
-    return {"vision": vision.abstract_params(config.vision), **lm}
+    def abstract_params(self) -> dict[str, Any]:
+        return {"vision": vision.abstract_params(self.config.vision), **self.lm.abstract_params()}
 
+    def init_params(self, rng: Array, llm_params: Any = None, vision_params: Any = None) -> dict[str, Any]:
+        """The LLM side as its kind initialises it from `rng`; the tower (random from `rng`'s third split when
+        None) under `vision`."""
+        if vision_params is None:
+            vision_params = vision.init_params(self.config.vision, jax.random.split(rng, 3)[2])
+        return {"vision": vision_params, **self.lm.init_params(rng, llm_params)}
 
-def init_params(config: VLMConfig, vision_params: Any, llm_params: Any, rng: Array) -> dict[str, Any]:
-    """A fresh VLM around pretrained tower and LLM params (IAA branches copied from the base)."""
-    lm = (iaa.init_params(config.lm, llm_params, rng) if config.is_iaa
-          else llava.init_params(config.lm, llm_params, rng))
-    return {"vision": vision_params, **lm}
+    def image_features(self, params: Any, pixel_values: Array) -> Array:
+        c = self.config
+        return encode_images(params["vision"], c.vision, pixel_values, c.feature_layer, c.feature)
+
+    def apply(self, params: Any, input_ids: Array, positions: Array | None = None, *, workflow: str = "mm",
+              image_features: Array | None = None, image_mask: Array | None = None,
+              pixel_values: Array | None = None, **kw: Any) -> tuple[Array, Any]:
+        """`image_features` skips the tower (precomputed); the text workflow (IAA) takes no image inputs."""
+        protocol.check_workflow(self, workflow)
+        lm_params = _without_vision(params)
+        if workflow == TEXT:
+            return self.lm.apply(lm_params, input_ids, positions, workflow=TEXT, **kw)
+        if image_features is None and pixel_values is not None:
+            image_features = self.image_features(params, pixel_values)
+        if image_features is not None and image_mask is None:
+            image_mask = input_ids == self.config.image_token_id
+        return self.lm.apply(lm_params, input_ids, positions, workflow=workflow, image_features=image_features,
+                             image_mask=image_mask, **kw)
+
+    def head_params(self, params: Any, workflow: str) -> Any:
+        return self.lm.head_params(params, workflow)
+
+    def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
+        return self.lm.init_cache(workflow, batch, max_len)
+
+    def decode_fns(self, workflow: str = "mm") -> Any:
+        """Prefill/step for `mm.generate.Generator`; `pixel_values` and `image_mask` go to prefill as extras."""
+        from mm import generate
+
+        protocol.check_workflow(self, workflow)
+        return generate.decode_fns(lambda params, ids, positions, **kw: self.apply(
+            params, ids, positions, workflow=workflow, **kw), lambda b, n: self.init_cache(workflow, b, n))
+
+    def stages(self, seq_len: int, workflow: str = "mm") -> list[protocol.Stage]:
+        """The tower's layers up to the feature layer (per patch token, scaled to text tokens), then the LLM
+        side's; the text workflow runs no tower."""
+        out = self.lm.stages(seq_len, workflow)
+        if workflow == TEXT:
+            return out
+        vc = self.config.vision
+        n_vis = vc.grid_size ** 2 + (1 if vc.has_class_token else 0)
+        upto = vision.select_layer_index(self.config.feature_layer, vc.num_layers)
+        return protocol.vit_stages("vision", vc, n_vis, n_vis / seq_len, upto) + out
+
+    def derived(self) -> dict[str, str]:
+        return self.lm.derived()

@@ -69,7 +69,7 @@ def vlm_config(cfg: Any) -> Any:
     from mm.config import VLMConfig
     from mm.train import models
 
-    lm = models.iaa_config(cfg) if cfg.model.kind == "iaa" else models.llava_config(cfg)
+    lm = models.LM_CONFIGS[cfg.model.kind](cfg)
     image_token = -200
     if cfg.data.tokenizer:  # the id training put at image positions
         from transformers import AutoTokenizer

@@ -1,6 +1,6 @@
 """Model FLOPs per training step, peak FLOP/s per accelerator, MFU.
 
-Counting rule (per token, matmuls only; `Stage`s come from `mm.train.models`):
+Counting rule (per token, matmuls only; `Stage`s come from `mm.models.protocol`, listed by each model kind):
 - every matmul weight costs `2 * size` forward;
 - its weight gradient (`2 * size`) only if the weight is trainable;
 - its input gradient (`2 * size`) only if some trainable parameter sits *before* it in the forward order
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from mm.train import param_groups as pg
-from mm.train.models import Stage
+from mm.models.protocol import Stage
 from mm.train.param_groups import Assignment
 
 # Dense bf16 peak FLOP/s per chip / GPU (vendor figures).

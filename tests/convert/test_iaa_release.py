@@ -230,7 +230,7 @@ def test_positions_are_required_when_not_iaa14(release, tmp_path):
 
 @pytest.mark.parametrize("source", ["checkpoint", "local_dir"])
 def test_full_vlm_from_release_with_pixels(release, tmp_path, source):
-    from mm.models import vlm
+    from mm.models import kinds
 
     d, ref = release
     tower = _tower()
@@ -248,7 +248,7 @@ def test_full_vlm_from_release_with_pixels(release, tmp_path, source):
     with torch.no_grad():
         feats = tower(torch.tensor(pix[0]), output_hidden_states=True).hidden_states[-2][:, 1:].reshape(1, 8, VIS)
         want = ref(torch.tensor(ids), "mm", feats, torch.tensor(mask)).numpy()
-    got, _ = vlm.forward(params, config, ids, pixel_values=pix, image_mask=mask, workflow="mm")
+    got, _ = kinds.of(config).apply(params, ids, pixel_values=pix, image_mask=mask, workflow="mm")
     assert float(np.abs(np.asarray(got) - want).max()) <= 1e-4
 
 

@@ -9,7 +9,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from mm.convert import llava_hf
 from mm.convert.registry import load
 from mm.checkpoints.errors import ConversionError
-from mm.models import vlm
+from mm.models import kinds
+from mm.config import VLMConfig
 from tests.helpers.tower_naming import both_namings
 
 IMG = 100  # image token id inside the vocabulary, as HF Llava wants
@@ -60,7 +61,7 @@ def test_import_matches_transformers_logits(hf):
     ids, pix, mm_pix = _inputs()
     with torch.no_grad():
         want = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix)).logits.numpy()
-    got, _ = vlm.forward(params, config, ids, pixel_values=mm_pix)
+    got, _ = kinds.of(config).apply(params, ids, pixel_values=mm_pix)
     err = float(np.abs(np.asarray(got) - want).max())
     assert err <= 1e-4, err
 
@@ -86,12 +87,12 @@ def test_generation_with_images_matches_uncached_argmax(hf):
 
     ids, _, mm_pix = _inputs()
     prompt = ids[:1, :60].tolist()
-    out, _ = Generator(vlm.decode_fns(config)).__call__(params, prompt, max_new_tokens=4,
+    out, _ = Generator(kinds.of(config).decode_fns("mm")).__call__(params, prompt, max_new_tokens=4,
                                                       extra={"pixel_values": mm_pix[:1]})
     import jax
 
     # Uncached reference at one fixed length (causal: trailing zeros do not affect earlier positions).
-    fwd = jax.jit(lambda p, x, m: vlm.forward(p, config, x, pixel_values=mm_pix[:1], image_mask=m)[0])
+    fwd = jax.jit(lambda p, x, m: kinds.of(config).apply(p, x, pixel_values=mm_pix[:1], image_mask=m)[0])
     seq = list(prompt[0])
     for _ in range(4):
         x = np.zeros((1, 64), np.int64)
@@ -108,7 +109,7 @@ def test_iaa_configs_have_no_llava_layout():
     llm = LLMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                     head_dim=8)
     proj = ProjectorConfig(in_dim=8, out_dim=16)
-    cfg = vlm.VLMConfig(vision=VisionConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+    cfg = VLMConfig(vision=VisionConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
                                             image_size=28, patch_size=14),
                         lm=iaa.IAAConfig(llm=llm, branches=(iaa.BranchConfig("mm", (0,), proj),)))
     with pytest.raises(ConversionError, match="IAA"):
@@ -129,7 +130,7 @@ def test_tower_with_or_without_the_vision_model_module_imports_the_same(hf, tmp_
     ids, pix, mm_pix = _inputs()
     with torch.no_grad():
         want = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix)).logits.numpy()
-    got, _ = vlm.forward(b, cb, ids, pixel_values=mm_pix)
+    got, _ = kinds.of(cb).apply(b, ids, pixel_values=mm_pix)
     assert float(np.abs(np.asarray(got) - want).max()) <= 1e-4
 
 

@@ -17,7 +17,7 @@ def tiny_iaa_vlm(path: Path, scale: float = 1.0) -> tuple[Path, Any, Any]:
 
     from mm.config import LLMConfig, VisionConfig
     from mm.convert import registry
-    from mm.models import iaa, llm, vision, vlm
+    from mm.models import iaa, kinds, llm, vision, vlm
     from mm.config import ProjectorConfig
 
     vc = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28, patch_size=14)
@@ -27,8 +27,8 @@ def tiny_iaa_vlm(path: Path, scale: float = 1.0) -> tuple[Path, Any, Any]:
     cfg = vlm.VLMConfig(vision=vc, lm=iaa.IAAConfig(llm=lc, branches=(iaa.BranchConfig("mm", (0, 2), proj),
                                                                      iaa.BranchConfig("g", (1,), proj))),
                         image_token_id=PH)
-    params = vlm.init_params(cfg, vision.init_params(vc, jax.random.PRNGKey(0)),
-                             llm.init_params(lc, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
+    params = kinds.of(cfg).init_params(jax.random.PRNGKey(2), llm.init_params(lc, jax.random.PRNGKey(1)),
+                                       vision.init_params(vc, jax.random.PRNGKey(0)))
     if scale != 1.0:
         params = jax.tree.map(lambda x: np.asarray(x) * scale if x.ndim > 1 else np.asarray(x), params)
     return registry.save("vlm", cfg, params, path), cfg, params

@@ -6,7 +6,7 @@ import torch
 
 import mm
 from mm.config import vlm_config_from_json, vlm_config_to_json
-from mm.models import vlm
+from mm.models import kinds
 from tests.helpers.vlm_dirs import PH, tiny_iaa_vlm
 
 
@@ -28,7 +28,7 @@ def test_mm_vlm_dir_round_trip_and_workflows(iaa_dir):
     assert out.shape == (2, 7 - 2 + 2 * 4, 64)  # each placeholder became 4 image positions
     # Row 1 alone, expanded by hand, through the plain functions.
     ids = np.array([[1, 12, 13] + [PH] * 4 + [14] + [PH] * 4 + [15]])
-    ref, _ = vlm.forward(params, cfg, ids, pixel_values=pix[1][None], workflow="mm")
+    ref, _ = kinds.of(cfg).apply(params, ids, pixel_values=pix[1][None], workflow="mm")
     np.testing.assert_allclose(out[1], np.asarray(ref[0]), atol=1e-5)
     text = handle.logits([[1, 7, 9, 10]], workflow="text")
     plain = mm.api.LLMHandle(config=cfg.lm.llm, params=params["base"]).logits([[1, 7, 9, 10]])

@@ -15,7 +15,7 @@ from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
 from mm.train.config import llm_config_from
 from mm.train.synthetic_source import SyntheticSource
-from mm.train.models import cross_entropy
+from mm.losses import cross_entropy
 
 
 def _cfg(spec, **over):
