@@ -132,3 +132,17 @@ def test_dry_run_prints_and_cluster_file(tmp_path, capsys):
     cluster.write_text('{"imgae": "x"}')
     assert submit.main(["xpk", f"--cluster_file={cluster}", "--name=a", "--workdir=/w", "--", *TINY]) == 2
     assert "unknown keys ['imgae']" in capsys.readouterr().err
+
+
+def test_the_documented_xpk_example_is_a_valid_job(capsys):
+    """The 8B stage-2 example of mm-launch's docstring (README and docs/training.md show the same one) passes the
+    config checks (a stage-2 llava_json run names its data, tokenizer and the stage-1 workdir) and renders."""
+    text = submit.__doc__
+    lines = text[text.index("mm-launch xpk --name=iaa-s2"):].split("\n")
+    lines = lines[:next(i for i, line in enumerate(lines) if not line.rstrip().endswith("\\")) + 1]
+    argv = shlex.split(" ".join(line.rstrip().rstrip("\\") for line in lines))
+    assert argv[:2] == ["mm-launch", "xpk"] and "--dry-run" not in argv
+    dash = argv.index("--")
+    assert submit.main([*argv[1:dash], "--dry-run", *argv[dash:]]) == 0, capsys.readouterr()
+    f = _flags(shlex.split(capsys.readouterr().out))
+    assert f["--tpu-type"] == "v5p-64" and "--config.data.path=gs://b/captions.json" in f["--command"]

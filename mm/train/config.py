@@ -63,7 +63,8 @@ def vision_config_from(cfg: Any) -> Any:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All keys with defaults. `None`-valued keys are typed by `_NULLABLE` below."""
+    """All keys with defaults; `check_schema` holds each value to its default's type (a `None` default takes any
+    value; `model.llm`, `model.vision` and `rules` also take keys not listed here)."""
     c = ml_collections.ConfigDict()
     c.name = "run"
     c.model = ml_collections.ConfigDict(dict(
@@ -104,7 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
         steps=100, batch_size=8, seq_len=64, log_every=10, eval_every=0, eval_batches=2,
         eval_samples=2, eval_max_new_tokens=16,  # greedy samples per workflow at each eval (data.kind llava_json)
         max_consecutive_nonfinite=5,
-        loss_chunk=0,  # > 0: chunked cross-entropy (mm.losses) with this many tokens per chunk (model.kind llm)
+        # > 0: the training and eval loss of every model kind and workflow applies the LM head and cross-entropy
+        # this many tokens at a time (mm.losses.chunked_cross_entropy: no [tokens, vocab] logits); DPO's completion
+        # log-probs (and the precomputed reference's) are always chunked, this many tokens a chunk, 512 when 0
+        loss_chunk=0,
     ))
     c.data = ml_collections.ConfigDict(dict(
         kind="synthetic_text", seed=1234, eval_seed=4321, num_image_tokens=4, nan_at_steps=(),
