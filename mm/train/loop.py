@@ -29,7 +29,7 @@ from mm.train import config as tcfg
 from mm.train import flops as flops_lib
 from mm.train import models, param_groups as pg
 from mm.profiling.capture import Capture, compiled_step_report
-from mm.train.checkpoint import Checkpointer, find_trained_params  # noqa: F401 (re-exported)
+from mm.train.checkpoint import Checkpointer
 from mm.train.synthetic_source import SyntheticSource
 from mm.train.grain_source import make_source
 from mm.train import initial_params as init_lib
