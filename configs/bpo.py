@@ -22,8 +22,8 @@ def get_config(arg: str = ""):
     c.start_workdir = ""  # a finished configs/demo.py workdir to start from ("" trains base and IAA here)
     # BPO's scenes: 1-2 questions each (a pair's prompt holds the earlier turns: longer ones would not fit mm.seq_len)
     c.negatives = dict(train_images=300, heldout_images=40, rounds=(1, 2), methods=("noise", "inject"), t=900,
-                       seed=0, temperature=0.8, top_p=0.95, inject_temperature=0.8, inject_top_p=0.95, max_new_tokens=24,
-                       batch_size=32)
+                       seed=0, temperature=0.8, top_p=0.95, inject_temperature=0.8, inject_top_p=0.95,
+                       max_new_tokens=24, batch_size=32)
     # DPO of the IAA branch on the training pairs; the reference is the start. Sigmoid alone at lr 2e-4 raised the
     # held-out margin but over-optimised (test QA 48.5% -> 15.0%, log-prob accuracy flat): the chosen answers' NLL
     # ("sft", TRL's RPO-style mix) anchors the policy to the dataset answers and a lower lr keeps it near the start

@@ -152,7 +152,8 @@ class SplitAccuracy:
         if key not in self.cache:
             h = self.load(path)
             stops = stop_tokens(h, self.tokenizer)
-            answers = ev.answer_items(h, self.items, self.pixels, ev.Prompter(self.tokenizer, h.config.tokens_per_image),
+            prompter = ev.Prompter(self.tokenizer, h.config.tokens_per_image)
+            answers = ev.answer_items(h, self.items, self.pixels, prompter,
                                       tokenizer=self.tokenizer, desc=f"{self.name} / {Path(path).name}",
                                       batch=int(self.c.eval.batch_size), max_new=int(self.c.eval.max_new_tokens),
                                       stops=stops, log=lambda _: None)

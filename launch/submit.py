@@ -6,7 +6,8 @@ a SLURM cluster.
         --cluster=C --project=P --zone=Z -- --config=configs/iaa.py:stage2,iaa14_llama3_8b \\
         --config.init.checkpoint=gs://b/iaa_s1 --config.data.path=gs://b/captions.json \\
         --config.data.image_root=gs://b/images --config.data.tokenizer=gs://b/llama3-8b
-    mm-launch jobset --name=iaa-s2 --image=IMG --workdir=gs://b/iaa_s2 --accelerator=h100-80gb --nodes=4 --dry-run -- ...
+    mm-launch jobset --name=iaa-s2 --image=IMG --workdir=gs://b/iaa_s2 --accelerator=h100-80gb --nodes=4 \\
+        --dry-run -- ...
     mm-launch slurm --name=iaa-s2 --workdir=/shared/iaa_s2 --nodes=4 --tasks_per_node=8 --gpus_per_task=1 -- ...
 
 The config and its overrides are checked first (unknown key, bad value, a mesh the devices cannot hold: exit 2),
