@@ -277,8 +277,8 @@ def _merge_adapter(handle: Any, adapter: Path) -> Any:
     scanned = handle.config.scan_layers
     if scanned:
         params = llm.unscan_params(params, c.num_layers)
-    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
-    merged = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in lora.merged({**flat, **adapters}).items()})
+    flat = traverse_util.flatten_dict(params, sep="/")
+    merged = traverse_util.unflatten_dict(lora.merged({**flat, **adapters}), sep="/")
     handle.params = llm.scan_params(merged, c.num_layers) if scanned else merged
     handle.source = f"{handle.source} + {adapter}"
     return handle

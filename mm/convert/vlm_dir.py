@@ -14,36 +14,51 @@ from pathlib import Path
 from mm.checkpoints.name_map import NameMap
 from mm.convert import hf_vision
 from mm.convert.family import Family, Opened
-from mm.config import VLMConfig, vlm_config_from_json, vlm_config_to_json, vlm_with_runtime
+from mm.config import IAAConfig, LLaVAConfig, VLMConfig, vlm_config_from_json, vlm_config_to_json, vlm_with_runtime
 
 KIND = "vlm"
 
 
-def vlm_name_map(config: VLMConfig) -> NameMap:
-    """The VLM's params with HF-style names (IAA: release names; LLaVA: HF Llava names)."""
-    if config.is_iaa:
-        from mm.convert.iaa_release import RELEASE_VISION_PREFIX, release_name_map
+def _release_name_map(config: VLMConfig) -> NameMap:
+    from mm.convert.iaa_release import RELEASE_VISION_PREFIX, release_name_map
 
-        nm = release_name_map(config.lm)
-        return NameMap(hf_vision.vision_entries(config.vision, RELEASE_VISION_PREFIX, ("vision",)) + list(nm.entries))
+    nm = release_name_map(config.lm)
+    return NameMap(hf_vision.vision_entries(config.vision, RELEASE_VISION_PREFIX, ("vision",)) + list(nm.entries))
+
+
+def _llava_name_map(config: VLMConfig) -> NameMap:
     from mm.convert.llava_hf import llava_name_map
 
     return llava_name_map(config)
 
 
-def write_hf(opened: Opened, stage: Path, dst: Path, dtype: str, max_shard_bytes: int, progress: bool) -> None:
-    """An mm "vlm" directory as HF files: a Llava directory (LLaVA-style) or the IAA release layout with its
-    tower in `dst/vision_tower/` (IAA)."""
-    config = opened.config
-    if config.is_iaa:
-        from mm.convert.iaa_release import write_release
+def _write_release(opened: Opened, stage: Path, dst: Path, dtype: str, max_shard_bytes: int, progress: bool) -> None:
+    from mm.convert.iaa_release import write_release
 
-        write_release(config.lm, opened.reader, stage, dst, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                      tokenizer_dir=opened.tokenizer_dir, vision_config=config.vision, progress=progress)
-        return
+    config = opened.config
+    write_release(config.lm, opened.reader, stage, dst, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                  tokenizer_dir=opened.tokenizer_dir, vision_config=config.vision, progress=progress)
+
+
+def _write_llava(opened: Opened, stage: Path, dst: Path, dtype: str, max_shard_bytes: int, progress: bool) -> None:
     from mm.convert.llava_hf import write_hf as write_llava
 
-    write_llava(config, opened.reader, stage, dtype, max_shard_bytes, opened.tokenizer_dir, progress)
+    write_llava(opened.config, opened.reader, stage, dtype, max_shard_bytes, opened.tokenizer_dir, progress)
+
+
+# the LLM side's config type -> the VLM's HF layout: (name map, writer). IAA: the release layout with its tower
+# in `dst/vision_tower/`; LLaVA-style: an HF Llava directory.
+_HF_LAYOUTS = {IAAConfig: (_release_name_map, _write_release), LLaVAConfig: (_llava_name_map, _write_llava)}
+
+
+def vlm_name_map(config: VLMConfig) -> NameMap:
+    """The VLM's params with HF-style names (IAA: release names; LLaVA: HF Llava names)."""
+    return _HF_LAYOUTS[type(config.lm)][0](config)
+
+
+def write_hf(opened: Opened, stage: Path, dst: Path, dtype: str, max_shard_bytes: int, progress: bool) -> None:
+    """An mm "vlm" directory as HF files (see `_HF_LAYOUTS`)."""
+    _HF_LAYOUTS[type(opened.config.lm)][1](opened, stage, dst, dtype, max_shard_bytes, progress)
 
 
 FAMILY = Family(

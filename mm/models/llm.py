@@ -408,7 +408,7 @@ def adapter_candidates(config: LLMConfig) -> dict[str, Any]:
 
     with lora.candidates():
         tree = nn.unbox(abstract_params(dataclasses.replace(config, scan_layers=False)))
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 # ------------------------------------------------------------------------------------- the kind

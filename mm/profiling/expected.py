@@ -15,6 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from flax import traverse_util
+
 # config sections / keys that do not change the compiled step
 _IGNORED = ("init.", "checkpoint.", "metrics.", "profile.", "distributed.", "data.path", "data.eval",
             "data.tokenizer", "data.image_root", "data.seed", "data.workers", "data.read_threads",
@@ -22,17 +24,8 @@ _IGNORED = ("init.", "checkpoint.", "metrics.", "profile.", "distributed.", "dat
             "train.max_consecutive_nonfinite", "name")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = traverse_util.flatten_dict(a, sep="."), traverse_util.flatten_dict(b, sep=".")
     keys = sorted(k for k in set(fa) | set(fb) if not k.startswith(_IGNORED) and fa.get(k) != fb.get(k))
     return [f"{k}: run {fa.get(k)!r}, report {fb.get(k)!r}" for k in keys]
 

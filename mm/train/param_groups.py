@@ -23,6 +23,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 import jax
+from flax import traverse_util
 
 from mm.config import ConfigError
 from mm.models import lora
@@ -38,7 +39,8 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def flatten(tree: Any) -> dict[str, Any]:
-    """'/'-joined path -> leaf (nested dicts only)."""
+    """'/'-joined path -> leaf of any pytree (optimizer states too, which `flax.traverse_util` cannot walk; for
+    nested dicts the two agree)."""
     return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -52,14 +54,8 @@ def scanned_name(per_layer: str) -> str:
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        *head, last = path.split("/")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = v
-    return out
+    """The inverse of `flatten`."""
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 LORA = "lora"
