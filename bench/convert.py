@@ -10,7 +10,8 @@ HF checkpoint with the exact tensor shapes of the preset (8b = Llama-3-8B: 32 la
 streaming random bytes into 5 GB shards. `--family iaa` writes the preset's LLM as an IAA release instead
 (DESIGN.md section 2 names): the base, branches "mm" and "g" with 14 insertion layers each at IAA-14's
 positions, their MLP projectors (1024 -> d), and a CLIP ViT-L/14-336 tower inside the checkpoint; hf-to-mm
-then writes an mm "vlm" directory and mm-to-hf the release layout with its tower in `vision_tower/`. Then, each step in its own subprocess so its peak RSS is its own
+then writes an mm "vlm" directory and mm-to-hf the release layout with its tower in `vision_tower/`. Then, each step in
+its own subprocess so its peak RSS is its own
 (`os.wait4` rusage of that child):
   read      read every byte of the safetensors files sequentially (the baseline),
   hf-to-mm  `mm-convert hf-to-mm --dtype keep`,
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\npreset {args.preset} ({args.family}): {nbytes / GIB:.2f} GiB of bf16 safetensors in {len(files)} file(s); "
+    print(f"\npreset {args.preset} ({args.family}): {nbytes / GIB:.2f} GiB of bf16 safetensors in {len(files)} "
+          f"file(s); "
           f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} CPUs); largest tensor "
           f"{largest / GIB:.2f} GiB")
     print(f"{'step':<10} {'seconds':>8} {'GiB/s':>7} {'CPU s':>7} {'peak RSS GiB':>13} {'throughput vs read':>19}")

@@ -132,7 +132,8 @@ def run_ours(rows, root, tok, workers, batch, tiling, pixel_dtype="float32"):
 
     kw = dict(tile=336, tokens_per_tile=576, max_tiles_per_row=6) if tiling == "square" else \
         dict(tile=336, tokens_per_tile=144, max_tiles_per_row=18)
-    cfg = DataConfig(max_len=2048 if tiling == "square" else 4096, batch_size=batch, tiling=tiling, shuffle=False, worker_count=workers,
+    cfg = DataConfig(max_len=2048 if tiling == "square" else 4096, batch_size=batch, tiling=tiling, shuffle=False,
+                     worker_count=workers,
                      read_threads=1, pixel_dtype=pixel_dtype, **kw)
     p = DataPipeline(rows, cfg, ExampleMaker(cfg, tok, root), shard_index=0, shard_count=1)
     for _ in range(max(workers, 1)):  # one batch from every worker (Grain takes them in turn): all have started

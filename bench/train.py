@@ -99,7 +99,8 @@ def main() -> None:
     import torch
 
     print(f"CPU threads: torch {torch.get_num_threads()}, os {os.cpu_count()}")
-    print(f"{'size':<6} {'params':>12} {'mm tok/s':>10} {'torch eager':>12} {'ratio':>7} {'torch.compile':>14} {'ratio':>7}")
+    print(f"{'size':<6} {'params':>12} {'mm tok/s':>10} {'torch eager':>12} {'ratio':>7} {'torch.compile':>14} "
+          f"{'ratio':>7}")
     for size in a.sizes.split(","):
         mm, n = mm_tokens_per_s(size, a.steps)
         eager = torch_tokens_per_s(size, a.steps, False)
@@ -111,7 +112,8 @@ def main() -> None:
                 print(f"  torch.compile failed on this machine: {type(e).__name__}: {str(e)[:120]}")
         comp_s = "n/a" if comp is None else f"{comp:14,.0f}"
         ratio_c = "n/a" if comp is None else f"{mm / comp:6.2f}x"
-        print(f"{size:<6} {n:>12,} {mm:>10,.0f} {eager:>12,.0f} {mm / eager:6.2f}x {comp_s:>14} {ratio_c:>7}", flush=True)
+        print(f"{size:<6} {n:>12,} {mm:>10,.0f} {eager:>12,.0f} {mm / eager:6.2f}x {comp_s:>14} {ratio_c:>7}",
+              flush=True)
 
 
 if __name__ == "__main__":

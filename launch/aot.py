@@ -100,7 +100,8 @@ def _run(argv: list[str]) -> int:
             f.write(payload)
         sys.stdout.write(f"{_PROG}: wrote the executable to {_SAVE.value} ({len(payload):,} bytes)\n")
     if r["fits"] is False:
-        sys.stderr.write(f"{_PROG}: the step needs {r['memory']['total'] / compiled_lib.GIB:.2f} GiB a device, more than "
+        sys.stderr.write(f"{_PROG}: the step needs {r['memory']['total'] / compiled_lib.GIB:.2f} GiB a device, "
+                         "more than "
                          f"{hbm / compiled_lib.GIB:.2f} GiB of HBM\n{_HINT}\n")
         return 3
     return 0

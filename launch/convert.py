@@ -9,7 +9,8 @@ matching HF form back (an mm "vlm" IAA checkpoint becomes the release layout wit
   mm-convert export-run --src TRAIN_WORKDIR --dst MM_DIR [--step N] [--overwrite]   # an mm-train run's model
       [--merge-lora | --lora-format peft]                                            # LoRA runs: merged, or adapters
 
-LLMs and towers stream tensor by tensor (peak memory about one decoder layer; VLMs load in memory), checks every name and shape before
+LLMs and towers stream tensor by tensor (peak memory about one decoder layer; VLMs load in memory), checks every name
+and shape before
 writing anything, and never leaves a partial `--dst`. Bad input exits with status 2 and a message naming
 the file / tensor at fault.
 """

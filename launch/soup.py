@@ -8,7 +8,8 @@
 
 `--score` is a built-in evaluator on the named LLaVA JSON split (`mm.heldout`: minus the mean answer-token NLL,
 or the exact-match accuracy of greedy answers; a split named like a test split is refused); `--scorer` names
-your own function `score(checkpoint_dir) -> float` (higher is better) on a held-out split, never the test split. Greedy's comparison is explicit: `ge` keeps an ingredient when the soup's score
+your own function `score(checkpoint_dir) -> float` (higher is better) on a held-out split, never the test split.
+Greedy's comparison is explicit: `ge` keeps an ingredient when the soup's score
 does not drop (POINTS), `gt` only when it rises (the model-soups paper). Tensors stream one at a time,
 accumulated in float32; `OUT` gets the soup plus `soup_report.json` / `soup_report.png`, and nothing partial on
 failure. Bad input exits with status 2 and one line naming the flag, file or tensor at fault.
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="mm-soup", description=__doc__.split("\n\n")[0])
     p.add_argument("method", choices=METHODS, help="which soup")
-    p.add_argument("inputs", nargs="+", help="ingredient directories: mm checkpoints and mm-train workdirs (exported first), or HF checkpoints")
+    p.add_argument("inputs", nargs="+", help="ingredient directories: mm checkpoints and mm-train workdirs (exported "
+                   "first), or HF checkpoints")
     p.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--scorer", default=None, help="module:function scoring a checkpoint dir (higher is better)")
     p.add_argument("--score", choices=SCORES, default=None, help="a built-in scorer on --split (mm.heldout)")

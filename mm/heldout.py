@@ -7,7 +7,8 @@
                compared after `mm.answers.normalise` (case, spacing, a trailing full stop).
 
 The split is named explicitly and must not be a test split: a file whose name has the word `test` (`test.json`,
-`shapes_test.jsonl`) or that lies in a directory named `test` is refused. A scorer takes a checkpoint directory: an mm VLM dir (IAA:
+`shapes_test.jsonl`) or that lies in a directory named `test` is refused. A scorer takes a checkpoint directory: an mm
+VLM dir (IAA:
 the `workflow` branch, "mm" by default; "text" is its frozen LLM) or an mm / HF LLM dir (text rows only).
 Exact match tiles each row's image as LLaVA does (pad to a square, one tile of the tower's size; the tower's
 HF preprocessor config when the checkpoint has one); rows with more than one image are skipped and counted.

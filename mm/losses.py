@@ -4,7 +4,8 @@
 tokens in chunks: the forward keeps only each token's log-sum-exp, the backward (a `jax.custom_vjp`)
 recomputes logits one `[chunk, <=8192]` tile at a time (vocab slices outside, token chunks inside) to
 accumulate dH and finish dW slice by slice. Peak extra memory is one chunk's `[chunk, V]` float32 logits
-(forward), a float32 dH and the dW being written, instead of all `[N, V]` logits and their gradient. `plain_cross_entropy`
+(forward), a float32 dH and the dW being written, instead of all `[N, V]` logits and their gradient.
+`plain_cross_entropy`
 is the straightforward version: the reference in tests and the baseline in `bench/attention.py`. Both, and
 `cross_entropy` over logits a model already made, score tokens by the one `token_nll`.
 

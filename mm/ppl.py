@@ -216,7 +216,8 @@ def example_sums(batch_rows: Sequence[Sequence[dict[str, Any]]], nll: np.ndarray
             n = int(round(mask[here].sum()))
             total = float(nll[r][here].sum())
             if n != int(ex["supervised"][1:].sum()):
-                raise AssertionError(f"row {ex['rid']}: {n} scored tokens, {int(ex['supervised'][1:].sum())} supervised")
+                raise AssertionError(f"row {ex['rid']}: {n} scored tokens, {int(ex['supervised'][1:].sum())} "
+                                     "supervised")
             out.append({"index": ex["index"], "id": ex["rid"], "nll_sum": total, "n_tokens": n,
                         "ppl": float(math.exp(total / n)) if n else float("nan")})
     return out

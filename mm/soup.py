@@ -25,7 +25,8 @@ Streaming: tensor by tensor, each ingredient's copy is read in turn and added to
 whatever the stored dtype; the mean is `sum / N` in float32, rounded once to the output dtype (for bf16 inputs
 the float32 sum is exact, so this is the float64 mean rounded once to bf16). Host memory holds about the
 float32 accumulator and one ingredient's copy of one tensor (the first copy is kept only until a second one
-differs from it), the rounded result, plus the output unit being written (an Orbax save unit such as one decoder layer for mm dirs; one tensor for HF dirs) - never a
+differs from it), the rounded result, plus the output unit being written (an Orbax save unit such as one decoder layer
+for mm dirs; one tensor for HF dirs) - never a
 whole model. A tensor that is bit-identical in every ingredient (a frozen part) is copied, not averaged. For
 IAA checkpoints (kind "vlm" with branches) the frozen base LLM (`base/...`) must be identical in every
 ingredient - they must be branches of one base - and is copied from the first; the branches and the rest are
@@ -480,8 +481,8 @@ def soup(inputs: Sequence[str | Path], dst: str | Path, *, method: str, scorer: 
                 for f in final.iterdir():
                     f.rename(stage / f.name)
         else:
-            sel = select(method, len(inputs), None if scorer is None else lambda i: _checked_score(scorer, ing.paths[i]),
-                         None, top_p=top_p)
+            score = None if scorer is None else lambda i: _checked_score(scorer, ing.paths[i])
+            sel = select(method, len(inputs), score, None, top_p=top_p)
             write_soup(ing, sel.members, stage, dtype=dtype, source=info, max_shard_bytes=max_shard_bytes)
             if scorer is not None:
                 sel.score = (sel.ingredient_scores[sel.members[0]] if len(sel.members) == 1

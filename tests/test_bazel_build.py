@@ -60,7 +60,8 @@ def test_check_reports_test_module_without_target_and_stale_build_text(tmp_path)
                             "tools/bazel_fast_tests.txt": "tests/test_a.py  # 1 s\n"})
     bazel_deps.write(repo)
     (tmp_path / "tests/test_b.py").write_text("def test_b():\n    assert True\n")
-    assert bazel_deps.check(bazel_deps.Repo(tmp_path)) == ["tests/test_b.py: belongs to no pytest_test target in tests/BUILD"]
+    want = ["tests/test_b.py: belongs to no pytest_test target in tests/BUILD"]
+    assert bazel_deps.check(bazel_deps.Repo(tmp_path)) == want
     (tmp_path / "tests/test_b.py").unlink()
     (tmp_path / "tests/BUILD").write_text((tmp_path / "tests/BUILD").read_text().replace('    tags = ["fast"],\n', ""))
     assert bazel_deps.check(bazel_deps.Repo(tmp_path)) == [

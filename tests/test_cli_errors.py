@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP_KEYS = "checkpoint, data, distributed, dpo, init, mesh, metrics, model, name, optim, param_groups, profile, rules, train"
+TOP_KEYS = ("checkpoint, data, distributed, dpo, init, mesh, metrics, model, name, optim, param_groups, profile, "
+            "rules, train")
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:

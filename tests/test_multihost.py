@@ -18,8 +18,8 @@ def test_two_process_sharded_forward_matches_local(tmp_path):
     port = portpicker.pick_unused_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), str(hf)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), str(hf)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

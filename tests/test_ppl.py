@@ -165,7 +165,8 @@ def test_interrupted_run_resumes_without_rescoring(iaa, tmp_path, capsys):
     assert [m["index"] for m in merged] == list(range(24))  # once each, in row order
     recs = [json.loads(x) for f in sorted(out.glob("scores-p0-*.jsonl")) for x in f.read_text().splitlines()]
     assert sorted(r["index"] for r in recs) == list(range(24))  # no row written twice
-    first_chunk = {json.loads(x)["index"]: json.loads(x) for x in (out / "scores-p0-00000.jsonl").read_text().splitlines()}
+    lines = (out / "scores-p0-00000.jsonl").read_text().splitlines()
+    first_chunk = {json.loads(x)["index"]: json.loads(x) for x in lines}
     assert all(first_chunk[i] == part.rows[k] for k, i in enumerate(sorted(first_chunk)))  # kept, not rescored
     for a, b in zip(full.rows, merged):
         assert a["index"] == b["index"] and abs(a["nll_sum"] - b["nll_sum"]) <= 1e-5 * max(1, abs(a["nll_sum"]))
@@ -259,7 +260,8 @@ def test_two_processes_score_like_one(iaa, tmp_path):
             "--num-processes", "2"]
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
     procs = [subprocess.Popen([sys.executable, "-m", "launch.ppl", *args, "--process-id", str(i)], cwd=REPO,
-                              env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

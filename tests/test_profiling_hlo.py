@@ -30,6 +30,7 @@ def test_collective_ops_rows():
 
 def test_totals_by_kind():
     assert hlo.collectives(HLO) == {"all-gather": {"count": 3, "bytes": 8 * 4096 * 2 + 8 * 64 * 2 + 64 * 128 * 4},
-                                    "all-reduce": {"count": 1, "bytes": 128}, "reduce-scatter": {"count": 1, "bytes": 64},
+                                    "all-reduce": {"count": 1, "bytes": 128},
+                                    "reduce-scatter": {"count": 1, "bytes": 64},
                                     "collective-permute": {"count": 1, "bytes": 16}}
     assert "all-gather               3 ops" in hlo.format_ops(hlo.collective_ops(HLO))

@@ -175,7 +175,8 @@ def test_bf16_hf_soup_is_the_float64_mean_rounded_once(bf16_llamas, tmp_path):
         assert t.dtype == torch.bfloat16, k
         ref = torch.stack([x[k].double() for x in ins]).mean(0).to(torch.bfloat16)
         assert torch.equal(t.view(torch.int16), ref.view(torch.int16)), k
-    assert json.loads((tmp_path / "soup" / "config.json").read_text()) == json.loads((hf[0] / "config.json").read_text())
+    want = json.loads((hf[0] / "config.json").read_text())
+    assert json.loads((tmp_path / "soup" / "config.json").read_text()) == want
 
 
 def test_dtype_option_and_mixed_float_dtypes(bf16_llamas, tmp_path):
@@ -332,7 +333,8 @@ def test_greedy_end_to_end_writes_the_chosen_soup_and_the_report(bf16_llamas, tm
     assert [s["accepted"] for s in report["soups"]] == [True, False] and sorted(sel.members) == [0, 1]
     ins, out = [_mm_tensors(d) for d in mm], _mm_tensors(tmp_path / "soup")
     for p, a in out.items():
-        np.testing.assert_array_equal(a.view(np.uint16), _f64_mean_to_bf16([ins[i][p] for i in sel.members]).view(np.uint16))
+        want = _f64_mean_to_bf16([ins[i][p] for i in sel.members])
+        np.testing.assert_array_equal(a.view(np.uint16), want.view(np.uint16))
     assert score(str(tmp_path / "soup")) == best
     assert (tmp_path / "soup" / soup_lib.REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(f.name for f in tmp_path.iterdir()) == ["soup"]  # no scratch left beside it

@@ -558,8 +558,10 @@ def _read_build(root: Path, build: str) -> list[_Declared]:
             deps = ast.literal_eval(kw["deps"]) if "deps" in kw else []
         except (KeyError, ValueError) as e:
             raise BuildError(f"{build}:{node.lineno}: {node.func.id} attributes must be literals") from e
-        full = lambda lab: f"//{pkg}{lab}" if lab.startswith(":") else (lab if ":" in lab else
-                                                                           f"{lab}:{PurePosixPath(lab).name}")
+        def full(lab: str, pkg: str = pkg) -> str:
+            if lab.startswith(":"):
+                return f"//{pkg}{lab}"
+            return lab if ":" in lab else f"{lab}:{PurePosixPath(lab).name}"
         files = tuple(str(PurePosixPath(pkg) / s) if pkg else s for s in srcs if not s.startswith(("//", ":")))
         out.append(_Declared(f"//{pkg}:{name}", node.func.id, files, tuple(full(d) for d in deps)))
     return out

@@ -21,8 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from mm_kernels.common import (
-    MASK_VALUE, NN, NT, TN, dot_f32, BlockSizes, MaskArrays, MaskSpec, as_block_sizes, block_mask, next_pow2, normalize_inputs,
-    pad_axis, padded_length)
+    MASK_VALUE, NN, NT, TN, dot_f32, BlockSizes, MaskArrays, MaskSpec, as_block_sizes, block_mask, next_pow2,
+    normalize_inputs, pad_axis, padded_length)
 
 Array = jax.Array
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_k=64)

@@ -22,8 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mm_kernels.common import (
-    MASK_VALUE, NN, NT, TN, dot_f32, BlockSizes, MaskArrays, MaskSpec, as_block_sizes, block_mask, normalize_inputs, pad_axis,
-    padded_length, round_up)
+    MASK_VALUE, NN, NT, TN, dot_f32, BlockSizes, MaskArrays, MaskSpec, as_block_sizes, block_mask, normalize_inputs,
+    pad_axis, padded_length, round_up)
 
 Array = jax.Array
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_k=128)
@@ -151,7 +151,8 @@ def _forward(cfg: _Config, q: Array, k: Array, v: Array, masks: MaskArrays) -> t
     kj = functools.partial(_last_k_block, cfg)
 
     q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, h, i, j, off: (bi, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, off: (bi, jax.lax.div(h, g), kj(off[bi], i, bq, bk, j), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d),
+                           lambda bi, h, i, j, off: (bi, jax.lax.div(h, g), kj(off[bi], i, bq, bk, j), 0))
     lse_spec = pl.BlockSpec((None, None, bq, 1), lambda bi, h, i, j, off: (bi, h, i, 0))
     mq = pl.BlockSpec((None, bq, 1), lambda bi, h, i, j, off: (bi, i, 0))
     mk = pl.BlockSpec((None, 1, bk), lambda bi, h, i, j, off: (bi, 0, kj(off[bi], i, bq, bk, j)))
@@ -257,7 +258,8 @@ def _backward(cfg: _Config, q, k, v, masks: MaskArrays, o, lse, do) -> tuple[Arr
     kj = functools.partial(_last_k_block, cfg)
     q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, h, i, j, off: (bi, h, i, 0))
     st_spec = pl.BlockSpec((None, None, bq, 1), lambda bi, h, i, j, off: (bi, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, off: (bi, jax.lax.div(h, g), kj(off[bi], i, bq, bk, j), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d),
+                           lambda bi, h, i, j, off: (bi, jax.lax.div(h, g), kj(off[bi], i, bq, bk, j), 0))
     mq = pl.BlockSpec((None, bq, 1), lambda bi, h, i, j, off: (bi, i, 0))
     mk = pl.BlockSpec((None, 1, bk), lambda bi, h, i, j, off: (bi, 0, kj(off[bi], i, bq, bk, j)))
     dq = pl.pallas_call(

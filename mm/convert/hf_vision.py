@@ -200,7 +200,8 @@ def hf_state_to_params(config: VisionConfig, tensors: Mapping[str, np.ndarray], 
                    progress=False)
 
 
-def params_to_hf_state(config: VisionConfig, params: Mapping, hf_prefix: str = HF_EXPORT_PREFIX) -> dict[str, np.ndarray]:
+def params_to_hf_state(config: VisionConfig, params: Mapping, hf_prefix: str = HF_EXPORT_PREFIX
+                       ) -> dict[str, np.ndarray]:
     """mm params -> an HF state dict (numpy), under `hf_prefix`."""
     return convert(TreeReader(params, "mm params"), vision_name_map(config, hf_prefix), TreeWriter(side="hf"),
                    progress=False)

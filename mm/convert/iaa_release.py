@@ -3,9 +3,12 @@
 Release layout: an HF Llama `config.json` with `"model_type": "IAA"` plus LLaVA-style `mm_*` fields, and
 safetensors (sharded with an index) holding the base under HF Llama names and each branch under its own:
 
-    branch  embedding                               layers                           norm                             head                         projector
-    mm      model.embed_tokens_condition            model.condition_layers.{k}       model.norm_condition             lm_head_condtion (sic)       model.mm_projector.{0,2}
-    g       model.embed_tokens_condition_grounding  model.condition_layers_grounding model.norm_condition_grounding   lm_head_condtion_grounding   model.mm_projector_G.{0,2}
+    part       branch mm                       branch g
+    embedding  model.embed_tokens_condition    model.embed_tokens_condition_grounding
+    layers     model.condition_layers.{k}      model.condition_layers_grounding
+    norm       model.norm_condition            model.norm_condition_grounding
+    head       lm_head_condtion (sic)          lm_head_condtion_grounding
+    projector  model.mm_projector.{0,2}        model.mm_projector_G.{0,2}
 
 Insertion positions are not stored by the release (its code hard-codes IAA-14); import takes them as an
 option and defaults to IAA-14 when 14 condition layers are present. The release's vision tower may be
@@ -181,7 +184,8 @@ def _infer_clip_config(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> Vi
     hidden, _, patch, _ = shapes[prefix + "embeddings.patch_embedding.weight"]
     n_pos = shapes[prefix + "embeddings.position_embedding.weight"][0]
     grid = int(round((n_pos - 1) ** 0.5))
-    layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", n)))
+    layer_re = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    layers = 1 + max(int(m.group(1)) for n in shapes if (m := layer_re.match(n)))
     inter = shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0]
     return VisionConfig(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=inter,
                         num_layers=layers, num_heads=max(1, hidden // 64), image_size=grid * patch, patch_size=patch,
@@ -277,7 +281,8 @@ def export_release(config: IAAConfig, params: Mapping[str, Any], dst: str | Path
     hub id) is recorded as given."""
     tree = dict(params) if vision is None else {**params, "vision": vision[1]}
     with staged_output(dst, overwrite) as stage:
-        write_release(config, TreeReader(tree), stage, Path(dst), dtype=dtype or "keep", max_shard_bytes=max_shard_bytes,
+        write_release(config, TreeReader(tree), stage, Path(dst), dtype=dtype or "keep",
+                      max_shard_bytes=max_shard_bytes,
                       tokenizer_dir=None if tokenizer_dir is None else Path(tokenizer_dir), vision_tower=vision_tower,
                       vision_config=None if vision is None else vision[0])
     return Path(dst)

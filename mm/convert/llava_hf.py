@@ -52,7 +52,8 @@ def llava_name_map(config: VLMConfig, vision_prefix: str = VISION_PREFIX) -> Nam
         entries.append(Entry(base + "weight", (lm.projector.out_dim, in_dim), path + ("kernel",), TRANSPOSE))
         entries.append(Entry(base + "bias", (lm.projector.out_dim,), path + ("bias",), IDENTITY))
     entries += llm_entries(lm.llm, hf_prefix=LLM_PREFIX, mm_prefix=("llm",))
-    return NameMap(entries, llm_ignorable(lm.llm, LLM_PREFIX) + [re.escape(vision_prefix) + r"embeddings\.position_ids"])
+    position_ids = re.escape(vision_prefix) + r"embeddings\.position_ids"
+    return NameMap(entries, llm_ignorable(lm.llm, LLM_PREFIX) + [position_ids])
 
 
 def read_llava_config(src: str | Path, **runtime: Any) -> VLMConfig:

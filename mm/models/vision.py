@@ -8,7 +8,8 @@ names mirror the HF module tree so the converter is a plain rename plus reshapes
 `encoder/layers_{i}/self_attn/{q_proj,k_proj,v_proj}/{kernel [D, H, hd], bias [H, hd]}`,
 `encoder/layers_{i}/self_attn/out_proj/{kernel [H, hd, D], bias [D]}`,
 `encoder/layers_{i}/mlp/{fc1,fc2}/{kernel,bias}`, `post_layernorm/{scale,bias}`, and for SigLIP with
-`use_head` the attention-pooling head `head/{probe, attention/{in_proj,out_proj}, layernorm, mlp}`. Each encoder layer is
+`use_head` the attention-pooling head `head/{probe, attention/{in_proj,out_proj}, layernorm, mlp}`. Each encoder layer
+is
 its own subtree `encoder/layers_{i}/`, so training only the last k layers is a regex over paths.
 
 Pixel values are channels-first `[B, C, H, W]`, exactly what HF image processors return, so one array feeds
@@ -446,7 +447,8 @@ def hidden_states(params: Any, config: VisionConfig, pixel_values: Any,
                   interpolate_pos_encoding: bool | None = None) -> list[np.ndarray]:
     """HF's `output_hidden_states=True` list as numpy: embeddings output, then each layer. For the model
     handle. `interpolate_pos_encoding=None` interpolates exactly when the image size differs from the config."""
-    interp = _needs_interpolation(config, pixel_values) if interpolate_pos_encoding is None else interpolate_pos_encoding
+    interp = interpolate_pos_encoding
+    interp = _needs_interpolation(config, pixel_values) if interp is None else interp
     out = apply(params, config, jnp.asarray(pixel_values), interp)
     return [np.asarray(h) for h in out["hidden_states"]]
 
@@ -454,13 +456,15 @@ def hidden_states(params: Any, config: VisionConfig, pixel_values: Any,
 def last_hidden_state(params: Any, config: VisionConfig, pixel_values: Any,
                       interpolate_pos_encoding: bool | None = None) -> np.ndarray:
     """HF's `last_hidden_state` as numpy (SigLIP: after post-layernorm; CLIP: the last layer's output)."""
-    interp = _needs_interpolation(config, pixel_values) if interpolate_pos_encoding is None else interpolate_pos_encoding
+    interp = interpolate_pos_encoding
+    interp = _needs_interpolation(config, pixel_values) if interp is None else interp
     return np.asarray(apply(params, config, jnp.asarray(pixel_values), interp)["last_hidden_state"])
 
 
 def pooler_output(params: Any, config: VisionConfig, pixel_values: Any,
                   interpolate_pos_encoding: bool | None = None) -> np.ndarray | None:
     """HF's `pooler_output` (CLIP: post-layernormed class token; SigLIP: the pooling head, if present)."""
-    interp = _needs_interpolation(config, pixel_values) if interpolate_pos_encoding is None else interpolate_pos_encoding
+    interp = interpolate_pos_encoding
+    interp = _needs_interpolation(config, pixel_values) if interp is None else interp
     out = apply(params, config, jnp.asarray(pixel_values), interp)["pooler_output"]
     return None if out is None else np.asarray(out)

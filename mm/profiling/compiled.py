@@ -66,7 +66,8 @@ def report(b: Any, compiled: Any, n_devices: int, hbm: int = 0, hlo_text: str | 
             "xla_flops_per_device": flops_lib.xla_flops(compiled), "mm_flops_per_device": mm_flops,
             "xla_optimal_seconds": optimal or None,
             "expected_mfu": mm_flops / optimal / peak if optimal and peak else None,
-            "params": trainable_counts(b), "collectives": hlo.collectives(compiled.as_text() if hlo_text is None else hlo_text),
+            "params": trainable_counts(b),
+            "collectives": hlo.collectives(compiled.as_text() if hlo_text is None else hlo_text),
             "config": json.loads(tcfg.to_json(b.cfg))}
 
 

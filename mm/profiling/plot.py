@@ -9,8 +9,8 @@ from typing import Any
 from mm.profiling.summary import COLLECTIVE_KINDS
 
 _COLORS = {"compute": "#4c72b0", "all-gather": "#dd8452", "reduce-scatter": "#c44e52", "all-reduce": "#8172b3",
-           "all-to-all": "#937860", "collective-permute": "#da8bc3", "send/recv": "#8c8c8c", "idle: input wait": "#f0c05a",
-           "idle": "#cccccc"}
+           "all-to-all": "#937860", "collective-permute": "#da8bc3", "send/recv": "#8c8c8c",
+           "idle: input wait": "#f0c05a", "idle": "#cccccc"}
 
 
 def step_bars(s: dict[str, Any], path: str | Path) -> Path:
@@ -31,7 +31,8 @@ def step_bars(s: dict[str, Any], path: str | Path) -> Path:
                 continue
             x = i + (j - (len(procs) - 1) / 2) * width
             wait = min(row["data_us"], row["idle_us"])  # the host waiting for data while the devices idle
-            parts = ([("compute", row["compute_us"])] + [(k, row["collectives_us"].get(k, 0.0)) for k in COLLECTIVE_KINDS]
+            parts = ([("compute", row["compute_us"])]
+                     + [(k, row["collectives_us"].get(k, 0.0)) for k in COLLECTIVE_KINDS]
                      + [("idle: input wait", wait), ("idle", row["idle_us"] - wait)])
             bottom = 0.0
             for name, us in parts:

@@ -45,7 +45,8 @@ def peak_flops(device_kind: str) -> float | None:
     return None if best is None else best[1]
 
 
-def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: Assignment, tokens: int) -> dict[str, float]:
+def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: Assignment, tokens: int
+               ) -> dict[str, float]:
     """Forward / backward model FLOPs of one optimizer step over `tokens` tokens (`sizes` from `shapes_sizes`)."""
     fwd = bwd = 0.0
     upstream_trainable = False

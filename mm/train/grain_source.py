@@ -44,9 +44,11 @@ def data_config(cfg: Any, *, seed: int, local_rows: int) -> DataConfig:
     text_only = cfg.model.kind == "llm"  # a plain LLM: rows with images are skipped, batches carry no tiles
     kind = "preference" if d.kind == "preference" else "sft"  # preference: chosen / rejected pairs
     return DataConfig(kind=kind, template=str(d.template), max_len=int(cfg.train.seq_len), batch_size=local_rows,
-                      pack=bool(d.pack), buckets=(int(cfg.train.seq_len),), tiling="none" if text_only else str(d.tiling), tile=int(v.image_size),
+                      pack=bool(d.pack), buckets=(int(cfg.train.seq_len),),
+                      tiling="none" if text_only else str(d.tiling), tile=int(v.image_size),
                       max_tiles=int(d.max_tiles), tokens_per_tile=grid * grid,
-                      max_tiles_per_row=0 if text_only else int(d.max_tiles_per_row), seed=seed, num_epochs=None, read_threads=int(d.read_threads), worker_count=int(d.workers),
+                      max_tiles_per_row=0 if text_only else int(d.max_tiles_per_row), seed=seed, num_epochs=None,
+                      read_threads=int(d.read_threads), worker_count=int(d.workers),
                       max_skip_fraction=float(d.max_skip_fraction))
 
 

@@ -105,7 +105,8 @@ def _check_processes(mesh: Any, batch_sharding: Any, axes: dict[str, int]) -> No
     shards = int(np.prod([mesh.shape[a] for a in names])) if names else 1
     if n > 1 and shards % n:
         raise ConfigError(f"config key mesh = {axes}: the batch is split {shards} ways "
-                          f"({' x '.join(names) or 'none'}), which does not divide over the {n} processes of this run (each reads its own rows); "
+                          f"({' x '.join(names) or 'none'}), which does not divide over the {n} processes of this run "
+                          "(each reads its own rows); "
                           "make the data-parallel axes (data x fsdp) a multiple of the process count")
 
 

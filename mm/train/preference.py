@@ -10,7 +10,8 @@ The reference lives in the frozen tree under `REFERENCE_KEY`: only the params it
 trainable params as the run starts (`dpo.reference = ""`), or every param of the base LLM read from the
 `dpo.reference` dir (plus starting copies of any trainable param that dir does not hold). LoRA adapters are
 never copied: the reference is the model with its adapters off, as TRL does with a PEFT model (a LoRA run
-whose only trainable params are adapters holds an empty reference subtree: no second copy of anything). Frozen params the
+whose only trainable params are adapters holds an empty reference subtree: no second copy of anything). Frozen params
+the
 reference does not replace are the policy's own arrays, shared, never duplicated. The reference is not
 checkpointed: `mm.train.loop.build` rebuilds it from the same init sources on every start (the config's
 `init.*` and `dpo.reference`, which a resumed run reads again), so a resumed run scores against the same

@@ -87,7 +87,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
             "consecutive": jnp.where(ok, 0, state["consecutive"] + 1).astype(jnp.int32),
         }
-        metrics = {"loss": loss, "tokens": n, "grad_norm": gnorm, "lr": jnp.asarray(lr_schedule(_opt_count(state["opt"])), jnp.float32),
+        lr = jnp.asarray(lr_schedule(_opt_count(state["opt"])), jnp.float32)
+        metrics = {"loss": loss, "tokens": n, "grad_norm": gnorm, "lr": lr,
                    "finite": ok, "extra": {k: v / denom for k, v in extra.items()}}
         return new_state, metrics
 

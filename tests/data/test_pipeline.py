@@ -177,8 +177,10 @@ def test_preference_pairs(data, tok):
             assert first_c == first_r  # the shared prompt, then the responses
             np.testing.assert_array_equal(c[i, :first_c + 1], r[i, :first_r + 1])
             # only the final response is supervised: labels under the mask decode to it (+ end of turn)
-            assert tok.decode(b["chosen/labels"][i][cm]) == tok.decode(tok("a red mat</s>", add_special_tokens=False)["input_ids"])
-            assert tok.decode(b["rejected/labels"][i][rm]) == tok.decode(tok("the lazy dog</s>", add_special_tokens=False)["input_ids"])
+            def text(s):
+                return tok.decode(tok(s, add_special_tokens=False)["input_ids"])
+            assert tok.decode(b["chosen/labels"][i][cm]) == text("a red mat</s>")
+            assert tok.decode(b["rejected/labels"][i][rm]) == text("the lazy dog</s>")
             np.testing.assert_array_equal(b["chosen/pixel_values"][i], b["rejected/pixel_values"][i])
 
 

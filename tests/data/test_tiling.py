@@ -118,8 +118,9 @@ def _internvl_reference(w, h, tile, lo, hi):
     return best[1]
 
 
-@pytest.mark.parametrize("size, grid", [((800, 600), (4, 3)), ((448, 448), (1, 1)), ((2000, 1000), (4, 2)), ((900, 450), (2, 1)),
-                                        ((1000, 3000), (2, 6)), ((300, 900), (1, 3)), ((4000, 1000), (4, 1))])
+@pytest.mark.parametrize("size, grid", [((800, 600), (4, 3)), ((448, 448), (1, 1)), ((2000, 1000), (4, 2)),
+                                        ((900, 450), (2, 1)), ((1000, 3000), (2, 6)), ((300, 900), (1, 3)),
+                                        ((4000, 1000), (4, 1))])
 def test_internvl_examples(size, grid):
     assert internvl_grid(*size, tile=448, min_tiles=1, max_tiles=12) == grid
 

@@ -41,7 +41,8 @@ def test_iaa14_llama3_8b_compiles_sharded_and_reports_memory(capsys):
     assert abs(total / 8 - per_device) / per_device < 0.01  # every large parameter is split 8 ways
     assert abs(stats.argument_size_in_bytes - (per_device - unused + inputs)) / per_device < 0.01
     with capsys.disabled():
-        print(f"\nIAA-14 / Llama-3-8B bf16, 8 devices (fsdp 4 x tensor 2), batch {b} x {t}: params {total / 1e9:.2f} GB "
+        print(f"\nIAA-14 / Llama-3-8B bf16, 8 devices (fsdp 4 x tensor 2), batch {b} x {t}: "
+              f"params {total / 1e9:.2f} GB "
               f"total, {per_device / 1e9:.3f} GB per device; compiled forward: arguments "
               f"{stats.argument_size_in_bytes / 1e9:.3f} GB, temp {stats.temp_size_in_bytes / 1e9:.2f} GB, "
               f"output {stats.output_size_in_bytes / 1e9:.3f} GB per device")

@@ -73,10 +73,12 @@ def write_tiny_llava(d) -> tuple[str, str, str]:
 
 
 def get_config(arg: str = "iaa_llava"):
-    """`--config=tests/train/helpers_train.py:iaa_llava` (or `:full`, ... for `tiny`) for runs through the CLI in a subprocess (data paths
+    """`--config=tests/train/helpers_train.py:iaa_llava` (or `:full`, ... for `tiny`) for runs through the CLI in a
+    subprocess (data paths
     come as `--config.data.*` overrides)."""
     if arg == "iaa_llava":
         return tiny_iaa_llava()
     if arg in GROUPS:
         return tiny(arg)
-    raise ValueError(f"tests/train/helpers_train.py: unknown variant {arg!r}; choose iaa_llava or one of {sorted(GROUPS)}")
+    raise ValueError(f"tests/train/helpers_train.py: unknown variant {arg!r}; choose iaa_llava or one of "
+                     f"{sorted(GROUPS)}")

@@ -128,7 +128,8 @@ def test_adapters_shard_like_their_kernel_with_the_rank_axis_unsharded():
     c.train.batch_size = 4
     b = loop.build(c, log=False)
     flat = pg.flatten(pg.merge(b.state["params"], b.frozen))
-    spec = lambda k: tuple(flat[k].sharding.spec) + (None,) * (flat[k].ndim - len(flat[k].sharding.spec))
+    def spec(k):
+        return tuple(flat[k].sharding.spec) + (None,) * (flat[k].ndim - len(flat[k].sharding.spec))
     q = "layers_0/self_attn/q_proj/"
     assert spec(q + "kernel") == ("fsdp", "tensor", None)
     assert spec(q + "lora_a") == ("fsdp", None) and spec(q + "lora_b") == (None, "tensor", None)

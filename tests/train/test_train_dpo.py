@@ -286,7 +286,8 @@ def test_precomputed_reference_gives_the_same_run_and_is_kept(setup, tmp_path):
               if r["kind"] == "eval_dpo"} for w in ("live", "pre")]
     assert sorted(evals[0]) == [1, 2, 3] and all(abs(evals[0][s] - evals[1][s]) < 1e-5 for s in evals[0]), evals
     files = {n: json.loads((tmp_path / "pre" / "reference_logps" / f"{n}.json").read_text()) for n in ("train", "eval")}
-    assert sorted(files["train"]["logps"]) == ["r0", "r1", "r2", "r3"] and files["eval"]["logps"] == files["train"]["logps"]
+    assert sorted(files["train"]["logps"]) == ["r0", "r1", "r2", "r3"]
+    assert files["eval"]["logps"] == files["train"]["logps"]
     assert all(c < 0 and r < 0 for c, r in files["train"]["logps"].values())
 
     b_pre, b_live = (loop.build(cfg(p), log=False, devices=one) for p in (True, False))
@@ -296,7 +297,8 @@ def test_precomputed_reference_gives_the_same_run_and_is_kept(setup, tmp_path):
 
     mtime = (tmp_path / "pre" / "reference_logps" / "train.json").stat().st_mtime_ns
     more = loop.train(cfg(True, steps=4), tmp_path / "pre", devices=one)  # resumes after step 3's checkpoint
-    assert sorted(more.losses) == [4] and (tmp_path / "pre" / "reference_logps" / "train.json").stat().st_mtime_ns == mtime
+    assert sorted(more.losses) == [4]
+    assert (tmp_path / "pre" / "reference_logps" / "train.json").stat().st_mtime_ns == mtime
     with pytest.raises(ConfigError, match=r"reference_logps/train\.json: reference log-probs of another run "
                                           r"\(reference differ"):
         loop.train(cfg(True, steps=5, reference=""), tmp_path / "pre", devices=one)

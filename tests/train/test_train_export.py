@@ -59,9 +59,10 @@ def test_llm_run_exports_exactly_what_it_trained(data, tmp_path):
         export_run(tmp_path / "run", tmp_path / "out")
     from launch.convert import main as convert_main  # the CLI: mm-convert export-run
 
-    assert convert_main(["export-run", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "cli"), "--step", "3"]) == 0
+    run = str(tmp_path / "run")
+    assert convert_main(["export-run", "--src", run, "--dst", str(tmp_path / "cli"), "--step", "3"]) == 0
     assert mm.from_pretrained(tmp_path / "cli").config == h.config
-    assert convert_main(["export-run", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "x"), "--step", "2"]) == 2
+    assert convert_main(["export-run", "--src", run, "--dst", str(tmp_path / "x"), "--step", "2"]) == 2
 
 
 def test_export_errors_name_the_problem(data, tmp_path):

@@ -63,7 +63,8 @@ def test_iaa_stage_chain_and_frozen_text_workflow(tmp_path, capsys):
     assert "init: 4 params from previous stage" in capsys.readouterr().out
     # grounding: the trained mm branch is loaded and frozen, g trains
     frozen3 = pg.flatten(b3.frozen)
-    np.testing.assert_array_equal(frozen3["mm/layers_1/self_attn/q_proj/kernel"], s2["mm/layers_1/self_attn/q_proj/kernel"])
+    q = "mm/layers_1/self_attn/q_proj/kernel"
+    np.testing.assert_array_equal(frozen3[q], s2[q])
     assert set(pg.flatten(b3.state["params"])) == {p for p in pg.flatten(b3.frozen) | pg.flatten(b3.state["params"])
                                                  if p.startswith("g/")}
 
