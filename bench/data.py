@@ -26,9 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mm.config import IMAGE_TOKEN_ID  # noqa: E402
+
 
 IGNORE = -100
-IMAGE_INDEX = -200
+IMAGE_INDEX = IMAGE_TOKEN_ID
 
 
 # ------------------------------------------------------------------------------------------ baseline

@@ -344,7 +344,7 @@ class VLMHandle:
         if self.image_token is None:
             tok_id = None
             if self.tokenizer is not None:
-                from mm.tiny import IMAGE_TOKEN
+                from mm.config import IMAGE_TOKEN
 
                 tok_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
                 tok_id = None if tok_id == self.tokenizer.unk_token_id else tok_id

@@ -452,6 +452,11 @@ IAA_14 = (0, 1, 5, 6, 10, 11, 15, 16, 20, 21, 25, 26, 30, 31)
 # spread evenly over the 32 layers of Llama-3-8B.
 IAA_8 = (0, 1, 10, 11, 20, 21, 30, 31)
 TEXT = "text"
+# The image placeholder (DESIGN.md section 2): the token a prompt carries per image, and the id image positions
+# hold in `input_ids` until the features are spliced there. (LLaVA JSON data marks images with `<image>` in its
+# text instead: `mm.data.conversations.IMAGE_PLACEHOLDER`.)
+IMAGE_TOKEN = "<|reserved_special_token_44|>"
+IMAGE_TOKEN_ID = -200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,7 +506,7 @@ class VLMConfig:
     lm: IAAConfig | LLaVAConfig = LLaVAConfig()
     feature_layer: int = -2  # penultimate layer, as LLaVA and IAA
     feature: str = "patch"  # "patch" drops CLIP's class token, "cls_patch" keeps it
-    image_token_id: int = -200
+    image_token_id: int = IMAGE_TOKEN_ID
 
     def __post_init__(self) -> None:
         widths = ([b.projector.in_dim for b in self.lm.branches] if isinstance(self.lm, IAAConfig)

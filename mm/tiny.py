@@ -8,15 +8,18 @@ paths are exercised the way a real Llama-3 checkpoint exercises them.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 from pathlib import Path
 from typing import Any, Iterable
 
+from mm.config import IMAGE_TOKEN
+
 SPECIAL_TOKENS = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-    "<|reserved_special_token_44|>", "<|pad|>",
+    IMAGE_TOKEN, "<|pad|>",
 )
-IMAGE_TOKEN = "<|reserved_special_token_44|>"
 
 # Llama-3-style chat template (written for mm; renders system/user/assistant turns, optional generation prompt).
 CHAT_TEMPLATE = (
@@ -45,21 +48,58 @@ def corpus() -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int = 512, texts: Iterable[str] | None = None) -> Any:
-    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts` (default: `corpus()`)."""
+@dataclasses.dataclass(frozen=True)
+class TokenizerStyle:
+    """The conventions of a tiny tokenizer: its special tokens (ids 0.. in this order), which of them are
+    bos / eos / pad / unk / the image token, the chat template, and byte-level or Metaspace pre-tokenisation
+    (Metaspace keeps characters outside the corpus as `unk`)."""
+
+    special_tokens: tuple[str, ...]
+    bos: str
+    eos: str
+    pad: str
+    image: str
+    chat_template: str
+    unk: str | None = None
+    byte_level: bool = True
+
+
+# Llama-3's conventions (the quickstart, the demo, most tests of chat templates)
+LLAMA3 = TokenizerStyle(SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|pad|>", image=IMAGE_TOKEN,
+                        chat_template=CHAT_TEMPLATE)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(vocab_size: int, texts: tuple[str, ...], style: TokenizerStyle) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if style.byte_level:
+        tok = Tokenizer(models.BPE(unk_token=style.unk))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        extra = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()}
+    else:
+        tok = Tokenizer(models.BPE(unk_token=style.unk))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        extra = {}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(style.special_tokens),
+                                  show_progress=False, **extra)
+    tok.train_from_iterator(list(texts), trainer)
+    return tok.to_str()
+
+
+def train_tokenizer(vocab_size: int = 512, texts: Iterable[str] | None = None, style: TokenizerStyle = LLAMA3) -> Any:
+    """A fresh BPE `PreTrainedTokenizerFast` trained on `texts` (default: `corpus()`) with `style`'s
+    conventions; training runs once per (size, texts, style) in a process."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(texts) if texts is not None else corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   pad_token="<|pad|>", additional_special_tokens=[IMAGE_TOKEN])
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    tok = Tokenizer.from_str(_trained(vocab_size, tuple(texts) if texts is not None else tuple(corpus()), style))
+    names = {"bos_token": style.bos, "eos_token": style.eos, "pad_token": style.pad, "unk_token": style.unk}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=[style.image],
+                                   chat_template=style.chat_template,
+                                   **{k: v for k, v in names.items() if v is not None})
 
 
 def llama_hf_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:

@@ -42,8 +42,7 @@ from mm.convert import hf_vision, llm_family
 from mm.convert.family import Opened
 from mm.convert.hf_vision import RELEASE_TOWER_CONTAINER, TOWER_MODULE, detect_vision_prefix
 from mm.convert.llm_family import llm_entries, llm_ignorable
-from mm.config import ProjectorConfig
-from mm.config import IAA_14, BranchConfig, IAAConfig
+from mm.config import IAA_14, IMAGE_TOKEN_ID, BranchConfig, IAAConfig, ProjectorConfig
 
 RELEASE_MODEL_TYPE = "IAA"
 RELEASE_VISION_PREFIX = RELEASE_TOWER_CONTAINER + TOWER_MODULE  # the release's own naming of its tower
@@ -238,7 +237,7 @@ def open_hf(directory: Path, vision: str | Path | None = None, positions: Sequen
         ignorable = tuple(llm_ignorable(config.llm)) + tower_map.ignorable[:1]  # + its position_ids buffer
     name_map = NameMap(list(tower_map.entries) + list(lm_map.entries), ignorable)
     vlm = VLMConfig(vision=vcfg, lm=config, feature_layer=vs.select_layer, feature=vs.select_feature,
-                    image_token_id=-200)
+                    image_token_id=IMAGE_TOKEN_ID)
     return Opened(None, vlm, ChainReader(readers) if len(readers) > 1 else release, name_map, directory,
                   llm_family.tokenizer_dir_of(directory), used)
 

@@ -66,11 +66,11 @@ def trained_params(workdir: str | Path, step: int | None = None) -> tuple[Any, d
 
 
 def vlm_config(cfg: Any) -> Any:
-    from mm.config import VLMConfig
+    from mm.config import IMAGE_TOKEN_ID, VLMConfig
     from mm.train import models
 
     lm = models.LM_CONFIGS[cfg.model.kind](cfg)
-    image_token = -200
+    image_token = IMAGE_TOKEN_ID
     if cfg.data.tokenizer:  # the id training put at image positions
         from transformers import AutoTokenizer
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from mm.config import IMAGE_TOKEN_ID
+
 _MULTS = (1, 3, 5, 7)
 
 
@@ -50,7 +52,7 @@ def example(seed: int, example_id: int, seq_len: int, vocab: int, num_image_toke
         mask[:num_image_tokens] = True
         out["image_mask"] = mask
         out["loss_mask"][:num_image_tokens] = 0.0
-        out["input_ids"][:num_image_tokens] = -200  # placeholder id, replaced by the features
+        out["input_ids"][:num_image_tokens] = IMAGE_TOKEN_ID  # replaced by the features
         if pixels is not None:
             del out["image_features"]
             ch, size = pixels

@@ -3,12 +3,12 @@
 Vocabulary size 128 by default (matches the tiny models in `tests.helpers.hf_models`): ids 0-4 are `<pad>`,
 `<s>`, `</s>`, `<unk>`, `<image>`; the rest are characters and merges learned (Metaspace pre-tokenisation,
 so decoding restores spaces) from a fixed in-code corpus: deterministic, no download. Characters outside
-the corpus map to `<unk>`.
+the corpus map to `<unk>`. Built by the one tokenizer builder, `mm.tiny.train_tokenizer`.
 """
 
 from __future__ import annotations
 
-import functools
+from mm import tiny
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 CHAT_TEMPLATE = (
@@ -23,26 +23,11 @@ _CORPUS = [
     "there are two people and a bicycle near the river",
     "the answer is 42 and the box is [0.1, 0.2, 0.5, 0.9]",
 ] * 20
-
-
-@functools.lru_cache(maxsize=None)
-def _trained(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    tok.train_from_iterator(_CORPUS, trainer)
-    return tok.to_str()
+STYLE = tiny.TokenizerStyle(SPECIAL_TOKENS, bos="<s>", eos="</s>", pad="<pad>", image="<image>",
+                            chat_template=CHAT_TEMPLATE, unk="<unk>", byte_level=False)
 
 
 def make_tokenizer(vocab_size: int = 128):
-    """A fresh `PreTrainedTokenizerFast` (pad 0, bos 1, eos 2, unk 3, `<image>` 4) with `CHAT_TEMPLATE`."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer.from_str(_trained(vocab_size))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>",
-                                   additional_special_tokens=["<image>"], chat_template=CHAT_TEMPLATE)
+    """A fresh `PreTrainedTokenizerFast` (pad 0, bos 1, eos 2, unk 3, `<image>` 4) with `CHAT_TEMPLATE`
+    (`mm.tiny.train_tokenizer` in this module's `STYLE`)."""
+    return tiny.train_tokenizer(vocab_size, _CORPUS, STYLE)
