@@ -25,6 +25,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from mm import sharding as sh
 from mm.attention import IMPLEMENTATIONS
@@ -441,7 +442,7 @@ def _load(path: Path, runtime: Runtime, vision: Any) -> Any:
         shardings = runtime.shardings(_abstract(handle, config))
         _, params = registry.load(opened, dtype=runtime.param_dtype, shardings=shardings)
     if opened.note:
-        print(f"mm.from_pretrained({path}): {opened.note}", flush=True)
+        logging.warning("mm.from_pretrained(%s): %s", path, opened.note)
     src = str(path)
     if handle == "vision":
         return VisionHandle(config, params, src, runtime)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+from absl import logging
 
 from mm.checkpoints import mm_dir as mmd
 from mm.checkpoints.engine import convert, kept_dtype_name
@@ -168,7 +169,7 @@ def hf_to_mm(src: str | Path, dst: str | Path, *, dtype: str = "keep", overwrite
         if isinstance(opened.reader, MMDirReader):
             raise ConversionError(f"{src}: already an mm checkpoint ({mmd.MM_CONFIG_FILE})")
         if opened.note:
-            print(f"hf-to-mm: {opened.note}", flush=True)
+            logging.warning("hf-to-mm: %s", opened.note)
         source = {"format": "hf-safetensors", "path": str(Path(src).absolute()), "dtype": dtype}
         if opened.note:
             source["note"] = opened.note

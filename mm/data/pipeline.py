@@ -24,13 +24,14 @@ import dataclasses
 import json
 from typing import Any, Iterator, Sequence
 
+from absl import logging
 import grain
 import numpy as np
 
 from mm.data import images as img_lib
 from mm.data.conversations import ConversationEncoder, Encoded, normalise_turns, truncate
 from mm.data.packing import FirstFit, assemble, bucket_length
-from mm.data.skips import REASONS, DataError, SampleSkip, SkipCounter, log
+from mm.data.skips import REASONS, DataError, SampleSkip, SkipCounter
 from mm.data.sources import read_row_images, row_id
 from mm.data.tiling import catty_plan
 
@@ -258,7 +259,7 @@ class _PackBatchIterator(grain.DatasetIterator):
                 self._start = self._parent.get_state()
                 if seen == 0:  # skips at the very end are logged by the maker's counter only
                     for r, i, m in skips[:5]:
-                        log.warning("data: skipped sample %s (%s) at the end of the data: %s", i, r, m)
+                        logging.warning("data: skipped sample %s (%s) at the end of the data: %s", i, r, m)
                     raise
                 break
             if "skip" in ex:
@@ -354,9 +355,9 @@ class DataPipeline:
         before = len(self.counter.examples)
         self.counter.merge(st["used"], st["counts"], st["examples"])
         for r, i, m in self.counter.examples[before:]:
-            log.warning("data: skipped sample %s (%s): %s", i, r, m)
+            logging.warning("data: skipped sample %s (%s): %s", i, r, m)
         if st["counts"].get("no_supervised_tokens"):  # LLaVA's silent failure mode: say it every time
-            log.warning("data: %d sample(s) in this batch had no supervised token and were dropped (%d so far)",
+            logging.warning("data: %d sample(s) in this batch had no supervised token and were dropped (%d so far)",
                         st["counts"]["no_supervised_tokens"], self.counter.counts["no_supervised_tokens"])
         self.counter.check()
         return batch

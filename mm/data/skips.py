@@ -9,10 +9,9 @@ few with their row ids. A run whose data is mostly broken must not train on noth
 from __future__ import annotations
 
 import dataclasses
-import logging
+from absl import logging
 from typing import Iterable, Mapping
 
-log = logging.getLogger("mm.data")
 
 # Every reason a sample can be skipped for (metric names are `data/skipped/<reason>`).
 REASONS = (
@@ -63,9 +62,9 @@ class SkipCounter:
         self.counts[reason] += 1
         if len(self.examples) < self.keep_examples:
             self.examples.append((reason, str(row_id), message))
-            log.warning("data: skipping sample %s (%s): %s", row_id, reason, message)
+            logging.warning("data: skipping sample %s (%s): %s", row_id, reason, message)
         if reason == "no_supervised_tokens":  # the LLaVA failure mode: always say it
-            log.warning("data: sample %s has no supervised token after templating/truncation; dropped", row_id)
+            logging.warning("data: sample %s has no supervised token after templating/truncation; dropped", row_id)
 
     def merge(self, used: int, counts: Mapping[str, int], examples: Iterable[tuple[str, str, str]]) -> None:
         self.used += int(used)
