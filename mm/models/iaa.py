@@ -179,12 +179,7 @@ def init_cache(config: IAAConfig, workflow: str, batch: int, max_len: int) -> An
 
 def decode_fns(config: IAAConfig, workflow: str) -> Any:
     """Prefill/step functions for `mm.generate.Generator`; image inputs go to prefill as `extra` kwargs."""
-    from mm import generate
-
-    model = IAA(config)
-    return generate.decode_fns(
-        lambda params, *a, **kw: model.apply({"params": params}, *a, workflow=workflow, **kw),
-        lambda b, n: init_cache(config, workflow, b, n))
+    return IAAKind(config).decode_fns(workflow)
 
 
 def trainable_counts(config: IAAConfig) -> dict[str, int]:
@@ -203,7 +198,7 @@ def preset(name: str, llm_config: LLMConfig, vision_width: int, branches: Sequen
 
 # ------------------------------------------------------------------------------------- the kind
 @dataclasses.dataclass(frozen=True)
-class IAAKind:
+class IAAKind(protocol.KindDefaults):
     """IAA as a `mm.models.protocol.ModelKind`: workflows "text" (the base LLM alone: image placeholders read as
     token 0 and image inputs are not used) and one per branch."""
 
@@ -248,16 +243,11 @@ class IAAKind:
     def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
         return init_cache(self.config, workflow, batch, max_len)
 
-    def decode_fns(self, workflow: str) -> Any:
-        protocol.check_workflow(self, workflow)
-        return decode_fns(self.config, workflow)
-
     def stages(self, seq_len: int, workflow: str) -> list[protocol.Stage]:
         """The base layers and, in a branch, its projector, MM-EL, insertion layers and MM-LH."""
         c = self.llm
         if workflow == TEXT:
-            layers = [s for i in range(c.num_layers) for s in protocol.layer_stages(f"base/layers_{i}", c, seq_len)]
-            return [protocol.embed_stage("base")] + layers + [protocol.head_stage("base", c)]
+            return protocol.llm_stages("base", c, seq_len)
         b = self.config.branch(workflow)
         positions = list(b.positions)
         out = protocol.projector_stages(f"{workflow}/projector", b.projector.kind) + [protocol.embed_stage(workflow)]

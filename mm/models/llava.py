@@ -61,29 +61,21 @@ def abstract_params(config: LLaVAConfig) -> Any:
 
 def decode_fns(config: LLaVAConfig) -> Any:
     """Prefill/step functions for `mm.generate.Generator`; image inputs go to prefill as `extra` kwargs."""
-    from mm import generate
-
-    model = LLaVA(config)
-    return generate.decode_fns(lambda params, *a, **kw: model.apply({"params": params}, *a, **kw),
-                               lambda b, n: llm.init_cache(config.llm, b, n))
+    return LLaVAKind(config).decode_fns("mm")
 
 
 @dataclasses.dataclass(frozen=True)
-class LLaVAKind:
+class LLaVAKind(protocol.KindDefaults):
     """The LLaVA-style bridge as a `mm.models.protocol.ModelKind`: one workflow, "mm"; params `llm`, `projector`."""
 
     config: LLaVAConfig
     name = "llava"
     base_prefix = "llm"
     workflows = ("mm",)
-    frozen = ()
 
     @property
     def llm(self) -> Any:
         return self.config.llm
-
-    def trained_workflow(self, requested: str) -> str:
-        return "mm"
 
     def abstract_params(self) -> Any:
         return abstract_params(self.config)
@@ -105,15 +97,6 @@ class LLaVAKind:
     def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
         return llm.init_cache(self.config.llm, batch, max_len)
 
-    def decode_fns(self, workflow: str = "mm") -> Any:
-        protocol.check_workflow(self, workflow)
-        return decode_fns(self.config)
-
     def stages(self, seq_len: int, workflow: str = "mm") -> list[protocol.Stage]:
-        out = protocol.projector_stages("projector", self.config.projector.kind) + [protocol.embed_stage("llm")]
-        for i in range(self.llm.num_layers):
-            out += protocol.layer_stages(f"llm/layers_{i}", self.llm, seq_len)
-        return out + [protocol.head_stage("llm", self.llm)]
-
-    def derived(self) -> dict[str, str]:
-        return {}
+        return protocol.projector_stages("projector", self.config.projector.kind) + protocol.llm_stages(
+            "llm", self.llm, seq_len)

@@ -393,11 +393,7 @@ def init_params(config: LLMConfig, rng: Array, batch: int = 1, seq: int = 8) -> 
 # ------------------------------------------------------------------------------------- decoding
 def decode_fns(config: LLMConfig) -> Any:
     """Prefill / step / cache functions that plug this LLM into `mm.generate.Generator`."""
-    from mm import generate
-
-    model = LLM(config)
-    return generate.decode_fns(lambda params, *a, **kw: model.apply({"params": params}, *a, **kw),
-                               lambda b, n: init_cache(config, b, n))
+    return LLMKind(config).decode_fns("text")
 
 
 def adapter_candidates(config: LLMConfig) -> dict[str, Any]:
@@ -413,21 +409,17 @@ def adapter_candidates(config: LLMConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- the kind
 @dataclasses.dataclass(frozen=True)
-class LLMKind:
+class LLMKind(protocol.KindDefaults):
     """The plain decoder LLM as a `mm.models.protocol.ModelKind`: one workflow, "text"; no image inputs."""
 
     config: LLMConfig
     name = "llm"
     base_prefix = ""
     workflows = ("text",)
-    frozen = ()
 
     @property
     def llm(self) -> LLMConfig:
         return self.config
-
-    def trained_workflow(self, requested: str) -> str:
-        return "text"
 
     def abstract_params(self) -> Any:
         return abstract_params(self.config)
@@ -449,15 +441,5 @@ class LLMKind:
     def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
         return init_cache(self.config, batch, max_len)
 
-    def decode_fns(self, workflow: str = "text") -> Any:
-        protocol.check_workflow(self, workflow)
-        return decode_fns(self.config)
-
     def stages(self, seq_len: int, workflow: str = "text") -> list[protocol.Stage]:
-        out = [protocol.embed_stage("")]
-        for i in range(self.config.num_layers):
-            out += protocol.layer_stages(f"layers_{i}", self.config, seq_len)
-        return out + [protocol.head_stage("", self.config)]
-
-    def derived(self) -> dict[str, str]:
-        return {}
+        return protocol.llm_stages("", self.config, seq_len)

@@ -115,6 +115,33 @@ def vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) ->
     return out
 
 
+def llm_stages(prefix: str, c: LLMConfig, seq_len: int) -> list[Stage]:
+    """A whole decoder LLM at `prefix`: embedding, every layer, final norm and head."""
+    layers = [s for i in range(c.num_layers) for s in layer_stages(_join(prefix, f"layers_{i}"), c, seq_len)]
+    return [embed_stage(prefix)] + layers + [head_stage(prefix, c)]
+
+
 def check_workflow(kind: Any, workflow: str) -> None:
     if workflow not in kind.workflows:
         raise ValueError(f"{kind.name}: workflow {workflow!r}; this model has {kind.workflows}")
+
+
+class KindDefaults:
+    """What every kind shares: decode fns built from its own `apply` and `init_cache` (one construction,
+    `mm.generate.decode_fns`), and the answers of a kind with one workflow, no derived and no frozen params."""
+
+    frozen: tuple[str, ...] = ()
+
+    def trained_workflow(self, requested: str) -> str:
+        return self.workflows[0]
+
+    def derived(self) -> dict[str, str]:
+        return {}
+
+    def decode_fns(self, workflow: str) -> Any:
+        """`mm.generate.DecodeFns` of one workflow; image inputs go to prefill as extras."""
+        from mm import generate
+
+        check_workflow(self, workflow)
+        return generate.decode_fns(lambda params, ids, positions, **kw: self.apply(
+            params, ids, positions, workflow=workflow, **kw), lambda b, n: self.init_cache(workflow, b, n))

@@ -37,7 +37,7 @@ def _without_vision(params: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class VLMKind:
+class VLMKind(protocol.KindDefaults):
     """The tower in front of `lm` (the kind of `config.lm`) as one `mm.models.protocol.ModelKind`."""
 
     config: VLMConfig
@@ -97,14 +97,6 @@ class VLMKind:
 
     def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
         return self.lm.init_cache(workflow, batch, max_len)
-
-    def decode_fns(self, workflow: str = "mm") -> Any:
-        """Prefill/step for `mm.generate.Generator`; `pixel_values` and `image_mask` go to prefill as extras."""
-        from mm import generate
-
-        protocol.check_workflow(self, workflow)
-        return generate.decode_fns(lambda params, ids, positions, **kw: self.apply(
-            params, ids, positions, workflow=workflow, **kw), lambda b, n: self.init_cache(workflow, b, n))
 
     def stages(self, seq_len: int, workflow: str = "mm") -> list[protocol.Stage]:
         """The tower's layers up to the feature layer (per patch token, scaled to text tokens), then the LLM
