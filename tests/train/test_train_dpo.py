@@ -415,8 +415,8 @@ def test_multimodal_trains_with_one_vit_pass_per_image(image_pairs, tmp_path, mo
     _assert_vit_passes(b, mb, monkeypatch, 1)
 
     policy, _ = preference.reference_params(params)
-    # the kind's SFT loss (train.loss_chunk 0: materialised logits)
-    sft = {"iaa": loop.models._iaa_model, "llava": loop.models._llava_model}[kind](c).loss
+    # the kind's SFT loss (train.loss_chunk 0: materialised logits), without the preference wrapper of build()
+    sft = loop.models._train_model(c).loss
     for half in preference.HALVES:
         plain = {k.split("/", 1)[1]: v for k, v in mb.items() if k.startswith(half + "/")}
         lp, n = b.model.sequence_logps(policy, plain)
