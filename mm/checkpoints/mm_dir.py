@@ -1,26 +1,30 @@
-"""The mm checkpoint directory format: `mm_config.json`, an Orbax `params/` checkpoint, tokenizer files.
+"""The mm checkpoint directory format: `mm_config.json`, Orbax checkpoints under `params/`, tokenizer files.
 
-Layout (format_version 1)::
+Layout (format_version 2)::
 
-    MM_DIR/mm_config.json          {"format_version": 1, "kind": "llm", "llm": LLMConfig.to_json_dict(),
+    MM_DIR/mm_config.json          {"format_version": 2, "kind": "llm", "llm": LLMConfig.to_json_dict(),
                                     "source": {...provenance...}}
-    MM_DIR/params/                 Orbax checkpoint (v1 layout) of the unboxed, per-layer param tree
+    MM_DIR/params/0000/ ...        one Orbax PyTree checkpoint (stable API, OCDBT + zarr3) per save unit (a
+                                   decoder layer, the embedding...) of the unboxed, per-layer param tree
     MM_DIR/tokenizer/              tokenizer files copied from the HF directory (when it had them)
     MM_DIR/generation_config.json  carried over from HF (when present), written back on export
+
+format_version 1 (read, no longer written) had one PyTree checkpoint, `params/state`, built by Orbax's
+experimental partial save; a reader sees it as a directory with one unit.
 
 `kind` names the model family and which sections hold its configs (kind "llm" has one section "llm"); which
 kinds exist and how their sections parse is the registry's business (`mm.convert.registry`), not this
 module's. The param tree is always the family's unscanned layout, so it restores into any mesh.
 
-Params are written with Orbax's incremental partial save, one save unit (a decoder layer, the embedding...)
-per call (`ParamWriter`), then finalized: peak memory stays near one or two units, not the model. Arrays are
-stored uncompressed (*choice*: zstd costs CPU time and gains little on float weights), in chunks of at most
-`CHUNK_BYTES`. Readers and writers for the engine are `mm.checkpoints.readers.MMDirReader` and
-`mm.checkpoints.writers.MMDirWriter`.
+Params are written one save unit per call (`ParamWriter`), each unit its own checkpoint written by Orbax's
+async checkpointer while the caller prepares the next: peak memory stays near one or two units, not the
+model. Arrays are stored uncompressed, in chunks of at most `CHUNK_BYTES`. Readers and writers for the engine
+are `mm.checkpoints.readers.MMDirReader` and `mm.checkpoints.writers.MMDirWriter`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
-import orbax.checkpoint.experimental.v1 as ocp
+import orbax.checkpoint as ocp
 
 from flax import traverse_util
 
@@ -39,7 +43,8 @@ from mm.config import ConfigError, read_json
 MM_CONFIG_FILE = "mm_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # 1: params/ written by Orbax's experimental partial save
 CHUNK_BYTES = 128 * 1024**2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -58,8 +63,9 @@ def read_mm_manifest(mm_dir: str | Path) -> dict[str, Any]:
         d = read_json(path)
     except ConfigError as e:
         raise ConversionError(str(e)) from e
-    if d.get("format_version") != FORMAT_VERSION:
-        raise ConversionError(f"{path}: format_version={d.get('format_version')!r}, this mm reads {FORMAT_VERSION}")
+    if d.get("format_version") not in READS_VERSIONS:
+        raise ConversionError(f"{path}: format_version={d.get('format_version')!r}, this mm reads "
+                              f"{' and '.join(map(str, READS_VERSIONS))}")
     return d
 
 
@@ -78,31 +84,41 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------- params/
-def _save_context() -> ocp.Context:
-    ctx = ocp.Context()
-    ctx.array.saving.use_compression = False
+def _handler() -> ocp.PyTreeCheckpointHandler:
+    # uncompressed (*choice*: zstd costs CPU time and gains little on float weights); zarr3 + OCDBT, the layout
+    # format_version 1 was written in, so one reader serves both versions
+    return ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False)
+
+
+def _save_args(tree: Any) -> Any:
     # Orbax's default chunking wrote at ~0.3 GB/s here; 128 MiB chunks reach disk speed (~1.5 GB/s) while
     # staying small enough for sharded restores to read little beyond what each host needs.
-    ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
-    ctx.memory.deepcopy_host_arrays = False  # we never touch an array after handing it over
-    return ctx
+    return jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
 
 
-def _load_context() -> ocp.Context:
-    ctx = ocp.Context()
-    ctx.pytree.loading.partial_load = True
-    return ctx
+def unit_dirs(mm_dir: str | Path) -> list[Path]:
+    """The Orbax PyTree checkpoints `params/` holds: one per save unit (format 2), or `params/state` alone
+    (format 1, written by Orbax's experimental partial save, whose merged layout is one PyTree checkpoint)."""
+    path = Path(mm_dir) / PARAMS_DIR
+    if not path.is_dir():
+        raise ConversionError(f"{path}: no params checkpoint")
+    return sorted(d for d in path.iterdir() if (d / _PYTREE_METADATA).is_file())
+
+
+_PYTREE_METADATA = "_METADATA"
 
 
 class ParamWriter:
-    """Builds `params/` unit by unit with Orbax partial saves; at most one unit is being written while the
-    caller prepares the next, and only when both fit in `overlap_bytes` (else the caller waits first)."""
+    """Builds `params/` unit by unit, each unit one Orbax PyTree checkpoint (`params/<nnnn>/`, written by
+    Orbax's async checkpointer); at most one unit is being written while the caller prepares the next, and only
+    when both fit in `overlap_bytes` (else the caller waits first). Nothing partial is left by a failure: the
+    caller stages the directory (`mm.checkpoints.staging`)."""
 
     def __init__(self, mm_dir: str | Path, overlap_bytes: int = 1024**3):
         self.path = Path(mm_dir) / PARAMS_DIR
         self.overlap_bytes = overlap_bytes
-        self._ctx = _save_context()
-        self._pending: Any = None
+        self._ckptr = ocp.AsyncCheckpointer(_handler())
+        self._units = 0
         self._pending_bytes = 0
 
     def reserve(self, nbytes: int) -> None:
@@ -113,20 +129,19 @@ class ParamWriter:
     def add(self, unit_tree: dict[str, Any]) -> None:
         """Schedules one unit (a nested dict of numpy arrays, disjoint from earlier units)."""
         self.wait()
-        with self._ctx:
-            self._pending = ocp.partial.save_async(self.path, unit_tree)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._ckptr.save(self.path / f"{self._units:04d}",
+                         args=ocp.args.PyTreeSave(unit_tree, save_args=_save_args(unit_tree)))
+        self._units += 1
         self._pending_bytes = sum(x.nbytes for x in traverse_util.flatten_dict(unit_tree).values())
 
     def wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-            self._pending_bytes = 0
+        self._ckptr.wait_until_finished()
+        self._pending_bytes = 0
 
     def finalize(self) -> None:
         self.wait()
-        with self._ctx:
-            ocp.partial.finalize(self.path)
+        self._ckptr.close()
 
     def __enter__(self) -> "ParamWriter":
         return self
@@ -134,36 +149,64 @@ class ParamWriter:
     def abort(self) -> None:
         """Lets an in-flight save finish (its own error is dropped) so the caller can delete the directory it
         writes into without racing it."""
-        if self._pending is not None:
-            try:
-                self._pending.result()
-            except Exception:  # noqa: BLE001 - the original exception is the one that matters
-                pass
-            self._pending = None
+        try:
+            self._ckptr.close()
+        except Exception:  # noqa: BLE001 - the original exception is the one that matters
+            pass
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self.abort()
 
 
+def _index(mm_dir: str | Path) -> dict[MMPath, tuple[Path, tuple[int, ...], np.dtype]]:
+    """Every stored param: the unit checkpoint that holds it, its shape and dtype (metadata only; cached
+    per `params/` directory, which is never changed once written)."""
+    path = Path(mm_dir) / PARAMS_DIR
+    st = path.stat() if path.is_dir() else None
+    return _index_cached(str(path.resolve()), st and (st.st_ino, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _index_cached(params: str, _stamp: Any) -> dict[MMPath, tuple[Path, tuple[int, ...], np.dtype]]:
+    out: dict[MMPath, tuple[Path, tuple[int, ...], np.dtype]] = {}
+    with ocp.Checkpointer(_handler()) as ckptr:
+        for d in unit_dirs(Path(params).parent):
+            tree = ckptr.metadata(d).item_metadata.tree
+            for p, m in traverse_util.flatten_dict(tree).items():
+                out[p] = (d, tuple(m.shape), np.dtype(m.dtype))
+    return out
+
+
 def params_metadata(mm_dir: str | Path) -> dict[MMPath, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every stored param, by path (reads metadata only)."""
-    path = Path(mm_dir) / PARAMS_DIR
-    if not path.is_dir():
-        raise ConversionError(f"{path}: no params checkpoint")
-    meta = ocp.metadata(path).metadata
-    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in traverse_util.flatten_dict(meta).items()}
+    return {p: (shape, dtype) for p, (_, shape, dtype) in _index(mm_dir).items()}
 
 
 def load_param_paths(mm_dir: str | Path, paths: Iterable[MMPath], dtypes: Mapping[MMPath, Any],
                      shapes: Mapping[MMPath, tuple[int, ...]], shardings: Mapping[MMPath, Any] | None = None
                      ) -> dict[str, Any]:
-    """Restores just `paths` (numpy arrays, or jax arrays placed by `shardings`), as a nested dict."""
-    abstract: dict[MMPath, Any] = {}
+    """Restores just `paths` (numpy arrays, or jax arrays placed by `shardings`), as a nested dict, cast to
+    `dtypes`; each unit checkpoint that holds some of them is read once."""
+    index = _index(mm_dir)
+    by_unit: dict[Path, list[MMPath]] = {}
     for p in paths:
-        if shardings is not None:
-            abstract[p] = jax.ShapeDtypeStruct(shapes[p], dtypes[p], sharding=shardings[p])
-        else:
-            abstract[p] = np.empty(shapes[p], dtypes[p])  # untouched pages: no memory until Orbax writes them
-    with _load_context():
-        return ocp.load(Path(mm_dir) / PARAMS_DIR, traverse_util.unflatten_dict(abstract))
+        if p not in index:
+            raise ConversionError(f"{Path(mm_dir) / PARAMS_DIR}: no param {'/'.join(map(str, p))}")
+        by_unit.setdefault(index[p][0], []).append(p)
+    out: dict[MMPath, Any] = {}
+    with ocp.Checkpointer(_handler()) as ckptr:
+        for d, keys in by_unit.items():
+            item, args = {}, {}
+            for p in keys:
+                if shardings is not None:
+                    item[p] = jax.ShapeDtypeStruct(shapes[p], dtypes[p], sharding=shardings[p])
+                    args[p] = ocp.ArrayRestoreArgs(sharding=shardings[p], dtype=dtypes[p], global_shape=shapes[p])
+                else:
+                    item[p] = np.empty(shapes[p], dtypes[p])  # untouched pages: no memory until Orbax fills them
+                    args[p] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtypes[p])
+            restored = ckptr.restore(d, args=ocp.args.PyTreeRestore(
+                item=traverse_util.unflatten_dict(item), restore_args=traverse_util.unflatten_dict(args),
+                partial_restore=True))
+            out.update(traverse_util.flatten_dict(restored))
+    return traverse_util.unflatten_dict(out)

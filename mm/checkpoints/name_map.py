@@ -204,8 +204,8 @@ class Entry:
 
 
 def save_unit(mm_path: MMPath) -> MMPath:
-    """The prefix written as one Orbax partial save: up to the first numbered component (`layers_3`), else
-    the top-level key."""
+    """The prefix written as one save unit (`mm.checkpoints.mm_dir`): up to the first numbered component
+    (`layers_3`), else the top-level key."""
     for i, part in enumerate(mm_path[:-1]):
         if _NUMBERED.match(part):
             return mm_path[: i + 1]
