@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -124,13 +124,17 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Iterable[tuple[str, Any]] =
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def global_batch(local: Mapping[str, Any], sharding: NamedSharding, process_count: int) -> dict[str, jax.Array]:
-    """Global arrays from this process's `[accum, local_rows, ...]` numpy batch: the row axis (1) is the one
-    the processes split, so the global shape is `[accum, local_rows * process_count, ...]`."""
+def global_batch(local: Mapping[str, Any], sharding: NamedSharding | Callable[[int], NamedSharding],
+                 process_count: int, row_axis: int = 1) -> dict[str, jax.Array]:
+    """Global arrays from this process's numpy batch: the one host -> global helper. `row_axis` is the axis the
+    processes split (1 for the trainer's `[accum, local_rows, ...]` batches, 0 for plain `[rows, ...]`), so the
+    global shape has `local_rows * process_count` there. `sharding` is one sharding for every leaf, or a
+    function of the leaf's rank."""
     out = {}
     for k, v in local.items():
-        shape = (v.shape[0], v.shape[1] * process_count, *v.shape[2:])
-        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+        shape = (*v.shape[:row_axis], v.shape[row_axis] * process_count, *v.shape[row_axis + 1:])
+        s = sharding if isinstance(sharding, NamedSharding) else sharding(v.ndim)
+        out[k] = jax.make_array_from_process_local_data(s, v, shape)
     return out
 
 

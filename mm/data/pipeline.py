@@ -402,23 +402,19 @@ class DataPipeline:
 
 def to_global(batch: dict[str, np.ndarray], mesh: Any, batch_axes: Sequence[str] | str | None = None) -> dict[str, Any]:
     """This process's rows -> global `jax.Array`s sharded over the batch axis (default: the data-parallel
-    axes of `mm.sharding`'s rules); non-batch leaves are dropped."""
+    axes of `mm.sharding`'s rules), through `mm.sharding.global_batch`; non-batch leaves are dropped."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from mm.sharding import batch_sharding
+    from mm.sharding import batch_sharding, global_batch
 
-    out = {}
-    for k, v in batch.items():
-        if not isinstance(v, np.ndarray):
-            continue
+    def sharding(ndim: int) -> Any:
         if batch_axes is None:
-            sharding = batch_sharding(mesh, v.ndim)
-        else:
-            sharding = NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (v.ndim - 1))))
-        shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
-    return out
+            return batch_sharding(mesh, ndim)
+        return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (ndim - 1))))
+
+    arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
+    return global_batch(arrays, sharding, jax.process_count(), row_axis=0)
 
 
 def normalize_pixels(pixels: Any, processor: img_lib.ProcessorConfig | None = None, tile: int = 336) -> Any:
