@@ -31,7 +31,7 @@ def _setup(src: Path):
     """Model shardings of the preset's LLM (mesh fsdp 8, bf16 params) and the model adapter."""
     from mm import sharding as shd
     from mm.train import models, param_groups as pg
-    from mm.train.config import base_config
+    from mm.train.schema import base_config
     from mm.train.from_checkpoints import llm_section
 
     cfg = base_config()

@@ -29,7 +29,7 @@ PROJ = r"layers(_\d+|/layer)/(self_attn|mlp)/.*"  # per-layer or scanned (`nn.sc
 
 
 def _config(llm: dict, lora: dict | None, batch: int, seq: int):
-    from mm.train.config import base_config
+    from mm.train.schema import base_config
 
     c = base_config()
     c.model.llm.update(llm)

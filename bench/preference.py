@@ -31,7 +31,7 @@ _STUB = tempfile.mkdtemp(prefix="bench_preference_")
 
 
 def _config(size: str, kind: str, mode: str):
-    from mm.train.config import base_config
+    from mm.train.schema import base_config
 
     llm, vw, n_img, batch, seq = SIZES[size]
     c = base_config()

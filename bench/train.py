@@ -28,7 +28,7 @@ def mm_tokens_per_s(size: str, steps: int) -> tuple[float, int]:
 
     from bench.step_timing import mean_step_seconds, synthetic_batches
     from mm.train import loop
-    from mm.train.config import base_config
+    from mm.train.schema import base_config
 
     llm, vw, n_img, batch, seq = SIZES[size]
     c = base_config()

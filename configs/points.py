@@ -8,7 +8,7 @@ Tiny shapes by default (the dual-encoder merge and pixel shuffle of POINTS are n
 """
 
 from mm.train import presets
-from mm.train.config import base_config
+from mm.train.schema import base_config
 
 
 def get_config(arg: str = "vit_last_k"):

@@ -4,7 +4,7 @@ Variants: `full` (everything trains), `head` (only the final norm and LM head tr
 `last_layer` (last decoder layer + head train).
 """
 
-from mm.train.config import base_config
+from mm.train.schema import base_config
 
 
 def get_config(arg: str = "full"):

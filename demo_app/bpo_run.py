@@ -87,7 +87,7 @@ def check(c: Any, workdir: str | Path) -> None:
     """ConfigError naming the key for anything wrong, before any work (every stage's config included)."""
     from mm.bpo import METHODS
     from mm.config import ConfigError
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
 
     c = resolve(c)
     w = Path(workdir).absolute()

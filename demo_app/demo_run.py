@@ -71,7 +71,7 @@ def check(demo: Any, workdir: str | Path) -> None:
     """Raises ConfigError (naming the key) for anything wrong in the demo config, before any work: the given
     checkpoint paths, and every stage's training config (paths the pipeline will create are not checked)."""
     from mm.config import ConfigError
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
 
     demo = resolve(demo)
     for key in ("llm_checkpoint", "vision_checkpoint", "tokenizer"):

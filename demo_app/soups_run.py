@@ -85,7 +85,7 @@ def check(c: Any, workdir: str | Path) -> None:
     """ConfigError naming the key for anything wrong, before any work (every stage's config included)."""
     from mm.config import ConfigError
     from mm.soup import check_options
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
 
     c = resolve(c)
     if c.init.llm_checkpoint or c.init.vision_checkpoint:

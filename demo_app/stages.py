@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from mm.train.config import base_config
+from mm.train.schema import base_config
 
 STAGES = ("base", "iaa", "llava")
 

@@ -59,7 +59,7 @@ def _run(argv: list[str]) -> int:
     from mm.config import ConfigError
     from mm.profiling import compiled as compiled_lib
     from mm.train import aot
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
 
     cfg = _CONFIG.value
     if cfg is None:

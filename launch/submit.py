@@ -37,7 +37,7 @@ CLIENTS = {"xpk": "xpk", "jobset": "kubectl", "slurm": "sbatch"}
 def check_train_args(train_args: Sequence[str], n_devices: int) -> None:
     """ConfigError / ValueError when mm-train would refuse these arguments on `n_devices` devices."""
     from mm.config import ConfigError, load_config_file
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
 
     spec = cli._config_spec(train_args, "config")
     if not spec:

@@ -29,7 +29,7 @@ def _run(argv: list[str]) -> int:
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     from mm.config import ConfigError
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
 
     cfg = _CONFIG.value
     if cfg is None or not _WORKDIR.value:

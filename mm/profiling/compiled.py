@@ -51,7 +51,7 @@ def report(b: Any, compiled: Any, n_devices: int, hbm: int = 0, hlo_text: str | 
     analytic FLOPs, the compiler's roofline step time where it gives one (TPU), collectives; with the config, so
     `mm-profile summarize --aot` can tell whether a measured run is the same step. `hlo_text`: the module's
     optimised text when the caller already has it (it is tens of MB at 8B shapes)."""
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
     from mm.train import flops as flops_lib
 
     m = memory(compiled)

@@ -21,7 +21,7 @@ def _grain_shapes(cfg: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Shapes and dtypes of one global batch of the Grain pipeline (`mm.train.grain_source`) for the config."""
     import numpy as np
 
-    from mm.train.config import has_tower, vision_config_from
+    from mm.train.schema import has_tower, vision_config_from
 
     accum = int(cfg.optim.grad_accum)
     lead = (accum, int(cfg.train.batch_size) // accum)
@@ -47,7 +47,7 @@ def _grain_shapes(cfg: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
 def abstract_batch(cfg: Any, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """One global batch's shapes, on `batch_sharding`: synthetic kinds from their source, the Grain kinds
     (`llava_json`, `preference`) from the config (seq_len, tiles per row, the ViT's image size)."""
-    from mm.train.config import GRAIN_KINDS
+    from mm.train.schema import GRAIN_KINDS
 
     if cfg.data.kind in GRAIN_KINDS:
         return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding) for k, (shape, dt) in

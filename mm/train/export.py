@@ -19,7 +19,7 @@ import numpy as np
 
 from mm import paths
 from mm.config import ConfigError, read_json
-from mm.train import config as tcfg
+from mm.train import schema as tcfg
 
 
 def read_run_config(workdir: str | Path) -> ml_collections.ConfigDict:

@@ -2,7 +2,7 @@
 
 `llm_section(path)` gives the `model.llm` dict of an HF Llama / Qwen2 directory or an mm "llm" directory;
 `vision_section(path)` the `model.vision` dict of an HF CLIP / SigLIP directory or an mm "vision" directory.
-Both return every field of the config dataclass, in the JSON-friendly form `mm.train.config` uses.
+Both return every field of the config dataclass, in the JSON-friendly form `mm.train.schema` uses.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def make_source(cfg: Any, *, seed: int | None = None, process_index: int = 0, pr
                 multimodal: bool | None = None, reference_logps: Any = None) -> Any:
     """The training (or, with `seed=data.eval_seed`, evaluation) source `data.kind` selects; `reference_logps`:
     {data path: table} of a run with `dpo.precompute_reference` (`mm.train.reference_logps.prepare`)."""
-    from mm.train.config import GRAIN_KINDS
+    from mm.train.schema import GRAIN_KINDS
 
     if cfg.data.kind in GRAIN_KINDS:
         path = source_path(cfg, evaluation=seed is not None)

@@ -30,7 +30,7 @@ from flax import traverse_util
 from mm import paths
 from mm.config import ConfigError
 from mm.models import llm, lora
-from mm.train import config as tcfg
+from mm.train import schema as tcfg
 from mm.train import models
 from mm.train import param_groups as pg
 from mm.train.checkpoint import Checkpointer, find_trained_params

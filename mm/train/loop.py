@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mm import paths
 from mm import sharding as shd
 from mm.config import ConfigError
-from mm.train import config as tcfg
+from mm.train import schema as tcfg
 from mm.train import flops as flops_lib
 from mm.train import models, param_groups as pg
 from mm.profiling.capture import Capture, compiled_step_report

@@ -23,7 +23,7 @@ import jax
 from mm.config import LLMConfig
 from mm.models.protocol import Stage
 from mm.train import param_groups as pg
-from mm.train.config import llm_config_from
+from mm.train.schema import llm_config_from
 
 Array = jax.Array
 
@@ -120,9 +120,9 @@ LM_CONFIGS: dict[str, Callable[[Any], Any]] = {"llm": llm_config_from, "llava": 
 
 def model_config(cfg: Any, image_token_id: int | None = None) -> Any:
     """What the run trains: `LM_CONFIGS[model.kind]`, inside a `VLMConfig` with the tower when the step runs a
-    ViT (`mm.train.config.has_tower`). `image_token_id` is where features go when a batch has no `image_mask`."""
+    ViT (`mm.train.schema.has_tower`). `image_token_id` is where features go when a batch has no `image_mask`."""
     from mm.config import VLMConfig
-    from mm.train.config import has_tower, vision_config_from
+    from mm.train.schema import has_tower, vision_config_from
 
     lm = LM_CONFIGS[cfg.model.kind](cfg)
     if not has_tower(cfg):
@@ -134,7 +134,7 @@ def model_config(cfg: Any, image_token_id: int | None = None) -> Any:
 
 def _projector_config(cfg: Any, c: LLMConfig) -> Any:
     from mm.config import ProjectorConfig
-    from mm.train.config import has_tower, vision_config_from
+    from mm.train.schema import has_tower, vision_config_from
 
     width = vision_config_from(cfg).hidden_size if has_tower(cfg) else int(cfg.model.vision_width)
     return ProjectorConfig(kind=cfg.model.projector, in_dim=width, out_dim=c.hidden_size,
@@ -144,7 +144,7 @@ def _projector_config(cfg: Any, c: LLMConfig) -> Any:
 def _train_model(cfg: Any) -> TrainModel:
     """The one adapter: the trainer's view of whichever `mm.models.protocol.ModelKind` the config builds."""
     from mm.models import kinds
-    from mm.train.config import has_tower
+    from mm.train.schema import has_tower
 
     model = kinds.of(model_config(cfg))
     c = model.llm

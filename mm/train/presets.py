@@ -93,7 +93,7 @@ def stage(cfg: Any, big: bool, *, projector_only: bool, rows: int) -> None:
 def stage_start(kind: str, arg: str) -> tuple[Any, str, bool]:
     """The common start of a stage config `configs/<kind>.py:STAGE[,PRESET]`: the base config with the model
     kind and the preset applied; returns (config, stage, whether the preset is big)."""
-    from mm.train.config import base_config
+    from mm.train.schema import base_config
 
     stage_name, _, preset = arg.partition(",")
     preset = preset or "tiny"

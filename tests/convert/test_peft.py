@@ -93,7 +93,7 @@ def lora_run(tmp_path_factory):
     import jax
 
     from mm.train import loop
-    from mm.train.config import base_config
+    from mm.train.schema import base_config
     from mm.train.from_checkpoints import llm_section
 
     tmp = tmp_path_factory.mktemp("lora_run")
@@ -116,7 +116,7 @@ def _mm_logits(run, ids):
     import jax.numpy as jnp
 
     from mm.models import llm
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
     from mm.train.export import trained_params
 
     cfg, params, _ = trained_params(run)

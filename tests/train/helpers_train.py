@@ -3,7 +3,7 @@ for runs of these configs through the CLI (`--config=tests/train/helpers_train.p
 
 from __future__ import annotations
 
-from mm.train.config import base_config
+from mm.train.schema import base_config
 
 GROUPS = {
     "full": [(".*", 1.0)],

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from mm.train import loop, param_groups as pg
-from mm.train.config import base_config
+from mm.train.schema import base_config
 from mm.train.from_checkpoints import llm_section
 from tests.helpers.hf_models import make_llama
 

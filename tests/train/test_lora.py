@@ -147,7 +147,7 @@ def test_adapters_shard_like_their_kernel_with_the_rank_axis_unsharded():
     ([("nothing/.*", LORA), (".*", "frozen")], "matches no kernel"),
 ])
 def test_bad_lora_rules_are_refused_by_name(groups, match):
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
 
     c = _cfg(groups)
     with pytest.raises(ConfigError, match=match):

@@ -17,7 +17,7 @@ import pytest
 
 from launch import sizes
 from mm.config import ConfigError, load_config_file
-from mm.train import config as tcfg
+from mm.train import schema as tcfg
 from mm.train import models
 from mm.train import optimizer
 from mm.train import param_groups as pg

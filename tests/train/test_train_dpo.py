@@ -22,8 +22,8 @@ import pytest
 
 from mm.config import ConfigError
 from mm.sharding import global_batch
-from mm.train import config as tcfg
-from mm.train.config import base_config
+from mm.train import schema as tcfg
+from mm.train.schema import base_config
 from mm.train.from_checkpoints import llm_section
 
 pytestmark = pytest.mark.heavy  # its own CI step (.ci/run), not the README test command

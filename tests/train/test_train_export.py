@@ -71,7 +71,7 @@ def test_export_errors_name_the_problem(data, tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         export_run(tmp_path / "nothing", tmp_path / "o")
     (tmp_path / "empty").mkdir()
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
 
     (tmp_path / "empty" / "config.json").write_text(tcfg.to_json(_cfg(data)))
     with pytest.raises(ConfigError, match="no finished training checkpoint"):
@@ -85,7 +85,7 @@ def test_vision_checkpoint_loads_and_mismatches_name_the_field(data, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from mm.convert.registry import load
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
     from mm.train import param_groups as pg
     from mm.train.from_checkpoints import vision_section
     from mm.train.loop import build
@@ -120,7 +120,7 @@ def test_vlm_export_logits_equal_the_trained_model(data, tmp_path, kind):
     import mm
     from mm.models import iaa, llava
     from mm.train import models
-    from mm.train.config import vision_config_from
+    from mm.train.schema import vision_config_from
     from mm.train.export import export_run, trained_params
     from mm.train.loop import train
 
@@ -159,7 +159,7 @@ def test_vlm_export_logits_equal_the_trained_model(data, tmp_path, kind):
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-tied"])
 def test_llm_section_reads_hf_and_mm_dirs(tmp_path, family):
     from mm.convert.registry import hf_to_mm
-    from mm.train import config as tcfg
+    from mm.train import schema as tcfg
     from mm.train.from_checkpoints import llm_section
     from tests.helpers.hf_models import make_model
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mm.config import ConfigError
-from mm.train import config as tcfg
+from mm.train import schema as tcfg
 from tests.train.helpers_train import tiny_iaa_llava, write_tiny_llava
 
 STEPS = 8
@@ -100,7 +100,7 @@ def test_tile_features_are_each_tiles_vit_features_in_row_order():
     import jax
 
     from mm.models import vision
-    from mm.train.config import base_config, vision_config_from
+    from mm.train.schema import base_config, vision_config_from
     from mm.train.models import tile_features
 
     vc = vision_config_from(base_config())

@@ -9,7 +9,7 @@ import pytest
 
 from helpers_train import tiny
 from mm.config import ConfigError
-from mm.train import config as tcfg
+from mm.train import schema as tcfg
 
 ROOT = Path(__file__).resolve().parents[2]
 
