@@ -264,7 +264,7 @@ def _merge_adapter(handle: Any, adapter: Path) -> Any:
     from mm.checkpoints.errors import ConversionError
     from mm.convert.llm_family import llm_name_map
     from mm.convert.peft_adapter import read_peft
-    from mm.models import lora
+    from mm import lora_params
 
     if not isinstance(handle, LLMHandle):
         raise ConfigError(f"adapter={adapter}: PEFT adapters load onto LLMs (HF Llama / Qwen2, mm llm dirs); "
@@ -279,7 +279,7 @@ def _merge_adapter(handle: Any, adapter: Path) -> Any:
     if scanned:
         params = llm.unscan_params(params, c.num_layers)
     flat = traverse_util.flatten_dict(params, sep="/")
-    merged = traverse_util.unflatten_dict(lora.merged({**flat, **adapters}), sep="/")
+    merged = traverse_util.unflatten_dict(lora_params.merged({**flat, **adapters}), sep="/")
     handle.params = llm.scan_params(merged, c.num_layers) if scanned else merged
     handle.source = f"{handle.source} + {adapter}"
     return handle

@@ -1,6 +1,6 @@
 """mm's import graph (function-level imports counted) has no cycle, and the layers stay in order: the library
 imports no application code (`demo_app/`, `launch/`, ...), the checkpoint engine (`mm/checkpoints/`) imports no
-family, no family imports the registry."""
+family, no family imports the registry, and neither imports model code."""
 
 import sys
 from pathlib import Path
@@ -32,6 +32,20 @@ def test_the_engine_imports_no_family_and_no_family_imports_the_registry(edges):
                           for m in engine for t in edges[m])
     families = [m for m in edges if m.startswith("mm/convert/") and not m.endswith(("registry.py", "__init__.py"))]
     assert families and all("mm/convert/registry.py" not in edges[m] for m in families)
+
+
+def test_converters_import_no_model_code(edges):
+    """Conversions read and write configs (`mm/config.py`) and tensors; the modules that compute (`mm/models/`)
+    stay out of `mm.convert` and the engine, directly or through anything they import."""
+    start = [m for m in edges if m.startswith(("mm/convert/", "mm/checkpoints/"))]
+    seen, todo = set(start), list(start)
+    while todo:
+        for t in edges[todo.pop()]:
+            if t not in seen:
+                seen.add(t)
+                todo.append(t)
+    assert len(start) > 10 and "mm/config.py" in seen
+    assert sorted(m for m in seen if m.startswith("mm/models/")) == []
 
 
 def test_the_library_imports_no_application_code():

@@ -2,7 +2,7 @@
 
 PEFT stores, per adapted HF module `M` (e.g. `model.layers.0.self_attn.q_proj`), `base_model.model.M.lora_A.weight`
 `[r, in]` and `base_model.model.M.lora_B.weight` `[out, r]`, and computes `W x + (alpha / r) B A x`. mm's
-adapters (`mm.models.lora`) are `A [in.., r]`, `B [r, out..]` next to a kernel `[in.., out..]`; the family's
+adapters (`mm.lora_params`) are `A [in.., r]`, `B [r, out..]` next to a kernel `[in.., out..]`; the family's
 name map (`mm.checkpoints.name_map`) gives each kernel's HF module. The conversion is exact (a reshape and a
 transpose), and it is checked per module: the kernel's own transform must map `[in.., out..]` to `[out, in]`
 by that same reshape + transpose, or the module is refused by name.
@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mm.checkpoints.errors import ConversionError
-from mm.models import lora
+from mm import lora_params
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -57,15 +57,15 @@ def _adapted(flat: Mapping[str, Any], name_map: Any, mm_prefix: str) -> list[tup
     p = f"{mm_prefix}/" if mm_prefix else ""
     out = []
     for k in flat:
-        if not (k.endswith("/" + lora.A) and k.startswith(p)):
+        if not (k.endswith("/" + lora_params.A) and k.startswith(p)):
             continue
-        base = k[: -len(lora.A)]
-        a, b = np.shape(flat[k]), np.shape(flat[base + lora.B])
+        base = k[: -len(lora_params.A)]
+        a, b = np.shape(flat[k]), np.shape(flat[base + lora_params.B])
         try:
             entry = name_map.entry_for_mm(tuple((base[len(p):] + "kernel").split("/")))
         except (ConversionError, KeyError) as e:
             raise ConversionError(f"{base}kernel: no HF module for this adapter ({e})") from e
-        n_stack, n_in, _ = lora.split_dims(len(np.shape(flat[base + "kernel"])), len(a), len(b))
+        n_stack, n_in, _ = lora_params.split_dims(len(np.shape(flat[base + "kernel"])), len(a), len(b))
         if n_stack:
             raise ConversionError(f"{k}: stacked (scanned) layers; export from the per-layer layout")
         out.append((base, entry, n_in))
@@ -94,8 +94,8 @@ def write_peft(dst: str | Path, flat: Mapping[str, Any], name_map: Any, *, mm_pr
     tensors, ranks, alphas = {}, {}, {}
     for base, entry, n_in in adapted:
         _check_layout(entry, n_in)
-        a, b = np.asarray(flat[base + lora.A], np.float32), np.asarray(flat[base + lora.B], np.float32)
-        s = float(np.asarray(flat[base + lora.SCALE]))
+        a, b = np.asarray(flat[base + lora_params.A], np.float32), np.asarray(flat[base + lora_params.B], np.float32)
+        s = float(np.asarray(flat[base + lora_params.SCALE]))
         r = a.shape[-1]
         m = _module(entry)
         tensors[f"{PREFIX}{m}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
@@ -171,10 +171,11 @@ def read_peft(src: str | Path, name_map: Any, candidates: Mapping[str, Any], *, 
             raise ConversionError(f"{wfile}: {key!r}: the base model has no module {module!r}")
         entry = by_module[module]
         base = p + "/".join(entry.mm_path[:-1]) + "/"
-        if base + lora.A not in candidates:
+        if base + lora_params.A not in candidates:
             raise ConversionError(f"{wfile}: {module!r} ({base}kernel) cannot carry an adapter in mm")
-        ca = candidates[base + lora.A]
-        n_stack, n_in, _ = lora.split_dims(len(entry.mm_shape), len(ca.shape), len(candidates[base + lora.B].shape))
+        ca = candidates[base + lora_params.A]
+        cb = candidates[base + lora_params.B]
+        n_stack, n_in, _ = lora_params.split_dims(len(entry.mm_shape), len(ca.shape), len(cb.shape))
         if n_stack:
             raise ConversionError(f"{src}: load adapters onto the per-layer layout (scan_layers=False)")
         _check_layout(entry, n_in)
@@ -193,9 +194,10 @@ def read_peft(src: str | Path, name_map: Any, candidates: Mapping[str, Any], *, 
             raise ConversionError(f"{wfile}: {module!r} has rank {r} but {CONFIG_FILE} says {want_r}")
         ak = _pattern_key(cfg.get("alpha_pattern") or {}, module)
         alpha = float(cfg["alpha_pattern"][ak]) if ak else float(cfg.get("lora_alpha", 8))
-        out[base + lora.A] = np.ascontiguousarray(a.astype(np.float32).T.reshape(*in_shape, r))
-        out[base + lora.B] = np.ascontiguousarray(b.astype(np.float32).T.reshape(r, *out_shape))
-        out[base + lora.SCALE] = np.asarray(lora.scale(r, alpha, bool(cfg.get("use_rslora", False))), np.float32)
+        out[base + lora_params.A] = np.ascontiguousarray(a.astype(np.float32).T.reshape(*in_shape, r))
+        out[base + lora_params.B] = np.ascontiguousarray(b.astype(np.float32).T.reshape(r, *out_shape))
+        s = lora_params.scale(r, alpha, bool(cfg.get("use_rslora", False)))
+        out[base + lora_params.SCALE] = np.asarray(s, np.float32)
     if not out:
         raise ConversionError(f"{wfile}: no LoRA weights")
     return out

@@ -96,11 +96,11 @@ def _lora(workdir: str | Path, cfg: Any, params: Any, dst: str | Path, merge_lor
           overwrite: bool) -> tuple[Any, Path | None]:
     """A LoRA run's params for the export (`merge_lora`: adapters merged into their kernels), or the PEFT
     adapter dir written (`lora_format="peft"`); a LoRA run needs one of the two, a run without adapters none."""
-    from mm.models import lora
+    from mm import lora_params
     from mm.train import param_groups as pg
 
     flat = pg.flatten(params)
-    has = any(lora.is_adapter(k) for k in flat)
+    has = any(lora_params.is_adapter(k) for k in flat)
     if not has:
         if merge_lora or lora_format:
             raise ConfigError(f"{workdir}: --merge-lora / --lora-format: this run trained no LoRA adapters")
@@ -121,7 +121,7 @@ def _lora(workdir: str | Path, cfg: Any, params: Any, dst: str | Path, merge_lor
     if not merge_lora:
         raise ConfigError(f"{workdir}: this run trained LoRA adapters; pass --merge-lora (the merged model) or "
                           "--lora-format peft (the adapters alone, for peft.PeftModel.from_pretrained)")
-    return pg.unflatten(lora.merged(flat)), None
+    return pg.unflatten(lora_params.merged(flat)), None
 
 
 def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, overwrite: bool = False,

@@ -29,7 +29,8 @@ from flax import traverse_util
 
 from mm import paths
 from mm.config import ConfigError
-from mm.models import llm, lora
+from mm import lora_params
+from mm.models import llm
 from mm.train import schema as tcfg
 from mm.train import models
 from mm.train import param_groups as pg
@@ -70,7 +71,7 @@ def _placed(loaded: Mapping[tuple[str, ...], Any], prefix: str, flat_sh: Mapping
     `prefix` (a missing one names `source`; one with no place in the model the readers already refused)."""
     p = f"{prefix}/" if prefix else ""
     out = {p + "/".join(k): v for k, v in loaded.items()}
-    missing = sorted(k for k in flat_sh if k.startswith(p) and k not in out and not lora.is_adapter(k))
+    missing = sorted(k for k in flat_sh if k.startswith(p) and k not in out and not lora_params.is_adapter(k))
     if missing:
         raise ConfigError(f"{source}: missing params {missing[:5]}")
     return out
@@ -85,7 +86,7 @@ def _load_checkpoint(key: str, path: Path, handle: str, want: Any, fields: tuple
     from mm.convert import registry
 
     source = f"{key}={path}"
-    shardings = {k: v for k, v in _subtree(flat_sh, prefix).items() if not lora.is_adapter("/".join(k))}
+    shardings = {k: v for k, v in _subtree(flat_sh, prefix).items() if not lora_params.is_adapter("/".join(k))}
     try:
         with registry.open_checkpoint(path) as opened:
             if opened.family.handle != handle:
@@ -212,10 +213,11 @@ def initial_params(cfg: Any, model: models.TrainModel, mesh: Any, flat_sh: Mappi
     previous = {} if stage is None else _restore_trained(*stage, flat_sh, flat_abstract, cfg.init.checkpoint)
     counts["previous_stage"] = len(previous)
     # adapters are never copies: an IAA branch's insertion-layer adapters start fresh, not from the base's
-    derived = {t: s for t, s in expand_derived(model.derived, lora.strip(flat_abstract)).items() if t not in previous}
+    derived = {t: s for t, s in expand_derived(model.derived, lora_params.strip(flat_abstract)).items()
+               if t not in previous}
     random_paths = [p for p in flat_abstract if p not in loaded and p not in previous and p not in derived]
     params = _random(model, cfg, mesh, flat_sh, random_paths)
-    counts["lora"] = sum(1 for p in random_paths if lora.is_adapter(p))
+    counts["lora"] = sum(1 for p in random_paths if lora_params.is_adapter(p))
     counts["random"] = len(random_paths) - counts["lora"]
     params.update(loaded)
     params.update(previous)
@@ -242,35 +244,37 @@ def load_lora(path: str | Path, model: models.TrainModel, flat_sh: Mapping[str, 
         got = read_peft(paths.local_copy(path), llm_name_map(c), llm.adapter_candidates(c), mm_prefix=model.base_prefix)
     except ConversionError as e:
         raise ConfigError(f"{source}: {e}") from e
-    want = {ad.prefix + leaf: ad for ad in model.adapters for leaf in lora.LEAVES}
+    want = {ad.prefix + leaf: ad for ad in model.adapters for leaf in lora_params.LEAVES}
     extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
     if extra or missing:
         raise ConfigError(f"{source}: adapters differ from param_groups' LoRA rules: in the dir only "
-                          f"{[lora.kernel_of(p) for p in extra[:3]]}, in the rules only "
-                          f"{[lora.kernel_of(p) for p in missing[:3]]}")
+                          f"{[lora_params.kernel_of(p) for p in extra[:3]]}, in the rules only "
+                          f"{[lora_params.kernel_of(p) for p in missing[:3]]}")
     for p, v in got.items():
         ad = want[p]
-        box = {lora.A: ad.a, lora.B: ad.b, lora.SCALE: ad.scale}[p.rsplit("/", 1)[-1]]
+        box = {lora_params.A: ad.a, lora_params.B: ad.b, lora_params.SCALE: ad.scale}[p.rsplit("/", 1)[-1]]
         if tuple(v.shape) != tuple(box.value.shape):
             raise ConfigError(f"{source}: {p} has shape {tuple(v.shape)}, the rules make {tuple(box.value.shape)} "
                               f"(rank {ad.spec.rank})")
-        if p.endswith(lora.SCALE) and not np.allclose(v, lora.scale(ad.spec.rank, ad.spec.alpha, ad.spec.rslora)):
-            raise ConfigError(f"{source}: {lora.kernel_of(p)}: scale {float(v):g} in the dir, "
-                              f"{lora.scale(ad.spec.rank, ad.spec.alpha, ad.spec.rslora):g} from the rules' alpha")
+        scale = lora_params.scale(ad.spec.rank, ad.spec.alpha, ad.spec.rslora)
+        if p.endswith(lora_params.SCALE) and not np.allclose(v, scale):
+            raise ConfigError(f"{source}: {lora_params.kernel_of(p)}: scale {float(v):g} in the dir, "
+                              f"{scale:g} from the rules' alpha")
     return {p: jax.device_put(np.asarray(v), flat_sh[p]) for p, v in got.items()}
 
 
 def abstract_reference(trainable: Any) -> dict[str, Any]:
     """The shapes (on their shardings) of the `REFERENCE_KEY` subtree `build_reference` makes for
     `dpo.reference = ""`: the trainable params less LoRA adapters."""
-    return pg.unflatten({p: v for p, v in pg.flatten(trainable).items() if not lora.is_adapter(p)})
+    return pg.unflatten({p: v for p, v in pg.flatten(trainable).items() if not lora_params.is_adapter(p)})
 
 
 def build_reference(cfg: Any, model: Any, trainable: Any, flat_sh: Mapping[str, Any], mesh: Any) -> dict[str, Any]:
     """The `REFERENCE_KEY` subtree (see the module docstring), on the params' shardings."""
     flat_t = pg.flatten(trainable)
     loaded = load_base_llm(cfg.dpo.reference, model, flat_sh) if cfg.dpo.reference else {}
-    starting = [p for p in flat_t if p not in loaded and not lora.is_adapter(p)]  # adapters: off in the reference
+    # adapters: off in the reference
+    starting = [p for p in flat_t if p not in loaded and not lora_params.is_adapter(p)]
     with jax.set_mesh(mesh):  # fresh buffers: the train step donates (and updates) the trainable arrays
         copies = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=[flat_sh[p] for p in starting])(
             [flat_t[p] for p in starting])

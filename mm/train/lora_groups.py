@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mm.config import ConfigError
-from mm.models import lora
+from mm import lora_params
 from mm.train import param_groups as pg
 
 
@@ -58,22 +58,23 @@ def plan(model: Any, candidates_abstract: Any, rules: Any) -> list[Adapter]:
         if spec is None or not path.endswith("/kernel"):
             continue
         prefix = path[: -len("kernel")]
-        if prefix + lora.A not in cand:
+        if prefix + lora_params.A not in cand:
             not_adaptable.append(path)
             continue
         if model.kind == "iaa" and path.startswith(model.base_prefix + "/"):
             raise ConfigError(f"param_groups[{i}] ({rules[i][0]!r}) puts LoRA on {path}: an IAA model's base layers "
                               "run the text workflow, which must stay the base LLM; adapt the branch's insertion "
                               "layers (e.g. 'mm/layers_\\d+/.*')")
-        k, ca, cb = flat[path], cand[prefix + lora.A], cand[prefix + lora.B]
-        n_stack, _, _ = lora.split_dims(len(k.value.shape), len(ca.value.shape), len(cb.value.shape))
+        k, ca, cb = flat[path], cand[prefix + lora_params.A], cand[prefix + lora_params.B]
+        n_stack, _, _ = lora_params.split_dims(len(k.value.shape), len(ca.value.shape), len(cb.value.shape))
         r = spec.rank
         a_shape = ca.value.shape[:-1] + (r,)
         b_shape = cb.value.shape[:n_stack] + (r,) + cb.value.shape[n_stack + 1:]
         f32 = jnp.float32
         out.append(Adapter(path, spec, n_stack, ca.replace_boxed(jax.ShapeDtypeStruct(a_shape, f32)),
                            cb.replace_boxed(jax.ShapeDtypeStruct(b_shape, f32)),
-                           cand[prefix + lora.SCALE].replace_boxed(jax.ShapeDtypeStruct(k.value.shape[:n_stack], f32))))
+                           cand[prefix + lora_params.SCALE].replace_boxed(
+                               jax.ShapeDtypeStruct(k.value.shape[:n_stack], f32))))
     if not_adaptable:
         raise ConfigError(f"param_groups: a LoRA rule matches kernels no adapter can act on: {not_adaptable[:5]} "
                           "(adaptable: attention / MLP projections of the LLM, IAA insertion layers and the ViT, "
@@ -90,15 +91,15 @@ def init_adapters(adapters: list[Adapter], rng: jax.Array) -> dict[str, jax.Arra
         shape = ad.a.value.shape
         fan_in = math.prod(shape[ad.n_stack:-1])
         bound = 1.0 / math.sqrt(fan_in)
-        out[ad.prefix + lora.A] = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-        out[ad.prefix + lora.B] = jnp.zeros(ad.b.value.shape, jnp.float32)
-        out[ad.prefix + lora.SCALE] = jnp.full(ad.scale.value.shape,
-                                               lora.scale(ad.spec.rank, ad.spec.alpha, ad.spec.rslora), jnp.float32)
+        out[ad.prefix + lora_params.A] = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+        out[ad.prefix + lora_params.B] = jnp.zeros(ad.b.value.shape, jnp.float32)
+        s = lora_params.scale(ad.spec.rank, ad.spec.alpha, ad.spec.rslora)
+        out[ad.prefix + lora_params.SCALE] = jnp.full(ad.scale.value.shape, s, jnp.float32)
     return out
 
 
 def _stages(stages: Callable[[int], list[Any]], adapters: list[Adapter]) -> Callable[[int], list[Any]]:
-    by_kernel = {ad.kernel: (ad.prefix + lora.A, ad.prefix + lora.B) for ad in adapters}
+    by_kernel = {ad.kernel: (ad.prefix + lora_params.A, ad.prefix + lora_params.B) for ad in adapters}
 
     def adapted(seq_len: int) -> list[Any]:
 
@@ -116,7 +117,8 @@ def attach(model: Any, candidates_abstract: Any, rules: Any) -> Any:
     adapters = plan(model, candidates_abstract, rules)
     flat = _flat_boxed(model.abstract)
     for ad in adapters:
-        flat.update({ad.prefix + lora.A: ad.a, ad.prefix + lora.B: ad.b, ad.prefix + lora.SCALE: ad.scale})
+        flat.update({ad.prefix + lora_params.A: ad.a, ad.prefix + lora_params.B: ad.b,
+                     ad.prefix + lora_params.SCALE: ad.scale})
     base_init = model.init
 
     def init(rng: jax.Array) -> Any:  # the base from `rng` itself: the same random base as without LoRA

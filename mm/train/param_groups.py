@@ -26,7 +26,7 @@ import jax
 from flax import traverse_util
 
 from mm.config import ConfigError
-from mm.models import lora
+from mm import lora_params
 
 FROZEN = "frozen"
 
@@ -129,7 +129,7 @@ def first_match(paths: Sequence[str], rules: Sequence[Sequence[Any]]) -> dict[st
     group_of: dict[str, int] = {}
     unmatched = []
     for p in paths:
-        q = lora.kernel_of(p) if lora.is_adapter(p) else p
+        q = lora_params.kernel_of(p) if lora_params.is_adapter(p) else p
         for i, (rx, _) in enumerate(compiled):
             if rx.fullmatch(q):
                 group_of[p] = i
@@ -151,7 +151,7 @@ def assign(paths: Sequence[str], rules: Sequence[Sequence[Any]]) -> Assignment:
         spec = lora_spec(rules[i][1], f"param_groups[{i}]")
         if spec is None:
             value_of[p] = rules[i][1]
-        elif lora.is_adapter(p) and not p.endswith("/" + lora.SCALE):
+        elif lora_params.is_adapter(p) and not p.endswith("/" + lora_params.SCALE):
             value_of[p] = spec.lr_mult
         else:
             value_of[p] = FROZEN

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from mm.dpo_losses import METRICS, DPOSettings, PairLogps, preference_loss
-from mm.models import lora
+from mm import lora_params
 from mm.train import param_groups as pg
 
 Array = jax.Array
@@ -61,7 +61,7 @@ def reference_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
     policy = {k: v for k, v in params.items() if k != REFERENCE_KEY}
     if REFERENCE_KEY not in params:
         return policy, None
-    flat = lora.strip(pg.flatten(policy))  # LoRA adapters off: the reference never holds them (TRL + PEFT)
+    flat = lora_params.strip(pg.flatten(policy))  # LoRA adapters off: the reference never holds them (TRL + PEFT)
     flat.update(pg.flatten(params[REFERENCE_KEY]))
     return policy, pg.unflatten(flat)
 
@@ -110,7 +110,8 @@ def make_loss(sequence_logps: SequenceLogps, s: DPOSettings, pixel_features: Cal
             if reference is None:
                 raise ValueError("preference loss: neither reference params nor precomputed reference log-probs")
             # a trained (or other, or LoRA-adapted) ViT: the reference computes its own features
-            own = "vision" in params[REFERENCE_KEY] or any(map(lora.is_adapter, pg.flatten(policy.get("vision", {}))))
+            own = "vision" in params[REFERENCE_KEY] or any(
+                map(lora_params.is_adapter, pg.flatten(policy.get("vision", {}))))
             ref, _, _ = pair_logps(sequence_logps, pixel_features, reference, b, None if own else feats)
         ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
         pairs = lp.shape[0] // 2

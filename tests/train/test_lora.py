@@ -15,7 +15,7 @@ import pytest
 
 from helpers_train import tiny
 from mm.config import ConfigError
-from mm.models import lora
+from mm import lora_params
 from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
 from mm.train.synthetic_source import SyntheticSource
@@ -46,7 +46,7 @@ def test_lora_run_starts_as_the_base_and_trains_only_adapters():
     base = loop.build(_cfg([("norm/.*", 1.0), (".*", "frozen")]), log=False, devices=jax.devices()[:1])
     flat = pg.flatten(pg.merge(b.state["params"], b.frozen))
     flat0 = pg.flatten(pg.merge(base.state["params"], base.frozen))
-    assert set(lora.strip(flat)) == set(flat0)
+    assert set(lora_params.strip(flat)) == set(flat0)
     for k, v in flat0.items():  # the same random base as a run without LoRA
         np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v), err_msg=k)
     trainable = set(pg.flatten(b.state["params"]))
@@ -175,7 +175,7 @@ def test_lora_on_an_iaa_base_is_refused_and_its_insertion_layers_adapt():
                                   np.asarray(frozen["base/layers_1/mlp/up_proj/kernel"]))
     x = jax.tree.map(lambda v: v[0], _batch(c, b))
     params = pg.merge(b.state["params"], b.frozen)
-    stripped = pg.unflatten(lora.strip(pg.flatten(params)))
+    stripped = pg.unflatten(lora_params.strip(pg.flatten(params)))
     for wf in ("mm", "text"):  # B = 0: both workflows equal the un-adapted model's
         assert float(b.model.eval_losses[wf](params, x)[0]) == float(b.model.eval_losses[wf](stripped, x)[0])
 
@@ -227,7 +227,7 @@ def test_vit_and_llava_llm_adapt_and_start_as_the_base():
     trainable = pg.flatten(b.state["params"])
     assert "vision/encoder/layers_0/self_attn/q_proj/lora_a" in trainable
     assert "vision/encoder/layers_0/mlp/fc1/lora_b" in trainable and "llm/layers_1/mlp/down_proj/lora_a" in trainable
-    assert not any("patch" in k or "lm_head" in k for k in trainable if lora.is_adapter(k))
+    assert not any("patch" in k or "lm_head" in k for k in trainable if lora_params.is_adapter(k))
     x = jax.tree.map(lambda v: v[0], _batch(vlm(groups), b))
     l1 = b.model.loss(pg.merge(b.state["params"], b.frozen), x)[0]
     l0 = b0.model.loss(pg.merge(b0.state["params"], b0.frozen), x)[0]
