@@ -7,7 +7,8 @@ names and shapes can be checked against safetensors headers before any data is r
 
 Entries are listed in canonical order (embeddings, layer 0..N-1, final norm, head): conversion streams in
 that order and HF output shards follow it. `save_unit(mm_path)` groups params into the units written to
-Orbax one at a time (one decoder layer, the embedding, ...), which bounds peak memory to about one unit.
+Orbax one at a time (one decoder layer, the embedding, the head, ...), which bounds peak memory to about one
+unit.
 """
 
 from __future__ import annotations
@@ -205,11 +206,13 @@ class Entry:
 
 def save_unit(mm_path: MMPath) -> MMPath:
     """The prefix written as one save unit (`mm.checkpoints.mm_dir`): up to the first numbered component
-    (`layers_3`), else the top-level key."""
+    (`layers_3`), else the module that holds the leaf (`mm/embed_tokens`): a unit outside the layers is never
+    more than one module, so the largest unit is the largest tensor (an IAA branch's embedding and head, both
+    vocab x d, are two units)."""
     for i, part in enumerate(mm_path[:-1]):
         if _NUMBERED.match(part):
             return mm_path[: i + 1]
-    return mm_path[:1]
+    return mm_path[:-1] or mm_path
 
 
 class NameMap:

@@ -124,3 +124,8 @@ def test_save_units():
     assert save_unit(("embed_tokens", "embedding")) == ("embed_tokens",)
     assert save_unit(("vision", "encoder", "layers_0", "mlp", "fc1", "kernel")) == ("vision", "encoder", "layers_0")
     assert save_unit(("norm", "scale")) == ("norm",)
+    # outside the layers a unit is one module, never a whole top-level subtree (an IAA branch's embedding and
+    # head are vocab x d each)
+    assert save_unit(("mm", "embed_tokens", "embedding")) == ("mm", "embed_tokens")
+    assert save_unit(("mm", "lm_head", "kernel")) == ("mm", "lm_head")
+    assert save_unit(("mm", "layers_2", "mlp", "up_proj", "kernel")) == ("mm", "layers_2")
