@@ -90,7 +90,8 @@ def _handler(writing: bool = False) -> ocp.PyTreeCheckpointHandler:
     kw: dict[str, Any] = {}
     if writing:  # units are numpy trees never touched after `add`: no defensive copy (it doubled peak RSS)
         kw["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()))  # none are written; its absence logs a warning
     return ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False, **kw)
 
 

@@ -117,9 +117,9 @@ class MMDirReader(Reader):
         tree = mmd.load_param_paths(self.directory, keys, dt, {k: self._meta[k].shape for k in keys}, shardings)
         return traverse_util.flatten_dict(tree)
 
-    def iter(self, keys: Sequence[Key]) -> Iterator[tuple[Key, np.ndarray]]:
+    def iter(self, keys: Sequence[Key], read_ahead_bytes: int = 1024**3) -> Iterator[tuple[Key, np.ndarray]]:
         """Consecutive keys of one save unit are restored together; unit k+1 is restored on a thread while the
-        caller works on unit k (two units in memory at most)."""
+        caller works on unit k when both fit in `read_ahead_bytes` (else once the caller is done with k)."""
         groups: list[list[MMPath]] = []
         for k in keys:
             if groups and save_unit(groups[-1][-1]) == save_unit(k):
@@ -128,14 +128,18 @@ class MMDirReader(Reader):
                 groups.append([k])
         if not groups:
             return
+        size = [sum(self._meta[k].nbytes for k in g) for g in groups]
         with ThreadPoolExecutor(1, thread_name_prefix="mm-dir-read") as pool:
             nxt = pool.submit(self._restore, groups[0])
             for i, group in enumerate(groups):
                 flat = nxt.result()
-                nxt = pool.submit(self._restore, groups[i + 1]) if i + 1 < len(groups) else None
+                ahead = i + 1 < len(groups) and size[i] + size[i + 1] <= read_ahead_bytes
+                nxt = pool.submit(self._restore, groups[i + 1]) if ahead else None
                 for k in group:
                     yield k, np.asarray(flat.pop(k))
                 del flat
+                if nxt is None and i + 1 < len(groups):
+                    nxt = pool.submit(self._restore, groups[i + 1])
 
     def read_placed(self, keys: Sequence[Key], shardings: Mapping[Key, Any], dtypes: Mapping[Key, Any]
                     ) -> dict[Key, Any]:

@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from mm.checkpoints import mm_dir as mmd
+from mm.checkpoints.errors import ConversionError
 from mm.checkpoints.name_map import Box, MMPath
 from mm.checkpoints.readers import Key
 from mm.checkpoints.safetensors_io import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedSafetensorsWriter
@@ -115,7 +116,10 @@ class PlacedWriter(Writer):
 
 class MMDirWriter(Writer):
     """`directory/params/` unit by unit (`mm_dir.ParamWriter`); the caller writes the manifest and stages the
-    directory (`mm.checkpoints.staging`)."""
+    directory (`mm.checkpoints.staging`). A unit is handed to Orbax as soon as its last tensor arrives, and
+    the room for the next unit is reserved right then, before the engine reads any of it: a unit in flight
+    and the next one's tensors (read, then transposed) are in memory together only when both fit in
+    `ParamWriter.overlap_bytes`."""
 
     side = "mm"
 
@@ -125,28 +129,34 @@ class MMDirWriter(Writer):
     def start(self, plan: Sequence[Planned]) -> None:
         super().start(plan)
         self._unit_bytes: dict[MMPath, int] = {}
+        self._left: dict[MMPath, int] = {}
         for p in self.plan:
             self._unit_bytes[p.unit] = self._unit_bytes.get(p.unit, 0) + p.nbytes
+            self._left[p.unit] = self._left.get(p.unit, 0) + 1
+        self._order = list(self._unit_bytes)  # units in the order the engine streams them
+        self._next = 0
         self._unit_of = {p.key: p.unit for p in self.plan}
         self._params = mmd.ParamWriter(self.directory)
-        self._current: MMPath | None = None
         self._pending: dict[MMPath, np.ndarray] = {}
+        self._reserve_next()
 
-    def _flush(self) -> None:
-        if self._pending:
-            self._params.add(traverse_util.unflatten_dict(self._pending))
-            self._pending = {}
+    def _reserve_next(self) -> None:
+        if self._next < len(self._order):
+            self._params.reserve(self._unit_bytes[self._order[self._next]])
+            self._next += 1
 
     def write(self, key: Key, array: np.ndarray) -> None:
         unit = self._unit_of[key]
-        if unit != self._current:
-            self._flush()
-            self._current = unit
-            self._params.reserve(self._unit_bytes[unit])
         self._pending[key] = array
+        self._left[unit] -= 1
+        if self._left[unit] == 0:  # the unit is complete: to Orbax, then make room for the next one
+            self._params.add(traverse_util.unflatten_dict(self._pending))
+            self._pending = {}
+            self._reserve_next()
 
     def finish(self) -> Path:
-        self._flush()
+        if self._pending:
+            raise ConversionError(f"{self.directory}: units left incomplete: {sorted(self._pending)[:3]}")
         self._params.finalize()
         return self.directory
 
