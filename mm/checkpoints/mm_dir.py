@@ -96,9 +96,15 @@ def _handler(writing: bool = False) -> ocp.PyTreeCheckpointHandler:
 
 
 def _save_args(tree: Any) -> Any:
-    # Orbax's default chunking wrote at ~0.3 GB/s here; 128 MiB chunks reach disk speed (~1.5 GB/s) while
-    # staying small enough for sharded restores to read little beyond what each host needs.
-    return jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+    """Chunks of at most `CHUNK_BYTES` (sharded restores read little beyond what each host needs) where they
+    are slabs along axis 0, else one chunk. Orbax splits the largest axis first: a `[d, vocab]` head would be
+    cut into column chunks, which TensorStore first copies out of the array (a second head-sized buffer for
+    the unit in flight, measured +0.98 GiB at 8B shapes, and kept by the allocator afterwards); slabs and a
+    single chunk are written from the array in place at the same speed."""
+    def args(x: Any) -> Any:
+        slabs = x.ndim == 0 or x.shape[0] == max(x.shape)
+        return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) if slabs else ocp.SaveArgs()
+    return jax.tree.map(args, tree)
 
 
 def unit_dirs(mm_dir: str | Path) -> list[Path]:
