@@ -127,3 +127,33 @@ def test_lm_eval_command_line_runs_the_model_by_name(setup, tmp_path):
     assert len(files) == 1
     res = json.loads(files[0].read_text())["results"]["mm_tiny_mc"]
     assert res["acc,none"] == _evaluate(f"path={llm},batch_size=4", include)["results"]["mm_tiny_mc"]["acc,none"]
+
+
+def test_compare_base_and_iaa_in_one_report(setup, tmp_path):
+    """`mm-eval compare`: lm-eval tasks on the base and the IAA text workflow (identical), a VLM benchmark on the
+    IAA image workflow, one report; the command exits 0 when identical."""
+    from PIL import Image
+
+    llm, iaa, include = setup
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "img" / "a.png")
+    pope = tmp_path / "coco_pope_random.json"
+    pope.write_text("".join(json.dumps({"question_id": k, "image": "a.png", "text": f"is there a cat {k}?",
+                                        "label": "yes"}) + "\n" for k in range(2)))
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "launch.eval", "compare", "--base", str(llm), "--model", str(iaa),
+                        "--tasks", "mm_tiny_mc,mm_tiny_ppl", "--include-path", str(include), "--vlm-tasks",
+                        f"pope={pope}@{tmp_path / 'img'}", "--out", str(tmp_path / "out"), "--batch-size", "4"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "text workflow IDENTICAL to the base on 4 metrics" in r.stdout
+    res = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert res["identical"] and res["items"] == {"mm_tiny_mc": [4, 4], "mm_tiny_ppl": [2, 2]}
+    assert [(x["task"], x["metric"]) for x in res["text"]] == [
+        ("mm_tiny_mc", "acc"), ("mm_tiny_ppl", "word_perplexity"), ("mm_tiny_ppl", "byte_perplexity"),
+        ("mm_tiny_ppl", "bits_per_byte")]
+    assert all(x["base"] == x["iaa_text"] for x in res["text"])
+    assert res["vlm"]["pope"]["workflow"] == "mm" and res["vlm"]["pope"]["samples"] == 2
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "**identical to**" in md and "## pope (workflow mm)" in md
+    assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"
