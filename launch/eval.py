@@ -20,14 +20,13 @@ import argparse
 import sys
 from typing import Sequence
 
-BENCHMARKS = ("mme", "mmbench", "pope", "refcoco")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from mm.eval.catalog import NAMES
+
     p = argparse.ArgumentParser(prog="mm-eval", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="answer and score one benchmark; resumable")
-    r.add_argument("benchmark", choices=BENCHMARKS)
+    r.add_argument("benchmark", choices=NAMES)
     r.add_argument("--model", required=True, help="mm VLM dir (IAA or LLaVA-style) or HF Llava dir")
     r.add_argument("--data", required=True, help="the benchmark's file(s) in its published format (mm.eval.<name>)")
     r.add_argument("--image-root", default=None, help="directory the items' image paths are relative to")

@@ -4,7 +4,7 @@ A benchmark reads its published files into `Item`s (one generated answer each) a
 records the runner writes (`runner.py`): each record is `{"index", "id", "prediction", "image_size", **ref}`
 with the item's `ref` (what the scorer needs: the answer, the category, ...). `score(records)` returns the
 summary: `{"metrics": {name: value}, "tables": {title: [row dicts]}}`; `chart` names the table and the
-column the report plots.
+column the report plots. The benchmarks by name: `mm.eval.catalog`.
 """
 
 from __future__ import annotations
@@ -38,18 +38,6 @@ class Benchmark:
     chart: tuple[str, str]
     workflow: str = "mm"
     max_new_tokens: int = 16
-
-
-def get(name: str) -> Benchmark:
-    from mm.eval import mmbench, mme, pope, refcoco
-
-    known = {b.name: b for b in (mme.BENCHMARK, mmbench.BENCHMARK, pope.BENCHMARK, refcoco.BENCHMARK)}
-    if name not in known:
-        raise ConfigError(f"benchmark {name!r}: choose one of {sorted(known)}")
-    return known[name]
-
-
-NAMES = ("mme", "mmbench", "pope", "refcoco")
 
 
 def data_files(data: str, suffixes: Sequence[str]) -> list[Path]:

@@ -24,7 +24,7 @@ from mm.paths import write_atomic
 
 def parse_vlm_tasks(spec: str) -> list[tuple[str, str, str | None]]:
     """"pope=DATA@IMAGES,mme=DIR" -> [(benchmark, data, image_root or None)]; ConfigError naming the part."""
-    from mm.eval.benchmarks import NAMES
+    from mm.eval.catalog import NAMES
 
     out = []
     for part in [p for p in (spec or "").split(",") if p.strip()]:

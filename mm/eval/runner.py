@@ -104,10 +104,10 @@ def run(bench: Benchmark | str, model: Any, data: str, *, out_dir: str, image_ro
     `process` / `processes`: this process's shard (default: jax's process index and count)."""
     import jax
 
-    from mm.eval import benchmarks, report
+    from mm.eval import catalog, report
     from mm.ppl import load_vlm
 
-    bench = benchmarks.get(bench) if isinstance(bench, str) else bench
+    bench = catalog.get(bench) if isinstance(bench, str) else bench
     if batch_size < 1 or chunk_rows < 1:
         raise ConfigError(f"batch_size={batch_size}, chunk_rows={chunk_rows} must be positive")
     items = bench.read(str(data), image_root)
