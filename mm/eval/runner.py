@@ -49,7 +49,6 @@ class Images:
         self.root = image_root
 
     def __call__(self, item: Item) -> tuple[np.ndarray, tuple[int, int]]:
-        from mm.data import images as img_lib
         from mm.data.sources import read_image
 
         data = item.image
@@ -57,12 +56,21 @@ class Images:
             if self.root is None:
                 raise ConfigError(f"item {item.id}: its image {data!r} is a path; pass --image-root")
             data = read_image(self.root, data, item.id)
-        image = img_lib.load_image(data, name=item.id)
+        return self.decoded(data, item.id)
+
+    def decoded(self, data: Any, name: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """Encoded bytes, a file or a PIL image -> (pixels, (width, height))."""
+        from mm.data import images as img_lib
+
+        image = img_lib.load_image(data, name=name)
         return self.tiler(image)[0], (image.width, image.height)
 
 
-def _prompt(prompter: Any, question: str, placeholder: int, tiles: int) -> list[int]:
-    ids = prompter(question, True, placeholder)
+def prompt_ids(prompter: Any, question: str, placeholder: int, tiles: int) -> list[int]:
+    """The chat prompt of `question` with `tiles` image placeholders (one a tile) opening the user turn, or none."""
+    ids = prompter(question, tiles > 0, placeholder)
+    if tiles == 0:
+        return ids
     k = ids.index(placeholder)
     return ids[:k] + [placeholder] * tiles + ids[k + 1:]
 
@@ -81,7 +89,7 @@ def answer(handle: Any, items: Sequence[Item], images: Images, *, workflow: str,
         px, size = images(it)
         pixels.append(px)
         sizes.append(size)
-        prompts.append(_prompt(prompter, it.question, handle.image_token, px.shape[0]))
+        prompts.append(prompt_ids(prompter, it.question, handle.image_token, px.shape[0]))
 
     def gen(rows: Any, **kw: Any) -> np.ndarray:
         return handle.generate(rows, workflow=workflow, **kw)

@@ -46,3 +46,53 @@ def write_lm_eval_tasks(root: Path) -> Path:
         output_type, body = _BODIES[task]
         (root / f"{task}.yaml").write_text(_YAML.format(task=task, data=data, output_type=output_type, body=body))
     return root
+
+
+# ------------------------------------------------------------------------------------------------ lmms-eval
+_LMMS_UTILS = '''from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+'''
+_LMMS_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: {output_type}
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: "{{{{question}}}}"
+{body}"""
+_LMMS_BODIES = {
+    "mm_tiny_vqa": ("generate_until", 'doc_to_target: "answer"\ngeneration_kwargs:\n  until: ["."]\n'
+                    '  max_new_tokens: 5\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n'),
+    "mm_tiny_vmc": ("multiple_choice", 'doc_to_choice: "{{choices}}"\ndoc_to_target: "answer"\n'
+                    'metric_list:\n  - metric: acc\n'),
+}
+LMMS_TASKS = tuple(_LMMS_BODIES)
+
+
+def write_lmms_eval_tasks(root: Path, sizes=((28, 28), (40, 28), (28, 50))) -> Path:
+    """Two lmms-eval tasks over generated images (`root/img/*.png`, absolute paths in the JSON rows): a short
+    answer (generate_until) and a multiple choice (loglikelihood); returns the include_path."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "img").mkdir(exist_ok=True)
+    rs = np.random.RandomState(3)
+    rows = []
+    for k, (w, h) in enumerate(sizes):
+        path = root / "img" / f"v{k}.png"
+        Image.fromarray(rs.randint(0, 255, (h, w, 3), np.uint8)).save(path)
+        rows.append({"image": str(path), "question": f"what is in the image {k}?", "answer": "a dog",
+                     "choices": ["a dog", "a red mat", "the river"], "label": k % 3})
+    (root / "utils.py").write_text(_LMMS_UTILS)
+    for task, (output_type, body) in _LMMS_BODIES.items():
+        data = root / f"{task}.json"
+        data.write_text(json.dumps([{**r, "answer": r["label"]} if task == "mm_tiny_vmc" else r for r in rows]))
+        (root / f"{task}.yaml").write_text(_LMMS_YAML.format(task=task, data=data, output_type=output_type,
+                                                             body=body))
+    return root
