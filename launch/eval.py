@@ -74,10 +74,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_harness(module: str, what: str) -> None:
+    import importlib.util
+
+    from mm.config import ConfigError
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{what} needs {module} (the eval extra: docs/evaluation.md, 'Installing the harnesses')")
+
+
 def _compare(args: argparse.Namespace) -> int:
     from launch.cli import require_paths
 
     require_paths(base=args.base, model=args.model, include_path=args.include_path)
+    _need_harness("lm_eval", "mm-eval compare")
     from mm.eval import compare
 
     vlm = compare.parse_vlm_tasks(args.vlm_tasks)
@@ -90,6 +100,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _lm_eval(argv: Sequence[str]) -> int:
+    _need_harness("lm_eval", "mm-eval lm-eval")
     from mm.eval import harness_lm
 
     return harness_lm.cli(list(argv))
@@ -97,10 +108,11 @@ def _lm_eval(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["lm-eval"]:
-        return _lm_eval(argv[1:])
-    args = build_parser().parse_args(argv)
     from launch import cli
+
+    if argv[:1] == ["lm-eval"]:
+        return cli.run("mm-eval", _lm_eval, argv[1:])
+    args = build_parser().parse_args(argv)
 
     return cli.run("mm-eval", _run if args.command == "run" else _compare, args)
 

@@ -142,3 +142,6 @@ def test_cli_bad_input_exits_2(tmp_path):
                                            "directory\n")
     r = _cli("run", "nosuch", "--model", "x", "--data", "y", "--out", "z")
     assert r.returncode == 2 and "invalid choice: 'nosuch'" in r.stderr
+    r = _cli("compare", "--base", str(tmp_path), "--model", str(tmp_path), "--tasks", "x", "--out", "o",
+             "--vlm-tasks", "pope")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("mm-eval: error: ")
