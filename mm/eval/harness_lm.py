@@ -7,8 +7,9 @@ lm-eval 0.4 has no plugin entry point for models, so the name exists in a proces
 `mm-eval lm-eval` is lm-eval's own command line with it imported first.
 
 model_args: `path` (any dir `mm.from_pretrained` loads: HF / mm LLMs, IAA / LLaVA-style VLMs), `workflow`
-(default "text": for IAA the frozen base LLM), `batch_size`, `max_length`, `dtype`, `mesh` ("fsdp:-1/tensor:2":
-params sharded over every device), `bucket` (width rounding of batches). Requests go to
+(default "text": for IAA the frozen base LLM; "mm" without images for a LLaVA-style model, its trained LLM),
+`batch_size`, `max_length`, `dtype`, `mesh` ("fsdp:-1/tensor:2": params sharded over every device), `bucket`
+(width rounding of batches). Requests go to
 `mm.eval.text_model.TextModel`: `loglikelihood`, `loglikelihood_rolling` and `generate_until` (greedy, stop
 strings from `until`, `max_gen_toks`; sampling arguments are refused rather than ignored), each batched with a
 progress bar; `apply_chat_template` renders with the checkpoint tokenizer's template (`--apply_chat_template`).
@@ -31,7 +32,7 @@ def _bool(v: Any) -> bool:
 
 @register_model("mm")
 class MMLM(LM):
-    def __init__(self, path: str, workflow: str = "text", batch_size: int | str = 8, max_length: int | None = None,
+    def __init__(self, path: str, workflow: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
                  dtype: str | None = None, mesh: str | None = None, bucket: int = 32, progress: Any = True,
                  **unused: Any) -> None:
         super().__init__()

@@ -2,7 +2,8 @@
 log-likelihoods of continuations and greedy generation up to stop strings, batched, with few compiled shapes.
 
 An LLM dir runs its LLM; a VLM dir runs `workflow` ("text" for IAA is the frozen base LLM, so an IAA model
-scores exactly what its base scores). Sequences start with the tokenizer's BOS when it has one and the text
+scores exactly what its base scores; by default "text" where the model has it, else its "mm" workflow without
+images: a LLaVA-style model's trained LLM). Sequences start with the tokenizer's BOS when it has one and the text
 does not already begin with it (*choice*: what Llama / Qwen2 checkpoints were trained with; an empty context is
 the BOS alone). Longer inputs keep their last `max_length` tokens.
 
@@ -40,7 +41,7 @@ def parse_mesh(spec: str | None) -> Any:
 class TextModel:
     """`path` (or a loaded handle) + the workflow the text runs in. `logits_calls` counts model forwards."""
 
-    def __init__(self, path: Any, *, workflow: str = "text", batch_size: int = 8, max_length: int | None = None,
+    def __init__(self, path: Any, *, workflow: str | None = None, batch_size: int = 8, max_length: int | None = None,
                  dtype: str | None = None, mesh: Any = None, bucket: int = 32, progress: bool = False):
         import mm
         from mm.api import VLMHandle
@@ -48,6 +49,8 @@ class TextModel:
         self.handle = path if hasattr(path, "generate") else mm.from_pretrained(
             path, dtype=dtype, mesh=parse_mesh(mesh) if isinstance(mesh, str) or mesh is None else mesh)
         self.vlm = isinstance(self.handle, VLMHandle)
+        if workflow is None:
+            workflow = "text" if not self.vlm or "text" in self.handle.workflows else "mm"
         if self.vlm and workflow not in self.handle.workflows:
             raise ConfigError(f"workflow={workflow!r}: {path} has {self.handle.workflows}")
         if not self.vlm and workflow != "text":
