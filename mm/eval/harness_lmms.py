@@ -60,6 +60,15 @@ class MMLMMs(lmms):
         self.stops = stop_tokens(self.handle)
         self.task_dict: dict[str, Any] = {}
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MMLMMs":
+        """`--model_args` win over lmms-eval's own `--batch_size` (its device settings do not apply: the mesh
+        places the model)."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        extra = {k: v for k, v in (additional_config or {}).items() if k == "batch_size" and v is not None}
+        return cls(**{**extra, **simple_parse_args_string(arg_string)})
+
     # ---------------------------------------------------------------------------------------------- inputs
     def _visuals(self, doc_to_visual: Any, doc_id: Any, task: str, split: str) -> list[Any]:
         if doc_to_visual is None:

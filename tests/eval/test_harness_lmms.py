@@ -87,8 +87,9 @@ def test_answers_equal_the_handle(setup):
 def test_lmms_eval_command_line_finds_mm(setup, tmp_path):
     model, include = setup
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "mm", "--model_args", f"path={model}",
-                        "--tasks", "mm_tiny_vmc", "--include_path", str(include), "--batch_size", "1",
+    r = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "mm", "--model_args",
+                        f"path={model},batch_size=2", "--tasks", "mm_tiny_vmc", "--include_path", str(include),
+                        "--batch_size", "1",
                         "--output_path", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
