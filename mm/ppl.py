@@ -79,7 +79,9 @@ class ScoreResult:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _load_model(model: Any, dtype: str | None, local_devices: int) -> Any:
+def load_vlm(model: Any, dtype: str | None, local_devices: int) -> Any:
+    """A `VLMHandle` for `model` (a dir, or a handle passed through), data-parallel over `local_devices` of this
+    process's devices (-1: all; 1: the default device); ConfigError for a checkpoint that is not a VLM."""
     import jax
 
     import mm
@@ -283,7 +285,7 @@ def score(model: Any, data: Any, *, image_root: str | None = None, out_dir: str 
                           "must be positive (max_len >= 2)")
     rows = read_rows(data)
     total = len(rows)
-    handle = _load_model(model, dtype, local_devices)
+    handle = load_vlm(model, dtype, local_devices)
     tok = handle.tokenizer
     if tokenizer is not None:
         from transformers import AutoTokenizer

@@ -293,7 +293,7 @@ def test_array_record_input_and_a_local_device_mesh_score_the_same(iaa, tmp_path
     f.write_text(json.dumps(rows))
     pack_llava(str(f), str(root), str(tmp_path / "shards"), num_shards=1)
     assert jax.local_device_count() >= 4
-    assert dict(ppl._load_model(model, None, 4).runtime.mesh.shape)["data"] == 4
+    assert dict(ppl.load_vlm(model, None, 4).runtime.mesh.shape)["data"] == 4
     base = ppl.score(model, f, image_root=str(root), batch_size=4, max_len=256, progress=False)
     ar = ppl.score(model, tmp_path / "shards", batch_size=4, max_len=256, progress=False)
     dp = ppl.score(model, f, image_root=str(root), batch_size=4, max_len=256, local_devices=4, progress=False)

@@ -44,3 +44,19 @@ def tiny_iaa_vlm_with_tokenizer(path: Path, scale: float = 3.0) -> Path:
     cfg = model / "mm_config.json"
     cfg.write_text(cfg.read_text().replace(f'"image_token_id": {PH}', '"image_token_id": 4'))
     return model
+
+
+def tiny_llm_and_iaa(path: Path, scale: float = 3.0) -> tuple[Path, Path]:
+    """(base LLM dir, IAA VLM dir) where the IAA's frozen base is that LLM, param for param, both with the tiny
+    test tokenizer (placeholder `<image>`, id 4): an IAA model and the LLM it was built on."""
+    import jax
+
+    from mm.convert import registry
+    from tests.helpers.tokenizer import make_tokenizer
+
+    model = tiny_iaa_vlm_with_tokenizer(path / "iaa", scale=scale)
+    cfg, params = tiny_iaa_vlm(path / "_scratch", scale=scale)[1:]  # the same seeds: the same params
+    llm_dir = registry.save("llm", cfg.lm.llm, jax.tree.map(np.asarray, params["base"]), path / "llm")
+
+    make_tokenizer(64).save_pretrained(str(llm_dir))
+    return llm_dir, model
