@@ -20,7 +20,7 @@ Array = jax.Array
 
 
 class ModelKind(Protocol):
-    name: str  # "llm" | "llava" | "iaa" | "vlm"
+    name: str  # "llm" | "llava" | "iaa" | "vlm" (POINTS' dual tower too)
     llm: LLMConfig  # the base decoder LLM
     base_prefix: str  # where the base LLM's params live in the tree ("" llm, "llm" llava, "base" iaa)
     workflows: tuple[str, ...]
@@ -94,9 +94,10 @@ def head_stage(prefix: str, c: LLMConfig) -> Stage:
     return Stage((w,), 0.0, (_join(prefix, "norm/scale"),))
 
 
-def projector_stages(prefix: str, kind: str) -> list[Stage]:
-    depth = 1 if kind == "linear" else (0 if kind == "identity" else int(kind[3:].split("x")[0]))
-    return [Stage((f"{prefix}/linear_{k}/kernel",), 0.0, (f"{prefix}/linear_{k}/bias",)) for k in range(depth)]
+def projector_stages(prefix: str, projector: Any) -> list[Stage]:
+    """A `ProjectorConfig`'s Linears, once per feature source it merges (POINTS: general + OCR)."""
+    return [Stage((f"{prefix}/linear_{k}/kernel",), 0.0, (f"{prefix}/linear_{k}/bias",), float(projector.sources))
+            for k in range(projector.depth)]
 
 
 def vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) -> list[Stage]:
