@@ -128,17 +128,29 @@ def model_config(cfg: Any, image_token_id: int | None = None) -> Any:
     if not has_tower(cfg):
         return lm
     extra = {} if image_token_id is None else {"image_token_id": image_token_id}
-    return VLMConfig(vision=vision_config_from(cfg), lm=lm, feature_layer=int(cfg.model.vision_select_layer),
-                     feature="patch", **extra)
+    vc = vision_config_from(cfg)
+    return VLMConfig(vision=vc, lm=lm, feature_layer=int(cfg.model.vision_select_layer), feature="patch",
+                     ocr_vision=vc if _points(cfg, "ocr_tower") else None,
+                     pixel_shuffle=_points(cfg, "pixel_shuffle"), **extra)
+
+
+def _points(cfg: Any, key: str) -> Any:
+    """A POINTS key of `model` (`mm.train.schema`); config.json files from before the keys have none."""
+    return cfg.model.get(key, {"ocr_tower": False, "pixel_shuffle": False, "ocr_weight": 0.5}[key])
 
 
 def _projector_config(cfg: Any, c: LLMConfig) -> Any:
+    """The projector; with POINTS' OCR tower it takes both towers' features and merges them (w, 1 - w)."""
     from mm.config import ProjectorConfig
     from mm.train.schema import has_tower, vision_config_from
 
     width = vision_config_from(cfg).hidden_size if has_tower(cfg) else int(cfg.model.vision_width)
+    if has_tower(cfg) and _points(cfg, "pixel_shuffle"):
+        width *= 4
+    w = float(_points(cfg, "ocr_weight"))
+    merge = (w, 1.0 - w) if has_tower(cfg) and _points(cfg, "ocr_tower") else ()
     return ProjectorConfig(kind=cfg.model.projector, in_dim=width, out_dim=c.hidden_size,
-                           dtype=c.dtype, param_dtype=c.param_dtype)
+                           dtype=c.dtype, param_dtype=c.param_dtype, merge=merge)
 
 
 def _train_model(cfg: Any) -> TrainModel:
