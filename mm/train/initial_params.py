@@ -151,7 +151,7 @@ def renamed(path: str, renames: Any) -> str:
 
 def _restore_trained(ckdir: Path, step: int, meta: Mapping[str, Any], flat_sh: Mapping[str, Any],
                      flat_abstract: Mapping[str, Any], source: str, renames: Any = (),
-                     skip: Any = frozenset()) -> dict[str, jax.Array]:
+                     skip: Any = frozenset(), which: str = "previous") -> dict[str, jax.Array]:
     """The params the previous stage trained that exist in this model (their names through `renames`, those in
     `skip` left out), on their shardings."""
     import orbax.checkpoint as ocp
@@ -171,7 +171,7 @@ def _restore_trained(ckdir: Path, step: int, meta: Mapping[str, Any], flat_sh: M
         out = ck.restore(ckdir / str(step) / "state", args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
     got = {renamed(p, renames): v for p, v in pg.flatten(out["params"]).items() if p in target}
-    _log(f"init: {len(got)} params from stage {ckdir}/{step}")
+    _log(f"init: {len(got)} params from {which} stage {ckdir}/{step}")
     return got
 
 
@@ -185,7 +185,8 @@ def _restore_stages(cfg: Any, stage: tuple[Path, int, dict[str, Any]], flat_sh: 
     renames = tcfg.checkpoint_renames(cfg)
     source, seen = str(cfg.init.checkpoint), set()
     while stage is not None:
-        got.update(_restore_trained(*stage, flat_sh, flat_abstract, source, renames, skip=got))
+        got.update(_restore_trained(*stage, flat_sh, flat_abstract, source, renames, skip=got,
+                                    which="previous" if not seen else "earlier"))
         seen.add(source)
         src = stage[2].get("frozen_source", {})
         earlier = str(src.get("checkpoint") or "")
