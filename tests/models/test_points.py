@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mm.config import ConfigError, LLaVAConfig, ProjectorConfig, VLMConfig
+from mm.config import ConfigError, LLaVAConfig, ProjectorConfig, VisionConfig, VLMConfig
 from mm.convert import registry
 from mm.data import images as img_lib
 from mm.models import kinds
@@ -143,3 +143,18 @@ def test_points_config_checks(parts):
         VLMConfig(vision=cfg.vision, lm=cfg.lm, pixel_shuffle=True, ocr_vision=cfg.vision.replace(num_layers=2))
     with pytest.raises(ConfigError, match="merge"):
         ProjectorConfig(in_dim=64, out_dim=32, merge=(1.5, -0.5))
+
+
+def test_tokens_per_image_at_1920x1080():
+    """A 1920x1080 image at release shapes: CATTY 4x2 tiles + thumbnail, 144 positions each with pixel shuffle
+    (1296), 576 without (5184)."""
+    from mm.data.tiling import catty_plan
+    from mm.train import presets
+
+    vc = VisionConfig(**presets.CLIP_VIT_L_336)
+    lm = LLaVAConfig(llm=LLaVAConfig().llm, projector=ProjectorConfig(in_dim=4096, out_dim=4096, merge=(0.5, 0.5)))
+    plan = catty_plan(1920, 1080, 336, 8, True)
+    assert plan.grid == (4, 2) and plan.num_images == 9
+    shuffled = VLMConfig(vision=vc, lm=lm, ocr_vision=vc, pixel_shuffle=True).tokens_per_image * plan.num_images
+    plain = VLMConfig(vision=vc, lm=LLaVAConfig(llm=lm.llm, projector=ProjectorConfig(in_dim=1024))).tokens_per_image
+    assert (shuffled, plain * plan.num_images) == (1296, 5184)

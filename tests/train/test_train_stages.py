@@ -11,7 +11,6 @@ import pytest
 
 from mm.config import load_config_file
 from mm.models import llm as llm_lib
-from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
 from mm.train.schema import llm_config_from
 from mm.train.synthetic_source import SyntheticSource
