@@ -106,7 +106,8 @@ def points_count(stage: str, preset: str = "points_yi9b") -> list[tuple[str, int
 
     if stage not in POINTS_STAGES:
         raise ValueError(f"--stage {stage!r}: POINTS stages are {', '.join(POINTS_STAGES)}")
-    cfg = load_config_file(f"{Path(__file__).resolve().parents[1] / 'configs' / 'points.py'}:{stage},{preset}")
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config_file(f"{root}/configs/points.py:{stage},{preset}")
     flat = pg.flatten(nn.unbox(models.build(cfg).abstract))
     assignment = pg.assign(list(flat), list(cfg.param_groups))
     rows: dict[tuple[str, bool], int] = {}

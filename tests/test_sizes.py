@@ -2,6 +2,8 @@
 
 from launch import sizes
 
+POINTS_CONFIG = "configs/points.py"  # what `mm-sizes --model points` reads (named here: a Bazel data dependency)
+
 
 def _totals(rows):
     return sum(n for _, n, t in rows if t), sum(n for _, n, _ in rows)
