@@ -44,6 +44,7 @@ def get_config(arg: str = "ocr_vit"):
     c, stage, big = presets.stage_start("vlm", arg)
     c.name = c.name.replace("vlm_", "points_", 1)
     c.model.pixel_shuffle = True
+    c.data.tiling = "catty"  # the Grain pipeline's tiles; an exported model's handle tiles the same way
     c.optim.update(dict(warmup_frac=0.03, min_lr_ratio=0.0))
     if big:
         c.data.update(dict(max_tiles=8, template="chat" if stage == "instruct" else "plain"))

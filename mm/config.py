@@ -540,8 +540,13 @@ class VLMConfig:
     image_token_id: int = IMAGE_TOKEN_ID
     ocr_vision: VisionConfig | None = None  # POINTS' OCR ViT; None: one tower
     pixel_shuffle: bool = False  # 2x2 patch neighbourhoods on channels: a quarter of the tokens, 4x the width
+    # how a handle cuts an image into tiles of the tower's size (`mm.data.pipeline.ImageTiler`, as training did):
+    # "square" (padded to a square, one tile) or "catty" (POINTS: CATTY tiles + thumbnail)
+    tiling: str = "square"
 
     def __post_init__(self) -> None:
+        if self.tiling not in ("square", "catty"):
+            raise ConfigError(f"vlm.tiling={self.tiling!r}: 'square' or 'catty'")
         projectors = [b.projector for b in self.lm.branches] if isinstance(self.lm, IAAConfig) else [self.lm.projector]
         width = self.vision.hidden_size * (4 if self.pixel_shuffle else 1)
         widths = [p.in_dim for p in projectors]
@@ -611,7 +616,8 @@ def vlm_config_to_json(config: VLMConfig) -> dict[str, Any]:
         lm_d = {"kind": "llava", "llm": lm.llm.to_json_dict(), "projector": lm.projector.to_json_dict(),
                 "bidirectional_image_attention": lm.bidirectional_image_attention}
     out = {"vision": config.vision.to_json_dict(), "lm": lm_d, "feature_layer": config.feature_layer,
-           "feature": config.feature, "image_token_id": config.image_token_id, "pixel_shuffle": config.pixel_shuffle}
+           "feature": config.feature, "image_token_id": config.image_token_id, "pixel_shuffle": config.pixel_shuffle,
+           "tiling": config.tiling}
     if config.ocr_vision is not None:
         out["ocr_vision"] = config.ocr_vision.to_json_dict()
     return out
@@ -634,5 +640,6 @@ def vlm_config_from_json(d: dict[str, Any], source: str = "vlm config") -> VLMCo
     return VLMConfig(vision=VisionConfig.from_json_dict(d["vision"], source=f"{source}: vision"), lm=lm,
                      feature_layer=int(d["feature_layer"]), feature=d["feature"],
                      image_token_id=int(d["image_token_id"]), pixel_shuffle=bool(d.get("pixel_shuffle", False)),
+                     tiling=str(d.get("tiling", "square")),
                      ocr_vision=None if d.get("ocr_vision") is None else VisionConfig.from_json_dict(
                          d["ocr_vision"], source=f"{source}: ocr_vision"))

@@ -131,7 +131,8 @@ def model_config(cfg: Any, image_token_id: int | None = None) -> Any:
     vc = vision_config_from(cfg)
     return VLMConfig(vision=vc, lm=lm, feature_layer=int(cfg.model.vision_select_layer), feature="patch",
                      ocr_vision=vc if _points(cfg, "ocr_tower") else None,
-                     pixel_shuffle=_points(cfg, "pixel_shuffle"), **extra)
+                     pixel_shuffle=_points(cfg, "pixel_shuffle"),
+                     tiling="catty" if str(cfg.data.tiling) == "catty" else "square", **extra)
 
 
 def _points(cfg: Any, key: str) -> Any:

@@ -158,3 +158,37 @@ def test_tokens_per_image_at_1920x1080():
     shuffled = VLMConfig(vision=vc, lm=lm, ocr_vision=vc, pixel_shuffle=True).tokens_per_image * plan.num_images
     plain = VLMConfig(vision=vc, lm=LLaVAConfig(llm=lm.llm, projector=ProjectorConfig(in_dim=1024))).tokens_per_image
     assert (shuffled, plain * plan.num_images) == (1296, 5184)
+
+
+def test_points_mm_dir_handle_tiles_images_itself(parts, tmp_path):
+    """The model saved as an mm `vlm` dir, loaded sharded (`mesh=`): the handle cuts PIL images / paths into the
+    same CATTY tiles as the data pipeline, its logits match the transformers composition, and text comes out."""
+    import dataclasses
+
+    import mm
+    from mm.sharding import make_mesh
+    from tests.helpers.tokenizer import make_tokenizer
+
+    cfg, params = _mm_model(parts[0], parts[4])
+    cfg = dataclasses.replace(cfg, image_token_id=4, tiling="catty")  # the test tokenizer's `<image>`
+    make_tokenizer(128).save_pretrained(str(tmp_path / "tok"))
+    out = registry.save("vlm", cfg, params, tmp_path / "points", tokenizer_dir=tmp_path / "tok")
+    h = mm.from_pretrained(out, mesh=make_mesh({"fsdp": -1, "tensor": 2}))
+    assert h.config == cfg and set(h.params) == {"vision", "ocr_vision", "llm", "projector"}
+
+    ids, mask, tiles = _prompt()
+    rng = np.random.default_rng(0)  # the images of `_prompt`
+    pics = [Image.fromarray(rng.integers(0, 255, (40, 90, 3), np.uint8)),
+            Image.fromarray(rng.integers(0, 255, (75, 30, 3), np.uint8))]
+    pics[1].save(tmp_path / "tall.png")
+    pix, counts = h.tile([pics[0], tmp_path / "tall.png"])
+    assert counts == [len(t.pixel_values) for t in tiles]
+    np.testing.assert_array_equal(pix, np.concatenate([t.pixel_values for t in tiles]))
+    prompt = [1, 9, 4, 11, 12, 4, 13, 14]
+    got = h.logits([prompt], pixel_values=[pix], image_tiles=[counts])[0]
+    ref = _reference(parts, [4 if m else t for t, m in zip(ids, mask)], mask, tiles)
+    assert float(np.abs(got - ref).max()) <= 1e-4
+    first = h.generate([prompt], pixel_values=[pix], image_tiles=[counts], max_new_tokens=1)[0, 0]
+    assert first == int(np.argmax(ref[-1]))
+    text = h.generate_text("<image> describe <image>", [pics[0], tmp_path / "tall.png"], max_new_tokens=4)
+    assert isinstance(text, str)
