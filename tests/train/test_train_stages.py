@@ -103,9 +103,11 @@ def _llama(v, d, f, n, heads, kv, hd):  # embedding, n layers (q, k, v, o, gate,
     return v * d + n * (d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * f + 2 * d) + d + d * v
 
 
+@pytest.mark.heavy  # three stages trained end to end and an export: ~1-2 min on 2 cores
 def test_points_stage_chain_trains_what_the_recipe_says(tmp_path, capsys):
     """ocr_vit -> pretrain -> instruct on the tiny preset: trainable params counted by hand per stage; pretrain's
-    OCR ViT is ocr_vit's trained ViT, and instruct gets it back from ocr_vit through pretrain (which froze it)."""
+    OCR ViT is ocr_vit's trained ViT, and instruct gets it back from ocr_vit through pretrain (which froze it);
+    pretrain exported (`export-run`) loads as a two-tower VLMHandle with the trained weights."""
     one = jax.devices()[:1]
     d1, d2 = tmp_path / "ocr_vit", tmp_path / "pretrain"
     c1 = _cfg("configs/points.py:ocr_vit")
@@ -132,6 +134,18 @@ def test_points_stage_chain_trains_what_the_recipe_says(tmp_path, capsys):
                                   s1["projector/linear_0/kernel"])
     loop.train(c2, d2, devices=one)
     s2 = _saved_params(d2, 3)
+
+    # export-run: the two-tower model as an mm dir that mm.from_pretrained loads as a VLMHandle
+    import mm
+    from mm.train.export import export_run
+
+    h = mm.from_pretrained(export_run(d2, tmp_path / "exported"))
+    assert h.config.ocr_vision is not None and h.config.pixel_shuffle and h.config.tiling == "catty"
+    assert h.config.lm.projector.merge == (0.5, 0.5)
+    exported = pg.flatten(jax.device_get(h.params))
+    np.testing.assert_array_equal(exported[f"ocr_vision/{q}"], s1[f"vision/{q}"])
+    np.testing.assert_array_equal(exported["vision/encoder/layers_3/mlp/fc1/kernel"],
+                                  s2["vision/encoder/layers_3/mlp/fc1/kernel"])
 
     b3 = loop.build(_cfg("configs/points.py:instruct", **{"init.checkpoint": str(d2)}), log=False, devices=one)
     assert count(b3) == proj + _llama(256, 64, 128, 2, 4, 2, 16)
