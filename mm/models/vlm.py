@@ -120,9 +120,10 @@ class VLMKind(protocol.KindDefaults):
     def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
         return self.lm.init_cache(workflow, batch, max_len)
 
-    def stages(self, seq_len: int, workflow: str = "mm") -> list[protocol.Stage]:
-        """The tower's layers up to the feature layer (per patch token, scaled to text tokens), then the LLM
-        side's; the text workflow runs no tower."""
+    def stages(self, seq_len: int, workflow: str = "mm", tiles_per_row: int = 1) -> list[protocol.Stage]:
+        """Each tower's layers up to the feature layer (per patch token of the `tiles_per_row` tiles a row's
+        pixels hold, padding tiles included - the tower runs on them - scaled to text tokens; the towers are
+        parallel branches), then the LLM side's; the text workflow runs no tower."""
         out = self.lm.stages(seq_len, workflow)
         if workflow == TEXT:
             return out
@@ -130,7 +131,7 @@ class VLMKind(protocol.KindDefaults):
         for name, vc in self.config.towers:
             n_vis = vc.grid_size ** 2 + (1 if vc.has_class_token else 0)
             upto = vision.select_layer_index(self.config.feature_layer, vc.num_layers)
-            towers += protocol.vit_stages(name, vc, n_vis, n_vis / seq_len, upto)
+            towers += protocol.vit_stages(name, vc, n_vis, tiles_per_row * n_vis / seq_len, upto)
         return towers + out
 
     def derived(self) -> dict[str, str]:

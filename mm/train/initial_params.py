@@ -136,7 +136,7 @@ def _inherit_frozen_sources(cfg: Any, meta: Mapping[str, Any]) -> None:
     config is updated, so the run's own checkpoints record them too."""
     src = meta.get("frozen_source", {})
     for key in ("llm_checkpoint", "vision_checkpoint", "ocr_vision_checkpoint"):
-        if not cfg.init[key] and src.get(key):
+        if not cfg.init.get(key) and src.get(key):
             cfg.init[key] = str(src[key])
             _log(f"init: {key} = {src[key]} (from the previous stage {cfg.init.checkpoint})")
 

@@ -198,7 +198,7 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
     meta = {"trainable_paths": b.assignment.trainable_paths, "frozen_source": {
         "llm_checkpoint": cfg.init.llm_checkpoint, "checkpoint": cfg.init.checkpoint,
         "vision_checkpoint": cfg.init.vision_checkpoint, "seed": int(cfg.init.seed),
-        "ocr_vision_checkpoint": cfg.init.ocr_vision_checkpoint,
+        "ocr_vision_checkpoint": cfg.init.get("ocr_vision_checkpoint", ""),
         "checkpoint_renames": [list(p) for p in tcfg.checkpoint_renames(cfg)]},
         "model_kind": cfg.model.kind}
     state = b.state

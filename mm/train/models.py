@@ -157,7 +157,7 @@ def _projector_config(cfg: Any, c: LLMConfig) -> Any:
 def _train_model(cfg: Any) -> TrainModel:
     """The one adapter: the trainer's view of whichever `mm.models.protocol.ModelKind` the config builds."""
     from mm.models import kinds
-    from mm.train.schema import has_tower
+    from mm.train.schema import GRAIN_KINDS, has_tower
 
     model = kinds.of(model_config(cfg))
     c = model.llm
@@ -182,8 +182,11 @@ def _train_model(cfg: Any) -> TrainModel:
     # evaluated (and decoded during eval): the trained workflow, and the base LLM's own text workflow beside it
     evals = dict.fromkeys([wf] + (["text"] if "text" in model.workflows and wf != "text" else []))
     tower = has_tower(cfg)
+    # tiles a row's pixels hold: the Grain pipeline's tile budget, one image in a synthetic row
+    tiles = {"tiles_per_row": int(cfg.data.max_tiles_per_row) if cfg.data.kind in GRAIN_KINDS else 1} if tower else {}
     return TrainModel(cfg.model.kind, c, model.abstract_params(), model.init_params, make_loss(wf),
-                      {w: make_loss(w) for w in evals}, lambda seq_len: model.stages(seq_len, wf), model.base_prefix,
+                      {w: make_loss(w) for w in evals}, lambda seq_len: model.stages(seq_len, wf, **tiles),
+                      model.base_prefix,
                       {w: model.decode_fns(w) for w in evals}, model.image_features if tower else None,
                       model.derived(), sequence_logps)
 

@@ -303,7 +303,7 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
                           "in the step (needs data.kind = 'llava_json' with model.kind llava / iaa, or model.kind vlm)")
     _check_points(cfg)
     for key in ("llm_checkpoint", "checkpoint", "vision_checkpoint", "ocr_vision_checkpoint", "lora_checkpoint"):
-        path = cfg.init[key]
+        path = cfg.init.get(key, "")
         if path and path not in pending_paths and not paths.as_path(path).exists():
             raise ConfigError(f"config key init.{key} = {path!r}: no such file or directory")
     if cfg.init.lora_checkpoint:
@@ -357,17 +357,18 @@ def checkpoint_renames(cfg: Any) -> list[tuple[str, str]]:
 
 def _check_points(cfg: Any) -> None:
     """The POINTS keys: an OCR tower, its checkpoint and the merge weight need model.kind vlm; renames are pairs."""
-    m, init = cfg.model, cfg.init
-    if (m.ocr_tower or m.pixel_shuffle) and m.kind != "vlm":
-        key = "ocr_tower" if m.ocr_tower else "pixel_shuffle"
+    m, init = cfg.model, cfg.init  # .get: a config.json from before these keys has none of them
+    ocr_tower, shuffle, w = m.get("ocr_tower", False), m.get("pixel_shuffle", False), m.get("ocr_weight", 0.5)
+    if (ocr_tower or shuffle) and m.kind != "vlm":
+        key = "ocr_tower" if ocr_tower else "pixel_shuffle"
         raise ConfigError(f"config key model.{key} = True needs model.kind = 'vlm' (the ViTs in the step), "
                           f"got {m.kind!r}")
-    if init.ocr_vision_checkpoint and not m.ocr_tower:
+    if init.get("ocr_vision_checkpoint") and not ocr_tower:
         raise ConfigError(f"config key init.ocr_vision_checkpoint = {init.ocr_vision_checkpoint!r}: model.ocr_tower "
                           "is False (no OCR ViT to load it into)")
-    if not 0.0 <= float(m.ocr_weight) <= 1.0:
-        raise ConfigError(f"config key model.ocr_weight = {m.ocr_weight}: w in w * general + (1 - w) * ocr, in [0, 1]")
-    for i, pair in enumerate(init.checkpoint_renames):
+    if not 0.0 <= float(w) <= 1.0:
+        raise ConfigError(f"config key model.ocr_weight = {w}: w in w * general + (1 - w) * ocr, in [0, 1]")
+    for i, pair in enumerate(init.get("checkpoint_renames", ())):
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, str) and x for x in pair)):
             raise ConfigError(f"config key init.checkpoint_renames[{i}] = {pair!r}: expected [from, to] subtree names")
 
