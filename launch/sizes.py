@@ -2,6 +2,7 @@
 
     mm-sizes --llm llama3-8b --model iaa14            # ~4.13B trainable in the mm branch, Llama-3-8B frozen
     mm-sizes --llm path/to/config.json --model llava --stage 2 --vision clip-l-336
+    mm-sizes --model points --stage pretrain           # POINTS' release shapes, trainable per configs/points.py
 
 Nothing is allocated: shapes come from `jax.eval_shape` of the model's init, so an 8B or 70B config is
 counted in a second on a laptop. Trainable follows the paper's recipes: IAA trains the branch (projector,
@@ -92,6 +93,32 @@ def count(model: str, llm_spec: str, vision_spec: str | None = "clip-l-336", sta
     return [(m, n, t) for m, (n, t) in rows.items()]
 
 
+POINTS_STAGES = ("ocr_vit", "pretrain", "instruct")
+
+
+def points_count(stage: str, preset: str = "points_yi9b") -> list[tuple[str, int, bool]]:
+    """`(module, parameters, trainable)` rows of a POINTS stage (`configs/points.py:STAGE,PRESET`), trainability
+    from the stage's own parameter groups (a module with trained and frozen params gives a row of each)."""
+    import flax.linen as nn
+
+    from mm.config import load_config_file
+    from mm.train import models, param_groups as pg
+
+    if stage not in POINTS_STAGES:
+        raise ValueError(f"--stage {stage!r}: POINTS stages are {', '.join(POINTS_STAGES)}")
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config_file(f"{root}/configs/points.py:{stage},{preset}")
+    flat = pg.flatten(nn.unbox(models.build(cfg).abstract))
+    assignment = pg.assign(list(flat), list(cfg.param_groups))
+    rows: dict[tuple[str, bool], int] = {}
+    for name, leaf in flat.items():
+        keys = name.split("/")
+        module = "/".join(keys[:2]) if len(keys) > 2 else keys[0]
+        key = (re.sub(r"_\d+$", "_*", module), assignment.is_trainable(name))
+        rows[key] = rows.get(key, 0) + int(leaf.size)
+    return [(m, n, t) for (m, t), n in rows.items()]
+
+
 def render(rows: list[tuple[str, int, bool]]) -> str:
     total = sum(n for _, n, _ in rows)
     train = sum(n for _, n, t in rows if t)
@@ -105,10 +132,11 @@ def render(rows: list[tuple[str, int, bool]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mm-sizes", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, choices=["iaa14", "iaa8", "llava"])
+    p.add_argument("--model", required=True, choices=["iaa14", "iaa8", "llava", "points"])
     p.add_argument("--llm", default="llama3-8b", help=f"preset {sorted(LLM_PRESETS)} or an HF config.json / dir")
     p.add_argument("--vision", default="clip-l-336", help=f"preset {sorted(VISION_PRESETS)}, an HF dir, or 'none'")
-    p.add_argument("--stage", type=int, default=2, choices=[1, 2], help="LLaVA stage (1: projector only)")
+    p.add_argument("--stage", default=None, help="LLaVA stage 1 (projector only) or 2 (default); POINTS stage "
+                   f"{' | '.join(POINTS_STAGES)} (default pretrain; configs/points.py, release shapes)")
     args = p.parse_args(argv)
     from launch import cli
 
@@ -116,7 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_sizes(args: argparse.Namespace) -> int:
-    print(render(count(args.model, args.llm, None if args.vision == "none" else args.vision, args.stage)))
+    if args.model == "points":
+        print(render(points_count(args.stage or "pretrain")))
+        return 0
+    if args.stage not in (None, "1", "2"):
+        raise ValueError(f"--stage {args.stage!r}: LLaVA stages are 1 and 2")
+    stage = int(args.stage or 2)
+    print(render(count(args.model, args.llm, None if args.vision == "none" else args.vision, stage)))
     return 0
 
 

@@ -357,7 +357,9 @@ class VLMHandle:
     def workflows(self) -> tuple[str, ...]:
         return self._model.workflows
 
-    def _prepare(self, input_ids: Any, pixel_values: Any, workflow: str) -> tuple:
+    def _prepare(self, input_ids: Any, pixel_values: Any, workflow: str, image_tiles: Any = None) -> tuple:
+        """Placeholders expanded to each image's positions: `tokens_per_image` a tile, one tile an image unless
+        `image_tiles` (per row, the tile count of each image: its tiles are consecutive in `pixel_values`)."""
         from mm.models.splice import expand_placeholders
 
         if workflow not in self.workflows:
@@ -377,18 +379,21 @@ class VLMHandle:
         pix = np.zeros((len(rows), n_max) + tuple(shape), np.float32)
         expanded, masks = [], []
         for i, (r, p) in enumerate(zip(rows, per_row)):
-            counts = [self.config.tokens_per_image] * sum(1 for t in r if t == self.image_token)
-            ids, m = expand_placeholders(r, self.image_token, counts)
-            if len(counts) > len(p):
-                raise ValueError(f"prompt {i} has {len(counts)} image placeholders but {len(p)} images")
+            n_images = sum(1 for t in r if t == self.image_token)
+            tiles = [1] * n_images if image_tiles is None else list(image_tiles[i])
+            if len(tiles) != n_images or sum(tiles) > len(p):
+                raise ValueError(f"prompt {i} has {n_images} image placeholders for {len(p)} tiles "
+                                 f"({'one an image' if image_tiles is None else tiles})")
+            ids, m = expand_placeholders(r, self.image_token, [n * self.config.tokens_per_image for n in tiles])
             pix[i, :len(p)] = p
             expanded.append(ids)
             masks.append(np.asarray(m, bool))
         return expanded, pix, masks
 
-    def logits(self, input_ids: Any, *, pixel_values: Any = None, workflow: str = "mm") -> np.ndarray:
+    def logits(self, input_ids: Any, *, pixel_values: Any = None, workflow: str = "mm",
+               image_tiles: Any = None) -> np.ndarray:
         """float32 logits `[B, T', V]` over the expanded sequence (left-padded when ragged)."""
-        rows, pix, masks = self._prepare(input_ids, pixel_values, workflow)
+        rows, pix, masks = self._prepare(input_ids, pixel_values, workflow, image_tiles)
         width = max(len(r) for r in rows)
         ids, att = left_pad(rows, width, 0)
         img = None
@@ -409,9 +414,9 @@ class VLMHandle:
 
     def generate(self, input_ids: Any, *, pixel_values: Any = None, workflow: str = "mm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 stop_tokens: Sequence[int] | None = None, seed: int = 0) -> np.ndarray:
+                 stop_tokens: Sequence[int] | None = None, seed: int = 0, image_tiles: Any = None) -> np.ndarray:
         """New tokens `[B, max_new_tokens]`; cached decoding in the chosen workflow."""
-        rows, pix, masks = self._prepare(input_ids, pixel_values, workflow)
+        rows, pix, masks = self._prepare(input_ids, pixel_values, workflow, image_tiles)
         if workflow not in self._generators:
             pad = self.config.lm.llm.pad_token_id
             self._generators[workflow] = self.runtime.generator(self._model.decode_fns(workflow),
@@ -423,6 +428,47 @@ class VLMHandle:
                                        temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops,
                                        seed=seed, extra=extra)
         return out
+
+
+    def tile(self, images: Any) -> tuple[np.ndarray, list[int]]:
+        """PIL images or paths -> (their tiles `[sum n_i, 3, T, T]` in order, n_i per image), cut as the model's
+        training data was (`config.tiling`: CATTY tiles + thumbnail for POINTS, a padded square otherwise; the
+        data pipeline's `ImageTiler`, CLIP normalisation, tiles of the tower's image size)."""
+        from mm.data import images as img_lib
+        from mm.data.pipeline import DataConfig, ImageTiler
+
+        tiler = ImageTiler(DataConfig(tiling=self.config.tiling, tile=self.config.vision.image_size))
+        tiles = []
+        for im in images:
+            pic = img_lib.to_rgb(im) if not isinstance(im, (str, Path)) else img_lib.load_image(str(im))
+            tiles.append(tiler(pic)[0])
+        return np.concatenate(tiles), [len(t) for t in tiles]
+
+    def generate_text(self, prompt: str, images: Any = (), *, workflow: str = "mm", **kw: Any) -> str:
+        """Text in (with `mm.data.conversations.IMAGE_PLACEHOLDER` where each image goes; without any, the images
+        come first), images as PIL images or paths (tiled here, `tile`), generated text out (up to the first stop
+        token; `generate`'s options in `kw`). Needs the checkpoint's tokenizer."""
+        from mm.data.conversations import IMAGE_PLACEHOLDER
+
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source}: no tokenizer files found next to the checkpoint")
+        images = [images] if isinstance(images, (str, Path)) or hasattr(images, "size") else list(images)
+        if images and IMAGE_PLACEHOLDER not in prompt:
+            prompt = IMAGE_PLACEHOLDER * len(images) + "\n" + prompt
+        parts = prompt.split(IMAGE_PLACEHOLDER)
+        ids = list(self.tokenizer(parts[0])["input_ids"])
+        for part in parts[1:]:
+            ids += [self.image_token] + list(self.tokenizer(part, add_special_tokens=False)["input_ids"])
+        pix, tiles = self.tile(images) if images else (None, None)
+        out = self.generate([ids], pixel_values=None if pix is None else [pix], workflow=workflow,
+                            image_tiles=None if tiles is None else [tiles], **kw)[0]
+        stops = set(self.config.lm.llm.eos_token_id if kw.get("stop_tokens") is None else kw["stop_tokens"])
+        toks = []
+        for t in out.tolist():
+            if t in stops:
+                break
+            toks.append(t)
+        return self.tokenizer.decode(toks, skip_special_tokens=True)
 
 
 def _abstract(handle: str, config: Any) -> Any:

@@ -406,14 +406,30 @@ class ProjectorConfig:
     out_dim: int = 4096
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # POINTS' shared projector over several feature sources (general + OCR ViT): the input holds the sources side
+    # by side on its last axis (`len(merge) * in_dim`), each is projected by the same weights and the results are
+    # merged as `sum(merge[i] * projected_i)`; () = one source, no merge
+    merge: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if len(self.merge) == 1 or any(not 0.0 <= w <= 1.0 for w in self.merge):
+            raise ConfigError(f"projector.merge={self.merge}: () or one weight in [0, 1] per feature source (>= 2)")
         if self.kind not in ("linear", "identity") and not _MLP.match(self.kind):
             raise ConfigError(f"projector.kind={self.kind!r}: choose linear, identity or mlp<N>x_gelu")
         if _MLP.match(self.kind) and int(_MLP.match(self.kind).group(1)) < 1:
             raise ConfigError(f"projector.kind={self.kind!r}: depth must be >= 1")
         if self.kind == "identity" and self.in_dim != self.out_dim:
             raise ConfigError(f"projector.kind='identity' needs in_dim == out_dim, got {self.in_dim}, {self.out_dim}")
+
+    @property
+    def sources(self) -> int:
+        """Feature sources the input holds side by side (`merge`)."""
+        return max(1, len(self.merge))
+
+    @property
+    def input_width(self) -> int:
+        """The width of the features the projector takes: `in_dim` per source."""
+        return self.in_dim * self.sources
 
     @property
     def depth(self) -> int:
@@ -425,14 +441,19 @@ class ProjectorConfig:
         return int(_MLP.match(self.kind).group(1))
 
     def to_json_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.merge:  # one source: the files of single-tower models stay as they were
+            del d["merge"]
+        else:
+            d["merge"] = list(self.merge)
+        return d
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any], source: str = "projector") -> "ProjectorConfig":
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}")
-        return cls(**d)
+        return cls(**{**d, "merge": tuple(d.get("merge", ()))})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,27 +521,67 @@ class IAAConfig:
         return (TEXT,) + tuple(b.name for b in self.branches)
 
 
+# what makes two ViTs "the same architecture" for POINTS' dual encoder (their features share one projector)
+TOWER_ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size",
+                     "patch_size", "num_channels")
+
+
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
+    """A ViT tower (`vision`) in front of an IAA / LLaVA-style LM side; POINTS (DESIGN.md section 4) adds an
+    OCR tower of the same architecture (`ocr_vision`, params `ocr_vision/`) and pixel shuffle. With two towers
+    the projector's `merge` holds (w, 1 - w): both towers' features go through the one projector and are merged
+    `w * general + (1 - w) * ocr` after it."""
+
     vision: VisionConfig = VisionConfig()
     lm: IAAConfig | LLaVAConfig = LLaVAConfig()
     feature_layer: int = -2  # penultimate layer, as LLaVA and IAA
     feature: str = "patch"  # "patch" drops CLIP's class token, "cls_patch" keeps it
     image_token_id: int = IMAGE_TOKEN_ID
+    ocr_vision: VisionConfig | None = None  # POINTS' OCR ViT; None: one tower
+    pixel_shuffle: bool = False  # 2x2 patch neighbourhoods on channels: a quarter of the tokens, 4x the width
+    # how a handle cuts an image into tiles of the tower's size (`mm.data.pipeline.ImageTiler`, as training did):
+    # "square" (padded to a square, one tile) or "catty" (POINTS: CATTY tiles + thumbnail)
+    tiling: str = "square"
 
     def __post_init__(self) -> None:
-        widths = ([b.projector.in_dim for b in self.lm.branches] if isinstance(self.lm, IAAConfig)
-                  else [self.lm.projector.in_dim])
-        if any(w != self.vision.hidden_size for w in widths):
-            raise ConfigError(f"projector in_dim {widths} != vision.hidden_size {self.vision.hidden_size}")
+        if self.tiling not in ("square", "catty"):
+            raise ConfigError(f"vlm.tiling={self.tiling!r}: 'square' or 'catty'")
+        projectors = [b.projector for b in self.lm.branches] if isinstance(self.lm, IAAConfig) else [self.lm.projector]
+        width = self.vision.hidden_size * (4 if self.pixel_shuffle else 1)
+        widths = [p.in_dim for p in projectors]
+        if any(w != width for w in widths):
+            raise ConfigError(f"projector in_dim {widths} != vision.hidden_size {self.vision.hidden_size}"
+                              + (" x 4 (pixel shuffle)" if self.pixel_shuffle else ""))
+        towers = 1 if self.ocr_vision is None else 2
+        if any(p.sources != towers for p in projectors):
+            raise ConfigError(f"projector merge {[p.merge for p in projectors]}: {towers} tower(s) need "
+                              f"{'() (one source)' if towers == 1 else '(w, 1 - w)'}")
+        if self.ocr_vision is not None:
+            diff = [f for f in TOWER_ARCH_FIELDS if getattr(self.ocr_vision, f) != getattr(self.vision, f)]
+            if diff:
+                raise ConfigError(f"ocr_vision differs from vision in {diff}: the dual encoder needs one architecture")
+        if self.pixel_shuffle:
+            grid = self.vision.image_size // self.vision.patch_size
+            if self.feature != "patch" or grid % 2:
+                raise ConfigError(f"pixel_shuffle needs feature='patch' and an even patch grid (got "
+                                  f"{self.feature!r}, {grid}x{grid})")
 
     @property
     def is_iaa(self) -> bool:
         return isinstance(self.lm, IAAConfig)
 
     @property
+    def towers(self) -> tuple[tuple[str, VisionConfig], ...]:
+        """(param subtree, config) of each ViT, in the order their features sit side by side."""
+        return (("vision", self.vision),) + (() if self.ocr_vision is None else (("ocr_vision", self.ocr_vision),))
+
+    @property
     def tokens_per_image(self) -> int:
+        """Image positions per image (or tile): its patches, a quarter of them with pixel shuffle."""
         n = (self.vision.image_size // self.vision.patch_size) ** 2
+        if self.pixel_shuffle:
+            return n // 4
         return n + (1 if self.feature == "cls_patch" else 0)
 
     @property
@@ -539,7 +600,8 @@ def vlm_with_runtime(config: VLMConfig, **options: Any) -> VLMConfig:
     else:
         lm = dataclasses.replace(lm, llm=lm.llm.replace(**options),
                                  projector=dataclasses.replace(lm.projector, **proj_opts))
-    return dataclasses.replace(config, vision=config.vision.replace(**options), lm=lm)
+    ocr = None if config.ocr_vision is None else config.ocr_vision.replace(**options)
+    return dataclasses.replace(config, vision=config.vision.replace(**options), lm=lm, ocr_vision=ocr)
 
 
 def vlm_config_to_json(config: VLMConfig) -> dict[str, Any]:
@@ -553,8 +615,12 @@ def vlm_config_to_json(config: VLMConfig) -> dict[str, Any]:
     else:
         lm_d = {"kind": "llava", "llm": lm.llm.to_json_dict(), "projector": lm.projector.to_json_dict(),
                 "bidirectional_image_attention": lm.bidirectional_image_attention}
-    return {"vision": config.vision.to_json_dict(), "lm": lm_d, "feature_layer": config.feature_layer,
-            "feature": config.feature, "image_token_id": config.image_token_id}
+    out = {"vision": config.vision.to_json_dict(), "lm": lm_d, "feature_layer": config.feature_layer,
+           "feature": config.feature, "image_token_id": config.image_token_id, "pixel_shuffle": config.pixel_shuffle,
+           "tiling": config.tiling}
+    if config.ocr_vision is not None:
+        out["ocr_vision"] = config.ocr_vision.to_json_dict()
+    return out
 
 
 def vlm_config_from_json(d: dict[str, Any], source: str = "vlm config") -> VLMConfig:
@@ -573,4 +639,7 @@ def vlm_config_from_json(d: dict[str, Any], source: str = "vlm config") -> VLMCo
         raise ConfigError(f"{source}: lm.kind={lm_d['kind']!r}; choose iaa or llava")
     return VLMConfig(vision=VisionConfig.from_json_dict(d["vision"], source=f"{source}: vision"), lm=lm,
                      feature_layer=int(d["feature_layer"]), feature=d["feature"],
-                     image_token_id=int(d["image_token_id"]))
+                     image_token_id=int(d["image_token_id"]), pixel_shuffle=bool(d.get("pixel_shuffle", False)),
+                     tiling=str(d.get("tiling", "square")),
+                     ocr_vision=None if d.get("ocr_vision") is None else VisionConfig.from_json_dict(
+                         d["ocr_vision"], source=f"{source}: ocr_vision"))

@@ -2,6 +2,8 @@
 
 from launch import sizes
 
+POINTS_CONFIG = "configs/points.py"  # what `mm-sizes --model points` reads (named here: a Bazel data dependency)
+
 
 def _totals(rows):
     return sum(n for _, n, t in rows if t), sum(n for _, n, _ in rows)
@@ -25,3 +27,19 @@ def test_llava_stages_and_render():
     assert abs(s2 - s1 - 8.03e9) / 8.03e9 < 0.01
     text = sizes.render(sizes.count("llava", "llama3-8b", vision_spec=None, stage=1))
     assert "trainable" in text and "(0.02B)" in text
+
+
+def test_points_release_stage_counts_by_hand():
+    """configs/points.py at release shapes: CLIP ViT-L/14-336 towers, Yi-1.5-9B-Chat; trainable by each stage's
+    parameter groups (mm-sizes --model points --stage S)."""
+    vit_layer = 4 * (1024 * 1024 + 1024) + (1024 * 4096 + 4096) + (4096 * 1024 + 1024) + 4 * 1024
+    vit_below = 3 * 14 * 14 * 1024 + 1024 + 577 * 1024 + 2 * 1024  # patch conv, class, positions, pre-layernorm
+    mlp = (4 * 1024 * 4096 + 4096) + (4096 * 4096 + 4096)  # pixel-shuffled 4C -> D -> D
+    yi = 2 * 64000 * 4096 + 48 * (2 * 4096 * 4096 + 2 * 4096 * 512 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+    want = {"ocr_vit": vit_below + 23 * vit_layer + mlp, "pretrain": 3 * vit_layer + mlp, "instruct": mlp + yi}
+    vit = vit_below + 24 * vit_layer + 2 * 1024  # + the unused last layer and post-layernorm
+    for stage, n in want.items():
+        trainable, total = _totals(sizes.points_count(stage))
+        assert trainable == n, (stage, trainable, n)
+        assert total == yi + mlp + vit * (1 if stage == "ocr_vit" else 2)
+    assert want == {"ocr_vit": 324_471_808, "pretrain": 71_351_296, "instruct": 8_862_969_856}

@@ -51,14 +51,30 @@ def _write_llava(opened: Opened, stage: Path, dst: Path, dtype: str, max_shard_b
 _HF_LAYOUTS = {IAAConfig: (_release_name_map, _write_release), LLaVAConfig: (_llava_name_map, _write_llava)}
 
 
+# POINTS' OCR tower (`ocr_vision/`): HF CLIP vision names under this prefix (a choice: neither HF Llava nor the IAA
+# release has a second tower, so these names only ever live inside mm dirs)
+OCR_VISION_PREFIX = "model.ocr_vision_tower.vision_model."
+
+
 def vlm_name_map(config: VLMConfig) -> NameMap:
-    """The VLM's params with HF-style names (IAA: release names; LLaVA: HF Llava names)."""
-    return _HF_LAYOUTS[type(config.lm)][0](config)
+    """The VLM's params with HF-style names (IAA: release names; LLaVA: HF Llava names; POINTS' OCR tower:
+    `OCR_VISION_PREFIX`)."""
+    nm = _HF_LAYOUTS[type(config.lm)][0](config)
+    if config.ocr_vision is None:
+        return nm
+    return NameMap(list(nm.entries) + hf_vision.vision_entries(config.ocr_vision, OCR_VISION_PREFIX, ("ocr_vision",)),
+                   nm.ignorable, nm.ignorable_mm)
 
 
 def write_hf(opened: Opened, stage: Path, dst: Path, dtype: str, max_shard_bytes: int, progress: bool) -> None:
     """An mm "vlm" directory as HF files (see `_HF_LAYOUTS`)."""
-    _HF_LAYOUTS[type(opened.config.lm)][1](opened, stage, dst, dtype, max_shard_bytes, progress)
+    c = opened.config
+    if c.ocr_vision is not None or c.pixel_shuffle:
+        from mm.checkpoints.errors import ConversionError
+
+        raise ConversionError(f"{opened.directory}: a POINTS model (OCR tower / pixel shuffle) has no HF layout here; "
+                              "load the mm dir with mm.from_pretrained")
+    _HF_LAYOUTS[type(c.lm)][1](opened, stage, dst, dtype, max_shard_bytes, progress)
 
 
 FAMILY = Family(

@@ -125,7 +125,7 @@ class IAA(nn.Module):
 # ----------------------------------------------------------------------------------------- params
 def _dummy_inputs(config: IAAConfig) -> tuple[Array, Array]:
     proj = config.branches[0].projector
-    return jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 2, proj.in_dim), jnp.float32)
+    return jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 2, proj.input_width), jnp.float32)
 
 
 def abstract_params(config: IAAConfig) -> Any:
@@ -152,7 +152,7 @@ def init_branch_from_base(config: IAAConfig, branch_name: str, base_params: Mapp
                           rng: Array) -> dict[str, Any]:
     """A branch whose MM-EL, insertion layers, norm and head are copies of the base's; projector random."""
     b = config.branch(branch_name)
-    proj = Projector(b.projector).init(rng, jnp.zeros((1, 1, b.projector.in_dim), jnp.float32))["params"]
+    proj = Projector(b.projector).init(rng, jnp.zeros((1, 1, b.projector.input_width), jnp.float32))["params"]
     copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731 - own buffers
     out = {"projector": nn.unbox(proj)}
     out.update({k: copy(base_params[src]) for k, src in branch_sources(config, branch_name).items()})
@@ -250,7 +250,7 @@ class IAAKind(protocol.KindDefaults):
             return protocol.llm_stages("base", c, seq_len)
         b = self.config.branch(workflow)
         positions = list(b.positions)
-        out = protocol.projector_stages(f"{workflow}/projector", b.projector.kind) + [protocol.embed_stage(workflow)]
+        out = protocol.projector_stages(f"{workflow}/projector", b.projector) + [protocol.embed_stage(workflow)]
         for i in range(c.num_layers):
             out += protocol.layer_stages(f"base/layers_{i}", c, seq_len)
             if i in positions:

@@ -47,13 +47,13 @@ class LLaVA(nn.Module):
 
 def init_params(config: LLaVAConfig, llm_params: Mapping[str, Any], rng: Array) -> dict[str, Any]:
     """LLaVA params around existing LLM params and a freshly initialised projector."""
-    proj = Projector(config.projector).init(rng, jnp.zeros((1, 1, config.projector.in_dim), jnp.float32))
+    proj = Projector(config.projector).init(rng, jnp.zeros((1, 1, config.projector.input_width), jnp.float32))
     return {"llm": llm_params, "projector": nn.unbox(proj)["params"]}
 
 
 def abstract_params(config: LLaVAConfig) -> Any:
     ids = jnp.zeros((1, 8), jnp.int32)
-    feats = jnp.zeros((1, 2, config.projector.in_dim), jnp.float32)
+    feats = jnp.zeros((1, 2, config.projector.input_width), jnp.float32)
     mask = jnp.zeros((1, 8), bool).at[:, :2].set(True)
     return jax.eval_shape(lambda: LLaVA(config).init(jax.random.PRNGKey(0), ids, image_features=feats,
                                                      image_mask=mask))["params"]
@@ -98,5 +98,5 @@ class LLaVAKind(protocol.KindDefaults):
         return llm.init_cache(self.config.llm, batch, max_len)
 
     def stages(self, seq_len: int, workflow: str = "mm") -> list[protocol.Stage]:
-        return protocol.projector_stages("projector", self.config.projector.kind) + protocol.llm_stages(
+        return protocol.projector_stages("projector", self.config.projector) + protocol.llm_stages(
             "llm", self.llm, seq_len)

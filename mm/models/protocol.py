@@ -20,7 +20,7 @@ Array = jax.Array
 
 
 class ModelKind(Protocol):
-    name: str  # "llm" | "llava" | "iaa" | "vlm"
+    name: str  # "llm" | "llava" | "iaa" | "vlm" (POINTS' dual tower too)
     llm: LLMConfig  # the base decoder LLM
     base_prefix: str  # where the base LLM's params live in the tree ("" llm, "llm" llava, "base" iaa)
     workflows: tuple[str, ...]
@@ -67,6 +67,9 @@ class Stage:
     attn_flops: float = 0.0  # attention-core forward FLOPs per token (causal: half counted)
     touches: tuple[str, ...] = ()  # other params read here (embeddings, norms) - trainability only
     token_factor: float = 1.0  # this stage's tokens per text token (vision stages run on patches)
+    # a parallel branch (POINTS' two towers): its stages see only their own branch's trainable params upstream;
+    # the stages after it ("" - the main stream) see every branch's
+    branch: str = ""
 
 
 def _join(prefix: str, name: str) -> str:
@@ -94,24 +97,28 @@ def head_stage(prefix: str, c: LLMConfig) -> Stage:
     return Stage((w,), 0.0, (_join(prefix, "norm/scale"),))
 
 
-def projector_stages(prefix: str, kind: str) -> list[Stage]:
-    depth = 1 if kind == "linear" else (0 if kind == "identity" else int(kind[3:].split("x")[0]))
-    return [Stage((f"{prefix}/linear_{k}/kernel",), 0.0, (f"{prefix}/linear_{k}/bias",)) for k in range(depth)]
+def projector_stages(prefix: str, projector: Any) -> list[Stage]:
+    """A `ProjectorConfig`'s Linears, once per feature source it merges (POINTS: general + OCR)."""
+    return [Stage((f"{prefix}/linear_{k}/kernel",), 0.0, (f"{prefix}/linear_{k}/bias",), float(projector.sources))
+            for k in range(projector.depth)]
 
 
 def vit_stages(prefix: str, vc: Any, n_tokens: int, factor: float, upto: int) -> list[Stage]:
-    """ViT layers 0..upto-1 (bidirectional attention: not halved), per patch token scaled by `factor`."""
+    """ViT layers 0..upto-1 (bidirectional attention: not halved), per patch token scaled by `factor`; a branch of
+    its own (`prefix`), beside any other tower."""
     p = _join(prefix, "")
     out = [Stage((f"{p}embeddings/patch_embedding/kernel",), 0.0,
                  (f"{p}embeddings/class_embedding", f"{p}embeddings/position_embedding/embedding",
-                  f"{p}pre_layrnorm/scale"), factor)]
+                  f"{p}pre_layrnorm/scale"), factor, prefix)]
     attn = 4.0 * n_tokens * vc.hidden_size
     for i in range(upto):
         q = f"{p}encoder/layers_{i}"
-        out += [Stage(tuple(f"{q}/self_attn/{n}_proj/kernel" for n in "qkv"), 0.0, (f"{q}/layer_norm1/scale",), factor),
-                Stage((), attn, (), factor), Stage((f"{q}/self_attn/out_proj/kernel",), 0.0, (), factor),
-                Stage((f"{q}/mlp/fc1/kernel",), 0.0, (f"{q}/layer_norm2/scale",), factor),
-                Stage((f"{q}/mlp/fc2/kernel",), 0.0, (), factor)]
+        out += [Stage(tuple(f"{q}/self_attn/{n}_proj/kernel" for n in "qkv"), 0.0, (f"{q}/layer_norm1/scale",), factor,
+                      prefix),
+                Stage((), attn, (), factor, prefix),
+                Stage((f"{q}/self_attn/out_proj/kernel",), 0.0, (), factor, prefix),
+                Stage((f"{q}/mlp/fc1/kernel",), 0.0, (f"{q}/layer_norm2/scale",), factor, prefix),
+                Stage((f"{q}/mlp/fc2/kernel",), 0.0, (), factor, prefix)]
     return out
 
 

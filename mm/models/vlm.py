@@ -1,10 +1,15 @@
-"""A vision-language model = a ViT tower + an LLM-side model kind (IAA or LLaVA-style): `VLMKind`.
+"""A vision-language model = a ViT tower (POINTS: two) + an LLM-side model kind (IAA or LLaVA-style): `VLMKind`.
 
 Params are one flat tree: `{"vision": <VisionTower params>, **<IAA or LLaVA params>}` (IAA: `base`, `mm`,
 `g`; LLaVA: `llm`, `projector`), so parameter-group regexes see paths like `vision/encoder/layers_23/...`
 and `mm/layers_3/...` directly. Images arrive as `pixel_values` `[B, N, C, H, W]` (N images or tiles per
 row, rows with fewer padded at the end) or `[B, C, H, W]` (one a row); their features are concatenated per row
 in order, and the LLM-side model splices them at `image_mask` (`input_ids == image_token_id` unless given).
+POINTS (DESIGN.md section 4) is this kind with `VLMConfig.ocr_vision` (an OCR ViT of the same architecture,
+params `ocr_vision/`) and `pixel_shuffle`: each tower's penultimate layer (class token dropped) of every CATTY tile
+and thumbnail is pixel-shuffled (24x24 -> 12x12 positions of 4C per 336 tile), the two sit side by side on the
+channel axis, and the LM side's one projector projects each and merges them `w * general + (1 - w) * ocr`
+(`ProjectorConfig.merge`). One tower with `pixel_shuffle` is the single-ViT variant.
 Get one with `mm.models.kinds.of(config)`.
 """
 
@@ -15,25 +20,34 @@ from typing import Any
 
 import jax
 
+import jax.numpy as jnp
+
 from mm.config import TEXT, VLMConfig
-from mm.models import protocol, vision
+from mm.models import connectors, protocol, vision
+from mm.models.partitioning import constrain
 
 Array = jax.Array
+TOWERS = ("vision", "ocr_vision")  # the param subtrees a VLM's ViTs live in (`VLMConfig.towers`)
 
 
-def encode_images(vision_params: Any, vc: Any, pixel_values: Array, layer: int = -2, feature: str = "patch") -> Array:
-    """`[B, N, C, H, W]` (or `[B, C, H, W]`) -> features `[B, N * tokens_per_image, vision width]` of tower `vc`'s
-    hidden state `layer`, in the order the splice fills a row's image positions."""
-    if pixel_values.ndim == 4:
-        return vision.image_features(vision_params, vc, pixel_values, layer, feature)
-    b, n = pixel_values.shape[:2]
-    feats = vision.image_features(vision_params, vc, pixel_values.reshape((b * n,) + pixel_values.shape[2:]),
-                                  layer, feature)
-    return feats.reshape(b, n * feats.shape[1], feats.shape[2])
+def encode_images(vision_params: Any, vc: Any, pixel_values: Array, layer: int = -2, feature: str = "patch",
+                  shuffle: bool = False) -> Array:
+    """`[B, N, C, H, W]` (or `[B, C, H, W]`) -> features `[B, N * tokens_per_image, width]` of tower `vc`'s
+    hidden state `layer`, in the order the splice fills a row's image positions. `shuffle`: each image's (tile's)
+    patch grid pixel-shuffled (`mm.models.connectors.pixel_shuffle`: a quarter of the tokens, 4x the width)."""
+    lead = pixel_values.shape[:-3]
+    flat = pixel_values.reshape((-1,) + pixel_values.shape[-3:])
+    feats = vision.image_features(vision_params, vc, flat, layer, feature)
+    if shuffle:
+        feats = connectors.pixel_shuffle(feats, (flat.shape[-2] // vc.patch_size, flat.shape[-1] // vc.patch_size))
+    feats = constrain(feats, ("act_batch", "act_length", "act_embed"))
+    if len(lead) == 1:
+        return feats
+    return feats.reshape(lead[0], lead[1] * feats.shape[1], feats.shape[2])
 
 
 def _without_vision(params: Any) -> Any:
-    return {k: v for k, v in params.items() if k != "vision"}
+    return {k: v for k, v in params.items() if k not in TOWERS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,18 +78,26 @@ class VLMKind(protocol.KindDefaults):
         return self.lm.trained_workflow(requested)
 
     def abstract_params(self) -> dict[str, Any]:
-        return {"vision": vision.abstract_params(self.config.vision), **self.lm.abstract_params()}
+        return {**{name: vision.abstract_params(vc) for name, vc in self.config.towers}, **self.lm.abstract_params()}
 
     def init_params(self, rng: Array, llm_params: Any = None, vision_params: Any = None) -> dict[str, Any]:
         """The LLM side as its kind initialises it from `rng`; the tower (random from `rng`'s third split when
-        None) under `vision`."""
+        None) under `vision`, an OCR tower random from the fourth."""
+        keys = jax.random.split(rng, 4)
         if vision_params is None:
-            vision_params = vision.init_params(self.config.vision, jax.random.split(rng, 3)[2])
-        return {"vision": vision_params, **self.lm.init_params(rng, llm_params)}
+            vision_params = vision.init_params(self.config.vision, keys[2])
+        out = {"vision": vision_params}
+        if self.config.ocr_vision is not None:
+            out["ocr_vision"] = vision.init_params(self.config.ocr_vision, keys[3])
+        return {**out, **self.lm.init_params(rng, llm_params)}
 
     def image_features(self, params: Any, pixel_values: Array) -> Array:
+        """Every tower's features of the same pixels, side by side on the last axis (what the projector's
+        `merge` splits): `[B, N * tokens_per_image, towers * width]`."""
         c = self.config
-        return encode_images(params["vision"], c.vision, pixel_values, c.feature_layer, c.feature)
+        feats = [encode_images(params[name], vc, pixel_values, c.feature_layer, c.feature, c.pixel_shuffle)
+                 for name, vc in c.towers]
+        return feats[0] if len(feats) == 1 else jnp.concatenate(feats, axis=-1)
 
     def apply(self, params: Any, input_ids: Array, positions: Array | None = None, *, workflow: str = "mm",
               image_features: Array | None = None, image_mask: Array | None = None,
@@ -98,16 +120,19 @@ class VLMKind(protocol.KindDefaults):
     def init_cache(self, workflow: str, batch: int, max_len: int) -> Any:
         return self.lm.init_cache(workflow, batch, max_len)
 
-    def stages(self, seq_len: int, workflow: str = "mm") -> list[protocol.Stage]:
-        """The tower's layers up to the feature layer (per patch token, scaled to text tokens), then the LLM
-        side's; the text workflow runs no tower."""
+    def stages(self, seq_len: int, workflow: str = "mm", tiles_per_row: int = 1) -> list[protocol.Stage]:
+        """Each tower's layers up to the feature layer (per patch token of the `tiles_per_row` tiles a row's
+        pixels hold, padding tiles included - the tower runs on them - scaled to text tokens; the towers are
+        parallel branches), then the LLM side's; the text workflow runs no tower."""
         out = self.lm.stages(seq_len, workflow)
         if workflow == TEXT:
             return out
-        vc = self.config.vision
-        n_vis = vc.grid_size ** 2 + (1 if vc.has_class_token else 0)
-        upto = vision.select_layer_index(self.config.feature_layer, vc.num_layers)
-        return protocol.vit_stages("vision", vc, n_vis, n_vis / seq_len, upto) + out
+        towers = []
+        for name, vc in self.config.towers:
+            n_vis = vc.grid_size ** 2 + (1 if vc.has_class_token else 0)
+            upto = vision.select_layer_index(self.config.feature_layer, vc.num_layers)
+            towers += protocol.vit_stages(name, vc, n_vis, tiles_per_row * n_vis / seq_len, upto)
+        return towers + out
 
     def derived(self) -> dict[str, str]:
         return self.lm.derived()

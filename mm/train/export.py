@@ -66,10 +66,9 @@ def trained_params(workdir: str | Path, step: int | None = None) -> tuple[Any, d
 
 
 def vlm_config(cfg: Any) -> Any:
-    from mm.config import IMAGE_TOKEN_ID, VLMConfig
+    from mm.config import IMAGE_TOKEN_ID
     from mm.train import models
 
-    lm = models.LM_CONFIGS[cfg.model.kind](cfg)
     image_token = IMAGE_TOKEN_ID
     if cfg.data.tokenizer:  # the id training put at image positions
         from transformers import AutoTokenizer
@@ -77,8 +76,7 @@ def vlm_config(cfg: Any) -> Any:
         from mm.data.conversations import image_token_id_of
 
         image_token = image_token_id_of(AutoTokenizer.from_pretrained(str(paths.local_copy(cfg.data.tokenizer))))
-    return VLMConfig(vision=tcfg.vision_config_from(cfg), lm=lm, feature_layer=int(cfg.model.vision_select_layer),
-                     feature="patch", image_token_id=image_token)
+    return models.model_config(cfg, image_token_id=image_token)  # what the run trained (POINTS' towers included)
 
 
 def _tokenizer_source(cfg: Any) -> Path | None:

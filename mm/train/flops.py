@@ -49,12 +49,15 @@ def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: As
                ) -> dict[str, float]:
     """Forward / backward model FLOPs of one optimizer step over `tokens` tokens (`sizes` from `shapes_sizes`)."""
     fwd = bwd = 0.0
-    upstream_trainable = False
+    upstream = {"": False}  # per branch (`Stage.branch`): is a trainable param upstream of here
 
     def trainable(p: str) -> bool:
         return assignment.is_trainable(p if p in assignment.value_of else pg.scanned_name(p))
 
     for st in stages:
+        if not st.branch:  # the main stream: everything before it, every branch included
+            upstream[""] = any(upstream.values())
+        upstream_trainable = upstream.get(st.branch, False)
         here = [p for p in (*st.weights, *st.touches) if p in sizes]
         for w in st.weights:
             if w not in sizes:
@@ -70,7 +73,7 @@ def step_flops(stages: Iterable[Stage], sizes: Mapping[str, int], assignment: As
             fwd += a
             if upstream_trainable:
                 bwd += 2.0 * a
-        upstream_trainable = upstream_trainable or any(trainable(p) for p in here)
+        upstream[st.branch] = upstream_trainable or any(trainable(p) for p in here)
     return {"forward": fwd * tokens, "backward": bwd * tokens, "total": (fwd + bwd) * tokens}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from mm import paths
 from mm.data.pipeline import DataConfig, DataPipeline, ExampleMaker
+from mm.train import schema as tcfg
 
 
 def read_rows(path: str) -> Any:
@@ -40,13 +41,12 @@ def data_config(cfg: Any, *, seed: int, local_rows: int) -> DataConfig:
     step stack, and every process of a multi-host run makes the same shapes (`pack=False` would otherwise pad
     each batch to its own length bucket)."""
     d, v = cfg.data, cfg.model.vision
-    grid = int(v.image_size) // int(v.patch_size)
     text_only = cfg.model.kind == "llm"  # a plain LLM: rows with images are skipped, batches carry no tiles
     kind = "preference" if d.kind == "preference" else "sft"  # preference: chosen / rejected pairs
     return DataConfig(kind=kind, template=str(d.template), max_len=int(cfg.train.seq_len), batch_size=local_rows,
                       pack=bool(d.pack), buckets=(int(cfg.train.seq_len),),
                       tiling="none" if text_only else str(d.tiling), tile=int(v.image_size),
-                      max_tiles=int(d.max_tiles), tokens_per_tile=grid * grid,
+                      max_tiles=int(d.max_tiles), tokens_per_tile=tcfg.positions_per_tile(cfg),
                       max_tiles_per_row=0 if text_only else int(d.max_tiles_per_row), seed=seed, num_epochs=None,
                       read_threads=int(d.read_threads), worker_count=int(d.workers),
                       max_skip_fraction=float(d.max_skip_fraction))

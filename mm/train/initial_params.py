@@ -2,8 +2,10 @@
 
 Sources, later ones winning for the params they hold:
 1. `init.llm_checkpoint` (HF Llama / Qwen2 dir, or an mm LLM dir) -> the base LLM (`model.base_prefix`);
-2. `init.vision_checkpoint` (HF CLIP / SigLIP dir, or an mm vision dir) -> `vision/`;
-3. `init.checkpoint` (a previous stage's workdir) -> the params that stage trained;
+2. `init.vision_checkpoint` (HF CLIP / SigLIP dir, or an mm vision dir) -> `vision/`; `init.ocr_vision_checkpoint`
+   -> POINTS' OCR tower `ocr_vision/`;
+3. `init.checkpoint` (a previous stage's workdir) -> the params that stage trained, named through
+   `init.checkpoint_renames`; params it kept frozen come from the stage before it that trained them, and so on;
 4. derived params (`TrainModel.derived`, IAA branches: MM-EL, insertion layers, norm, head) not filled by 3
    are copies of their source *as loaded above* - the real LLM, the previous stage's, or the seed's;
 5. everything else is initialised randomly from `init.seed`; the init is one jitted function whose outputs
@@ -40,7 +42,9 @@ VISION_SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_la
                        "patch_size", "num_channels", "hidden_act", "use_head")
 # what `initial_params` counts, and how the start-up log names each source
 SOURCES = {"llm_checkpoint": "from init.llm_checkpoint", "vision_checkpoint": "from init.vision_checkpoint",
-           "previous_stage": "from init.checkpoint", "copied": "copied from the base (IAA branches)",
+           "ocr_vision_checkpoint": "from init.ocr_vision_checkpoint",
+           "previous_stage": "from init.checkpoint (and the stages before it)",
+           "copied": "copied from the base (IAA branches)",
            "random": "random from init.seed", "lora": "LoRA adapters at PEFT's start (B = 0)",
            "lora_checkpoint": "LoRA adapters from init.lora_checkpoint"}
 LLM_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
@@ -104,11 +108,13 @@ def load_base_llm(path: str | Path, model: models.TrainModel, flat_sh: Mapping[s
                             LLM_SHAPE_FIELDS, "model.llm", model.base_prefix, flat_sh)
 
 
-def load_vision(path: str | Path, cfg: Any, flat_sh: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Flat `vision/...` params from an HF CLIP / SigLIP dir or an mm vision dir, placed on their shardings; its
-    config must equal `model.vision` on every field that shapes or computes the tower."""
-    return _load_checkpoint("init.vision_checkpoint", paths.local_copy(path), "vision", tcfg.vision_config_from(cfg),
-                            VISION_SHAPE_FIELDS, "model.vision", "vision", flat_sh)
+def load_vision(path: str | Path, cfg: Any, flat_sh: Mapping[str, Any], tower: str = "vision"
+                ) -> dict[str, jax.Array]:
+    """Flat `vision/...` (or POINTS' OCR tower, `tower="ocr_vision"`) params from an HF CLIP / SigLIP dir or an mm
+    vision dir, placed on their shardings; its config must equal `model.vision` (both towers share it) on every
+    field that shapes or computes the tower."""
+    return _load_checkpoint(f"init.{tower}_checkpoint", paths.local_copy(path), "vision",
+                            tcfg.vision_config_from(cfg), VISION_SHAPE_FIELDS, "model.vision", tower, flat_sh)
 
 
 def _previous_stage(path: str) -> tuple[Path, int, dict[str, Any]]:
@@ -129,32 +135,68 @@ def _inherit_frozen_sources(cfg: Any, meta: Mapping[str, Any]) -> None:
     take that stage's (its `meta.frozen_source`), so the frozen weights are the ones it trained against; the
     config is updated, so the run's own checkpoints record them too."""
     src = meta.get("frozen_source", {})
-    for key in ("llm_checkpoint", "vision_checkpoint"):
-        if not cfg.init[key] and src.get(key):
+    for key in ("llm_checkpoint", "vision_checkpoint", "ocr_vision_checkpoint"):
+        if not cfg.init.get(key) and src.get(key):
             cfg.init[key] = str(src[key])
             _log(f"init: {key} = {src[key]} (from the previous stage {cfg.init.checkpoint})")
 
 
+def renamed(path: str, renames: Any) -> str:
+    """`path` with its leading subtree renamed by the first matching (from, to) pair of `renames`."""
+    for a, b in renames:
+        if path == a or path.startswith(a + "/"):
+            return b + path[len(a):]
+    return path
+
+
 def _restore_trained(ckdir: Path, step: int, meta: Mapping[str, Any], flat_sh: Mapping[str, Any],
-                     flat_abstract: Mapping[str, Any], source: str) -> dict[str, jax.Array]:
-    """The params the previous stage trained that exist in this model, on their shardings."""
+                     flat_abstract: Mapping[str, Any], source: str, renames: Any = (),
+                     skip: Any = frozenset(), which: str = "previous") -> dict[str, jax.Array]:
+    """The params the previous stage trained that exist in this model (their names through `renames`, those in
+    `skip` left out), on their shardings."""
     import orbax.checkpoint as ocp
 
     target = {}
     for p in meta["trainable_paths"]:
-        if p in flat_sh:
-            a = flat_abstract[p]
-            target[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_sh[p])
+        q = renamed(p, renames)
+        if q in flat_sh and q not in skip:
+            a = flat_abstract[q]
+            target[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_sh[q])
     if not target:
-        raise ConfigError(f"init.checkpoint={source}: none of its trained params exist in this model")
+        return {}
     item = {"params": pg.unflatten({p: target.get(p, ocp.PLACEHOLDER) for p in meta["trainable_paths"]})}
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding)
                                 if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), item)
     with ocp.PyTreeCheckpointer() as ck:
         out = ck.restore(ckdir / str(step) / "state", args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
-    got = {p: v for p, v in pg.flatten(out["params"]).items() if p in target}
-    _log(f"init: {len(got)} params from previous stage {ckdir}/{step}")
+    got = {renamed(p, renames): v for p, v in pg.flatten(out["params"]).items() if p in target}
+    _log(f"init: {len(got)} params from {which} stage {ckdir}/{step}")
+    return got
+
+
+def _restore_stages(cfg: Any, stage: tuple[Path, int, dict[str, Any]], flat_sh: Mapping[str, Any],
+                    flat_abstract: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Each param from the latest stage before this run that trained it: `init.checkpoint`'s trained params, then
+    the ones its own `init.checkpoint` trained (through both stages' renames), and so on back. A stage's frozen
+    params were exactly what the stages before it trained, so the run starts from what its predecessor saw
+    (POINTS: instruct's OCR ViT is the one ocr_vit trained, frozen through pretrain)."""
+    got: dict[str, jax.Array] = {}
+    renames = tcfg.checkpoint_renames(cfg)
+    source, seen = str(cfg.init.checkpoint), set()
+    while stage is not None:
+        got.update(_restore_trained(*stage, flat_sh, flat_abstract, source, renames, skip=got,
+                                    which="previous" if not seen else "earlier"))
+        seen.add(source)
+        src = stage[2].get("frozen_source", {})
+        earlier = str(src.get("checkpoint") or "")
+        if not earlier or earlier in seen or find_trained_params(earlier) is None:
+            break
+        # an earlier stage's names -> its successor's (that stage's renames) -> ... -> this run's
+        renames = [(a, renamed(b, renames)) for a, b in src.get("checkpoint_renames", [])] + list(renames)
+        source, stage = earlier, _previous_stage(earlier)
+    if not got:
+        raise ConfigError(f"init.checkpoint={cfg.init.checkpoint}: none of its trained params exist in this model")
     return got
 
 
@@ -206,11 +248,12 @@ def initial_params(cfg: Any, model: models.TrainModel, mesh: Any, flat_sh: Mappi
         got = load_base_llm(cfg.init.llm_checkpoint, model, flat_sh)
         loaded.update(got)
         counts["llm_checkpoint"] = len(got)
-    if cfg.init.vision_checkpoint:
-        got = load_vision(cfg.init.vision_checkpoint, cfg, flat_sh)
-        loaded.update(got)
-        counts["vision_checkpoint"] = len(got)
-    previous = {} if stage is None else _restore_trained(*stage, flat_sh, flat_abstract, cfg.init.checkpoint)
+    for tower in ("vision", "ocr_vision"):
+        if cfg.init.get(f"{tower}_checkpoint"):
+            got = load_vision(cfg.init[f"{tower}_checkpoint"], cfg, flat_sh, tower)
+            loaded.update(got)
+            counts[f"{tower}_checkpoint"] = len(got)
+    previous = {} if stage is None else _restore_stages(cfg, stage, flat_sh, flat_abstract)
     counts["previous_stage"] = len(previous)
     # adapters are never copies: an IAA branch's insertion-layer adapters start fresh, not from the base's
     derived = {t: s for t, s in expand_derived(model.derived, lora_params.strip(flat_abstract)).items()

@@ -197,7 +197,9 @@ def train(cfg: Any, workdir: str | Path, *, devices: list[Any] | None = None) ->
     ckpt = Checkpointer(workdir, keep=int(cfg.checkpoint.keep), use_async=bool(cfg.checkpoint.use_async))
     meta = {"trainable_paths": b.assignment.trainable_paths, "frozen_source": {
         "llm_checkpoint": cfg.init.llm_checkpoint, "checkpoint": cfg.init.checkpoint,
-        "vision_checkpoint": cfg.init.vision_checkpoint, "seed": int(cfg.init.seed)},
+        "vision_checkpoint": cfg.init.vision_checkpoint, "seed": int(cfg.init.seed),
+        "ocr_vision_checkpoint": cfg.init.get("ocr_vision_checkpoint", ""),
+        "checkpoint_renames": [list(p) for p in tcfg.checkpoint_renames(cfg)]},
         "model_kind": cfg.model.kind}
     state = b.state
     latest = ckpt.latest_step()

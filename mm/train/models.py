@@ -128,23 +128,36 @@ def model_config(cfg: Any, image_token_id: int | None = None) -> Any:
     if not has_tower(cfg):
         return lm
     extra = {} if image_token_id is None else {"image_token_id": image_token_id}
-    return VLMConfig(vision=vision_config_from(cfg), lm=lm, feature_layer=int(cfg.model.vision_select_layer),
-                     feature="patch", **extra)
+    vc = vision_config_from(cfg)
+    return VLMConfig(vision=vc, lm=lm, feature_layer=int(cfg.model.vision_select_layer), feature="patch",
+                     ocr_vision=vc if _points(cfg, "ocr_tower") else None,
+                     pixel_shuffle=_points(cfg, "pixel_shuffle"),
+                     tiling="catty" if str(cfg.data.tiling) == "catty" else "square", **extra)
+
+
+def _points(cfg: Any, key: str) -> Any:
+    """A POINTS key of `model` (`mm.train.schema`); config.json files from before the keys have none."""
+    return cfg.model.get(key, {"ocr_tower": False, "pixel_shuffle": False, "ocr_weight": 0.5}[key])
 
 
 def _projector_config(cfg: Any, c: LLMConfig) -> Any:
+    """The projector; with POINTS' OCR tower it takes both towers' features and merges them (w, 1 - w)."""
     from mm.config import ProjectorConfig
     from mm.train.schema import has_tower, vision_config_from
 
     width = vision_config_from(cfg).hidden_size if has_tower(cfg) else int(cfg.model.vision_width)
+    if has_tower(cfg) and _points(cfg, "pixel_shuffle"):
+        width *= 4
+    w = float(_points(cfg, "ocr_weight"))
+    merge = (w, 1.0 - w) if has_tower(cfg) and _points(cfg, "ocr_tower") else ()
     return ProjectorConfig(kind=cfg.model.projector, in_dim=width, out_dim=c.hidden_size,
-                           dtype=c.dtype, param_dtype=c.param_dtype)
+                           dtype=c.dtype, param_dtype=c.param_dtype, merge=merge)
 
 
 def _train_model(cfg: Any) -> TrainModel:
     """The one adapter: the trainer's view of whichever `mm.models.protocol.ModelKind` the config builds."""
     from mm.models import kinds
-    from mm.train.schema import has_tower
+    from mm.train.schema import GRAIN_KINDS, has_tower
 
     model = kinds.of(model_config(cfg))
     c = model.llm
@@ -169,8 +182,11 @@ def _train_model(cfg: Any) -> TrainModel:
     # evaluated (and decoded during eval): the trained workflow, and the base LLM's own text workflow beside it
     evals = dict.fromkeys([wf] + (["text"] if "text" in model.workflows and wf != "text" else []))
     tower = has_tower(cfg)
+    # tiles a row's pixels hold: the Grain pipeline's tile budget, one image in a synthetic row
+    tiles = {"tiles_per_row": int(cfg.data.max_tiles_per_row) if cfg.data.kind in GRAIN_KINDS else 1} if tower else {}
     return TrainModel(cfg.model.kind, c, model.abstract_params(), model.init_params, make_loss(wf),
-                      {w: make_loss(w) for w in evals}, lambda seq_len: model.stages(seq_len, wf), model.base_prefix,
+                      {w: make_loss(w) for w in evals}, lambda seq_len: model.stages(seq_len, wf, **tiles),
+                      model.base_prefix,
                       {w: model.decode_fns(w) for w in evals}, model.image_features if tower else None,
                       model.derived(), sequence_logps)
 

@@ -8,6 +8,9 @@
   1024 -> 4096 -> 4096; LLaVA JSON data (`data.kind = llava_json`) with each image padded to a square of the
   CLIP mean colour (`data.tiling = square`); IAA insertion positions `mm.models.iaa.IAA_14` / `IAA_8`.
   A run sets only `init.llm_checkpoint`, `init.vision_checkpoint`, `data.path`, `data.image_root`, `data.tokenizer`.
+- `points_yi9b` (`configs/points.py`): Yi-1.5-9B-Chat (`YI_15_9B`) with the same CLIP ViT-L/14-336 shapes for
+  both towers, CATTY tiles (tile 336, up to 8 + thumbnail) in 4096-token rows of at most 18 tiles; the stage
+  config turns on the OCR tower and pixel shuffle.
 
 `stage(cfg, big, projector_only=, rows=)` sets a stage's optimisation: the projector-only first stage at lr 1e-3,
 batch 256, `plain` template; every later stage at lr 2e-5, batch 128, `chat` template; warmup 3% + cosine to 0
@@ -41,10 +44,20 @@ CLIP_VIT_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermed
                       num_heads=16, image_size=336, patch_size=14, num_channels=3, hidden_act="quick_gelu",
                       layer_norm_eps=1e-5, use_head=False, dtype="bfloat16", param_dtype="float32")
 
+# 01-ai/Yi-1.5-9B-Chat, POINTS' LLM: a Llama-architecture decoder (DESIGN.md section 4's release; its config.json
+# under mm.config.LLMConfig names). eos: <|endoftext|> (2) and the chat turn end <|im_end|> (7).
+YI_15_9B = dict(model_type="llama", vocab_size=64000, hidden_size=4096, intermediate_size=11008, num_layers=48,
+                num_heads=32, num_kv_heads=4, head_dim=128, rope_theta=5_000_000.0, rms_norm_eps=1e-6,
+                max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=[2, 7],
+                pad_token_id=0, dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")
+
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, max_position_embeddings=512)
 
-PRESETS = ("tiny", "llama3_8b", "iaa14_llama3_8b", "iaa8_llama3_8b")
+PRESETS = ("tiny", "llama3_8b", "iaa14_llama3_8b", "iaa8_llama3_8b", "points_yi9b")
+# the big presets' LLM, data tiling and row length: points_yi9b cuts images into CATTY tiles (up to 8 + thumbnail,
+# 144 positions each after pixel shuffle) in 4096-token rows that hold up to 18 tiles (two full images)
+_BIG = {"points_yi9b": (YI_15_9B, "catty", 4096, 18)}
 
 PROJECTOR_STAGE = dict(lr=1e-3, batch_size=256, template="plain")  # stage 1: the projector alone
 LATER_STAGE = dict(lr=2e-5, batch_size=128, template="chat")  # every stage after it
@@ -64,7 +77,8 @@ def apply(cfg: Any, name: str) -> None:
         cfg.data.num_image_tokens = 4
         cfg.checkpoint.every = 10
         return
-    cfg.model.llm.update(LLAMA3_8B)
+    llm_shapes, tiling, seq_len, tiles_per_row = _BIG.get(name, (LLAMA3_8B, "square", 2048, 0))
+    cfg.model.llm.update(llm_shapes)
     cfg.model.vision.update(CLIP_VIT_L_336)
     cfg.model.vision_select_layer = -2
     cfg.model.projector = "mlp2x_gelu"
@@ -72,8 +86,8 @@ def apply(cfg: Any, name: str) -> None:
     cfg.model.vision_width = CLIP_VIT_L_336["hidden_size"]  # used only if data.kind is set to synthetic_mm
     cfg.data.num_image_tokens = grid * grid  # likewise
     cfg.model.iaa_positions = IAA_8 if name.startswith("iaa8") else IAA_14
-    seq_len = 2048
-    cfg.data.update(dict(kind="llava_json", tiling="square", pack=True, max_tiles_per_row=seq_len // (grid * grid)))
+    cfg.data.update(dict(kind="llava_json", tiling=tiling, pack=True,
+                         max_tiles_per_row=tiles_per_row or seq_len // (grid * grid)))
     cfg.train.update(dict(seq_len=seq_len, log_every=10))
     cfg.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     cfg.checkpoint.every = 500

@@ -79,6 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
         # kind "vlm": the ViT runs inside the step (features from `vision_select_layer`, class token dropped)
         vision=_vision_defaults(),
         vision_select_layer=-2,
+        # POINTS (DESIGN.md section 4; kind "vlm"): a second, OCR ViT of model.vision's architecture (`ocr_vision/`)
+        # merged after the shared projector as w * general + (1 - w) * ocr with w = ocr_weight; pixel_shuffle:
+        # each tile's patch grid 2x2-stacked on channels (a quarter of the image positions, 4x the width)
+        ocr_tower=False,
+        ocr_weight=0.5,
+        pixel_shuffle=False,
     ))
     c.init = ml_collections.ConfigDict(dict(
         seed=0,
@@ -90,6 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
         # HF CLIP / SigLIP dir or mm "vision" dir for the ViT run in the step (data.kind llava_json, or
         # model.kind vlm); "" = seeded random init. Its shapes must equal model.vision's.
         vision_checkpoint="",
+        # HF CLIP / SigLIP dir or mm "vision" dir for the OCR ViT (`ocr_vision/`, model.ocr_tower); "" = random, or
+        # what the stages before init.checkpoint trained (configs/points.py: pretrain inherits ocr_vit's tower)
+        ocr_vision_checkpoint="",
+        # [[from, to], ...]: init.checkpoint's trained params under subtree `from` start this model's `to`
+        # (configs/points.py: the ocr_vit stage's one tower `vision` is the OCR tower `ocr_vision` of pretrain)
+        checkpoint_renames=(),
         # an HF PEFT LoRA adapter dir the run's adapters start from (model.kind llm; param_groups' LoRA rules
         # must ask for the same modules and ranks); "" = PEFT's fresh start (B = 0)
         lora_checkpoint="",
@@ -242,7 +254,8 @@ def dcn_axis(cfg: Any) -> str:
 def named_paths(cfg: Any) -> list[str]:
     """Every checkpoint / data path the config names (an ahead-of-time compile reads none of them)."""
     keys = [("data", k) for k in ("path", "eval_path", "image_root", "tokenizer")]
-    keys += [("init", k) for k in ("llm_checkpoint", "checkpoint", "vision_checkpoint", "lora_checkpoint")]
+    keys += [("init", k) for k in ("llm_checkpoint", "checkpoint", "vision_checkpoint", "ocr_vision_checkpoint",
+                                   "lora_checkpoint")]
     keys += [("dpo", "reference")]
     return [str(cfg[a][b]) for a, b in keys if b in cfg[a] and cfg[a][b]]
 
@@ -288,8 +301,9 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
     if cfg.init.vision_checkpoint and not has_tower(cfg):
         raise ConfigError(f"config key init.vision_checkpoint = {cfg.init.vision_checkpoint!r}: this run has no ViT "
                           "in the step (needs data.kind = 'llava_json' with model.kind llava / iaa, or model.kind vlm)")
-    for key in ("llm_checkpoint", "checkpoint", "vision_checkpoint", "lora_checkpoint"):
-        path = cfg.init[key]
+    _check_points(cfg)
+    for key in ("llm_checkpoint", "checkpoint", "vision_checkpoint", "ocr_vision_checkpoint", "lora_checkpoint"):
+        path = cfg.init.get(key, "")
         if path and path not in pending_paths and not paths.as_path(path).exists():
             raise ConfigError(f"config key init.{key} = {path!r}: no such file or directory")
     if cfg.init.lora_checkpoint:
@@ -334,6 +348,36 @@ def validate(cfg: Any, n_devices: int | None = None, *, pending_paths: Collectio
                               f"mesh.fsdp = {dims[1]}")
     if math.isnan(o.lr):
         raise ConfigError("config key optim.lr is NaN")
+
+
+def checkpoint_renames(cfg: Any) -> list[tuple[str, str]]:
+    """`init.checkpoint_renames` as (from, to) subtree pairs (`.get`: config.json files from before the key)."""
+    return [(str(a), str(b)) for a, b in cfg.init.get("checkpoint_renames", ())]
+
+
+def _check_points(cfg: Any) -> None:
+    """The POINTS keys: an OCR tower, its checkpoint and the merge weight need model.kind vlm; renames are pairs."""
+    m, init = cfg.model, cfg.init  # .get: a config.json from before these keys has none of them
+    ocr_tower, shuffle, w = m.get("ocr_tower", False), m.get("pixel_shuffle", False), m.get("ocr_weight", 0.5)
+    if (ocr_tower or shuffle) and m.kind != "vlm":
+        key = "ocr_tower" if ocr_tower else "pixel_shuffle"
+        raise ConfigError(f"config key model.{key} = True needs model.kind = 'vlm' (the ViTs in the step), "
+                          f"got {m.kind!r}")
+    if init.get("ocr_vision_checkpoint") and not ocr_tower:
+        raise ConfigError(f"config key init.ocr_vision_checkpoint = {init.ocr_vision_checkpoint!r}: model.ocr_tower "
+                          "is False (no OCR ViT to load it into)")
+    if not 0.0 <= float(w) <= 1.0:
+        raise ConfigError(f"config key model.ocr_weight = {w}: w in w * general + (1 - w) * ocr, in [0, 1]")
+    for i, pair in enumerate(init.get("checkpoint_renames", ())):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, str) and x for x in pair)):
+            raise ConfigError(f"config key init.checkpoint_renames[{i}] = {pair!r}: expected [from, to] subtree names")
+
+
+def positions_per_tile(cfg: Any) -> int:
+    """Image positions one tile of `model.vision`'s size takes in a row: its patches (class token dropped), a
+    quarter of them with `model.pixel_shuffle` (`mm.config.VLMConfig.tokens_per_image`)."""
+    grid = int(cfg.model.vision.image_size) // int(cfg.model.vision.patch_size)
+    return grid * grid // (4 if cfg.model.get("pixel_shuffle", False) else 1)
 
 
 def has_tower(cfg: Any) -> bool:

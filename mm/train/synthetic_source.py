@@ -77,9 +77,10 @@ class SyntheticSource:
         self.nan_at_steps = set(int(s) for s in d.nan_at_steps)
         self.pixels = None
         if cfg.model.kind == "vlm" and self.num_image_tokens:
+            from mm.train.schema import positions_per_tile
+
             v = cfg.model.vision
-            grid = int(v.image_size) // int(v.patch_size)
-            self.num_image_tokens = grid * grid  # patch tokens (class token dropped)
+            self.num_image_tokens = positions_per_tile(cfg)  # patch tokens (class token dropped), maybe shuffled
             self.pixels = (int(v.num_channels), int(v.image_size))
         self.micro = self.batch // self.accum
         if self.micro % process_count:

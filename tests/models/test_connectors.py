@@ -1,4 +1,4 @@
-"""Projectors (vs torch), pixel shuffle (vs DESIGN.md's index formula), dual-encoder merge (vs the parts)."""
+"""Projectors (vs torch), pixel shuffle (vs DESIGN.md's index formula), the merge of several sources (vs the parts)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mm.config import ConfigError, VisionConfig
-from mm.models import vision as V
+from mm.config import ConfigError
 from mm.config import ProjectorConfig
-from mm.models.connectors import DualEncoder, DualEncoderConfig, Projector, pixel_shuffle
+from mm.models.connectors import Projector, pixel_shuffle
 
 
 def _init(cfg: ProjectorConfig, seed: int = 0):
@@ -80,44 +79,15 @@ def test_pixel_shuffle_rejects_bad_grids():
     assert pixel_shuffle(jnp.zeros((1, 576, 3))).shape == (1, 144, 12)
 
 
-VC = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28, patch_size=7)
-
-
-def _dual(weight: float) -> tuple[DualEncoderConfig, dict]:
-    cfg = DualEncoderConfig(general=VC, ocr=VC, projector=ProjectorConfig(in_dim=64, out_dim=24), weight=weight)
-    import flax.linen as nn
-    params = jax.jit(DualEncoder(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 3, 28, 28)))
-    params = nn.unbox(params)["params"]
-    return cfg, params
-
-
-def test_dual_encoder_merges_after_projection():
-    cfg, params = _dual(0.3)
-    assert set(params) == {"general_vision_tower", "ocr_vision_tower", "projector"}
-    # every layer of both towers has params (init runs all of them even though features stop at -2)
-    assert set(params["general_vision_tower"]["encoder"]) == {"layers_0", "layers_1"}
-    assert set(params["ocr_vision_tower"]["encoder"]) == {"layers_0", "layers_1"}
-    px = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32))
-    out = np.asarray(jax.jit(DualEncoder(cfg).apply)({"params": params}, px))
-    assert out.shape == (2, 4, 24)  # 4x4 patch grid -> 2x2 after shuffle
-
-    def branch(tower_params):
-        hs = V.hidden_states(tower_params, VC, px)
-        feats = pixel_shuffle(jnp.asarray(hs[-2][:, 1:]), (4, 4))
-        return np.asarray(Projector(cfg.projector).apply({"params": params["projector"]}, feats))
-
-    g, o = branch(params["general_vision_tower"]), branch(params["ocr_vision_tower"])
-    assert not np.allclose(g, o)
-    np.testing.assert_allclose(out, 0.3 * g + 0.7 * o, atol=1e-5, rtol=0)
-    cfg1 = DualEncoderConfig(general=VC, ocr=VC, projector=cfg.projector, weight=1.0)
-    out1 = jax.jit(DualEncoder(cfg1).apply)({"params": params}, px)
-    np.testing.assert_allclose(np.asarray(out1), g, atol=1e-5, rtol=0)
-
-
-def test_dual_encoder_config_checks():
-    with pytest.raises(ConfigError, match="in_dim"):
-        DualEncoderConfig(general=VC, ocr=VC, projector=ProjectorConfig(in_dim=16, out_dim=8))
-    with pytest.raises(ConfigError, match="share"):
-        DualEncoderConfig(general=VC, ocr=VC.replace(hidden_size=32), projector=ProjectorConfig(in_dim=64, out_dim=8))
-    with pytest.raises(ConfigError, match="weight"):
-        DualEncoderConfig(general=VC, ocr=VC, projector=ProjectorConfig(in_dim=64, out_dim=8), weight=1.5)
+def test_projector_merges_sources_after_projection():
+    """POINTS' shared projector: sources side by side on the last axis, each projected, merged w / 1 - w."""
+    one = ProjectorConfig(in_dim=8, out_dim=6)
+    two = ProjectorConfig(in_dim=8, out_dim=6, merge=(0.3, 0.7))
+    params = Projector(one).init(jax.random.PRNGKey(0), jnp.zeros((1, 1, 8)))
+    a, b = (jnp.asarray(np.random.default_rng(s).standard_normal((2, 5, 8)), jnp.float32) for s in (1, 2))
+    got = Projector(two).apply(params, jnp.concatenate([a, b], -1))
+    pa, pb = Projector(one).apply(params, a), Projector(one).apply(params, b)
+    assert not np.allclose(pa, pb)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(0.3 * pa + 0.7 * pb), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="2 source"):
+        Projector(two).apply(params, a)

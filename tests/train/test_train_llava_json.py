@@ -132,3 +132,34 @@ def test_unpacked_rows_have_the_step_length_so_micro_batches_stack(dataset):
     finally:
         src.close()
     assert short, "no micro batch short enough for a smaller bucket: the case is not exercised"
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: a two-tower compile and a Grain pipeline
+def test_points_trains_on_catty_tiles_with_pixel_shuffle(dataset, tmp_path):
+    """POINTS' pretrain stage on the Grain pipeline: every image is cut into CATTY tiles + thumbnail, each tile
+    reserves 4 positions (4x4 patches pixel-shuffled), both towers run in the step and the loss is finite."""
+    import jax
+
+    from mm.config import load_config_file
+    from mm.train.grain_source import GrainSource
+    from mm.train.loop import train
+
+    c = load_config_file("configs/points.py:pretrain")
+    c.unlock()
+    path, root, tok = dataset
+    c.data.update(dict(kind="llava_json", path=path, image_root=root, tokenizer=tok, template="chat", pack=True,
+                       max_tiles=4, max_tiles_per_row=12))
+    c.train.update(dict(steps=2, batch_size=2, seq_len=96, log_every=1))
+    c.init.prng_impl = "unsafe_rbg"
+    c.checkpoint.update(dict(every=0, use_async=False))
+    c.metrics.tensorboard = False
+    src = GrainSource(c)
+    try:
+        x = next(src)
+    finally:
+        src.close()
+    assert x["pixel_values"].shape[2:] == (12, 3, 28, 28)
+    tiles = x["tile_mask"].reshape(-1, 12).sum(-1)
+    assert (tiles > 0).all() and (x["image_mask"].reshape(2, -1).sum(-1) == 4 * tiles).all()
+    res = train(c, tmp_path / "run", devices=jax.devices()[:1])
+    assert all(np.isfinite(v) for v in res.losses.values())

@@ -46,6 +46,10 @@ def test_defaults_and_stage_configs_validate(tmp_path):
     (lambda c: setattr(c, "param_groups", [("(", 1.0)]), "param_groups[0]"),
     (lambda c: setattr(c, "param_groups", [(".*", "frozn")]), "param_groups[0]"),
     (lambda c: c.profile.update({"steps": [5, 2]}), "profile.steps"),
+    (lambda c: c.model.update({"ocr_tower": True}), "model.ocr_tower"),  # POINTS' OCR ViT needs kind vlm
+    (lambda c: c.model.update({"kind": "vlm", "ocr_weight": 1.5}), "model.ocr_weight"),
+    (lambda c: c.init.update({"ocr_vision_checkpoint": "/nonexistent/clip"}), "init.ocr_vision_checkpoint"),
+    (lambda c: c.init.update({"checkpoint_renames": [["vision"]]}), "init.checkpoint_renames"),
 ])
 def test_bad_values_name_the_key(mutate, key):
     c = tiny()

@@ -11,7 +11,6 @@ import pytest
 
 from mm.config import load_config_file
 from mm.models import llm as llm_lib
-from mm.sharding import global_batch
 from mm.train import loop, param_groups as pg
 from mm.train.schema import llm_config_from
 from mm.train.synthetic_source import SyntheticSource
@@ -96,19 +95,65 @@ def test_llava_stage1_then_stage2(tmp_path):
     np.testing.assert_array_equal(start["projector/linear_1/kernel"], s1["projector/linear_1/kernel"])
 
 
-def test_points_trains_only_the_last_k_vit_layers_below_the_feature_layer():
-    c = _cfg("configs/points.py:vit_last_k,2")
-    b = loop.build(c, log=False, devices=jax.devices()[:1])
-    trainable = set(pg.flatten(b.state["params"]))
-    layers = {p.split("/")[2] for p in trainable if p.startswith("vision/")}
-    assert layers == {"layers_1", "layers_2"}  # 4 layers, features from layer 3's input (-2): 1, 2 train
-    assert {p for p in trainable if not p.startswith("vision/")} == {
-        f"projector/linear_{k}/{n}" for k in (0, 1) for n in ("kernel", "bias")}
-    x = SyntheticSource(c).batch_at(0)
-    x.pop("example_id")
-    before = pg.flatten(jax.device_get(b.state["params"]))
-    state, m = b.step_fn(b.state, b.frozen, global_batch(x, b.batch_sharding, 1))
-    after = pg.flatten(jax.device_get(state["params"]))
-    assert bool(m["finite"])
-    changed = {p for p in before if not np.array_equal(before[p], after[p])}
-    assert "vision/encoder/layers_1/mlp/fc1/kernel" in changed and "projector/linear_0/kernel" in changed
+def _vit_layer(c, i):  # one CLIP encoder layer: q, k, v, out (with biases), fc1, fc2, two layer norms
+    return 4 * (c * c + c) + (c * i + i) + (i * c + c) + 2 * 2 * c
+
+
+def _llama(v, d, f, n, heads, kv, hd):  # embedding, n layers (q, k, v, o, gate, up, down, 2 norms), norm, head
+    return v * d + n * (d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * f + 2 * d) + d + d * v
+
+
+@pytest.mark.heavy  # three stages trained end to end and an export: ~1-2 min on 2 cores
+def test_points_stage_chain_trains_what_the_recipe_says(tmp_path, capsys):
+    """ocr_vit -> pretrain -> instruct on the tiny preset: trainable params counted by hand per stage; pretrain's
+    OCR ViT is ocr_vit's trained ViT, and instruct gets it back from ocr_vit through pretrain (which froze it);
+    pretrain exported (`export-run`) loads as a two-tower VLMHandle with the trained weights."""
+    one = jax.devices()[:1]
+    d1, d2 = tmp_path / "ocr_vit", tmp_path / "pretrain"
+    c1 = _cfg("configs/points.py:ocr_vit")
+    b1 = loop.build(c1, log=False, devices=one)
+    # tiny ViT: width 32, MLP 64, 28x28 images of 7x7 patches (16 + class token), 6 layers, features from the 5th's
+    # output; projector 4 * 32 -> 64 -> 64 (pixel shuffle); LLM: vocab 256, d 64, FFN 128, 2 layers, 4 / 2 heads of 16
+    emb = 3 * 7 * 7 * 32 + 32 + 17 * 32 + 2 * 32  # patch conv (no bias), class, positions, pre-layernorm
+    proj = (128 * 64 + 64) + (64 * 64 + 64)
+    count = lambda b: sum(x.size for x in pg.flatten(b.state["params"]).values())  # noqa: E731
+    assert count(b1) == emb + 5 * _vit_layer(32, 64) + proj
+    loop.train(c1, d1, devices=one)
+    s1 = _saved_params(d1, 3)
+
+    c2 = _cfg("configs/points.py:pretrain", **{"init.checkpoint": str(d1)})
+    b2 = loop.build(c2, log=False, devices=one)
+    assert count(b2) == 3 * _vit_layer(32, 64) + proj
+    assert {p.split("/")[2] for p in pg.flatten(b2.state["params"]) if p.startswith("vision/")} == {
+        "layers_2", "layers_3", "layers_4"}
+    frozen2 = pg.flatten(b2.frozen)
+    q = "encoder/layers_1/self_attn/q_proj/kernel"
+    np.testing.assert_array_equal(frozen2[f"ocr_vision/{q}"], s1[f"vision/{q}"])  # renamed: vision -> ocr_vision
+    assert not np.array_equal(frozen2[f"vision/{q}"], s1[f"vision/{q}"])  # the general ViT starts afresh
+    np.testing.assert_array_equal(pg.flatten(b2.state["params"])["projector/linear_0/kernel"],
+                                  s1["projector/linear_0/kernel"])
+    loop.train(c2, d2, devices=one)
+    s2 = _saved_params(d2, 3)
+
+    # export-run: the two-tower model as an mm dir that mm.from_pretrained loads as a VLMHandle
+    import mm
+    from mm.train.export import export_run
+
+    h = mm.from_pretrained(export_run(d2, tmp_path / "exported"))
+    assert h.config.ocr_vision is not None and h.config.pixel_shuffle and h.config.tiling == "catty"
+    assert h.config.lm.projector.merge == (0.5, 0.5)
+    exported = pg.flatten(jax.device_get(h.params))
+    np.testing.assert_array_equal(exported[f"ocr_vision/{q}"], s1[f"vision/{q}"])
+    np.testing.assert_array_equal(exported["vision/encoder/layers_3/mlp/fc1/kernel"],
+                                  s2["vision/encoder/layers_3/mlp/fc1/kernel"])
+
+    b3 = loop.build(_cfg("configs/points.py:instruct", **{"init.checkpoint": str(d2)}), log=False, devices=one)
+    assert count(b3) == proj + _llama(256, 64, 128, 2, 4, 2, 16)
+    frozen3, start3 = pg.flatten(b3.frozen), pg.flatten(b3.state["params"])
+    assert not any(p.startswith(("vision/", "ocr_vision/")) for p in start3)
+    np.testing.assert_array_equal(frozen3[f"ocr_vision/{q}"], s1[f"vision/{q}"])  # ocr_vit's, through pretrain
+    k = "vision/encoder/layers_3/mlp/fc1/kernel"
+    np.testing.assert_array_equal(frozen3[k], s2[k])
+    np.testing.assert_array_equal(start3["projector/linear_1/kernel"], s2["projector/linear_1/kernel"])
+    out = capsys.readouterr().out
+    assert "params from previous stage" in out and "params from earlier stage" in out
