@@ -11,11 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval  # collected only where the eval extra is installed (conftest.py)
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.eval
-lm_eval = pytest.importorskip("lm_eval")
 
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
