@@ -114,12 +114,13 @@ def _stage(spec):
     return b, b.step_fn.lower(b.state, b.frozen, batch).compile(), batch
 
 
-# POINTS' ocr_vit and instruct compile two towers and the LLM for ~30 s each on 2 cores: slow; pretrain (towers
-# frozen and training side by side) stays in the default run, its compile shared with the dot count below
+# POINTS' ocr_vit and instruct compile two towers and the LLM for ~30 s each on 2 cores: heavy (CI's own step);
+# pretrain (towers frozen and training side by side) stays in the default run, its compile shared with the dot
+# count below
 @pytest.mark.parametrize("spec", ["configs/llava.py:stage1", "configs/iaa.py:stage2",
-                                  pytest.param("configs/points.py:ocr_vit", marks=pytest.mark.slow),
+                                  pytest.param("configs/points.py:ocr_vit", marks=pytest.mark.heavy),
                                   "configs/points.py:pretrain",
-                                  pytest.param("configs/points.py:instruct", marks=pytest.mark.slow)])
+                                  pytest.param("configs/points.py:instruct", marks=pytest.mark.heavy)])
 def test_multimodal_stage_flops_match_xla(spec):
     """Frozen LLM under a trainable projector still pays its input gradients; the count must know that. POINTS:
     both towers forward, backward only through the general ViT's last 3 layers in pretrain, none in instruct."""

@@ -134,7 +134,7 @@ def test_unpacked_rows_have_the_step_length_so_micro_batches_stack(dataset):
     assert short, "no micro batch short enough for a smaller bucket: the case is not exercised"
 
 
-@pytest.mark.slow  # ~30 s on 2 cores: a two-tower compile and a Grain pipeline
+@pytest.mark.heavy  # ~30 s on 2 cores: a two-tower compile and a Grain pipeline (CI runs heavy as its own step)
 def test_points_trains_on_catty_tiles_with_pixel_shuffle(dataset, tmp_path):
     """POINTS' pretrain stage on the Grain pipeline: every image is cut into CATTY tiles + thumbnail, each tile
     reserves 4 positions (4x4 patches pixel-shuffled), both towers run in the step and the loss is finite."""
