@@ -55,16 +55,8 @@ _LMMS_UTILS = '''from PIL import Image
 def doc_to_visual(doc):
     return [Image.open(doc["image"]).convert("RGB")]
 '''
-_LMMS_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: {output_type}
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: "{{{{question}}}}"
-{body}"""
+# lmms-eval's tasks: the same YAML with the image and the prompt fields first (literal braces: Jinja's)
+_LMMS_HEAD = 'doc_to_visual: !function utils.doc_to_visual\ndoc_to_text: "{{question}}"\n'
 _LMMS_BODIES = {
     "mm_tiny_vqa": ("generate_until", 'doc_to_target: "answer"\ngeneration_kwargs:\n  until: ["."]\n'
                     '  max_new_tokens: 5\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n'),
@@ -93,6 +85,6 @@ def write_lmms_eval_tasks(root: Path, sizes=((28, 28), (40, 28), (28, 50))) -> P
     for task, (output_type, body) in _LMMS_BODIES.items():
         data = root / f"{task}.json"
         data.write_text(json.dumps([{**r, "answer": r["label"]} if task == "mm_tiny_vmc" else r for r in rows]))
-        (root / f"{task}.yaml").write_text(_LMMS_YAML.format(task=task, data=data, output_type=output_type,
-                                                             body=body))
+        (root / f"{task}.yaml").write_text(_YAML.format(task=task, data=data, output_type=output_type,
+                                                        body=_LMMS_HEAD + body))
     return root
