@@ -22,6 +22,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from launch import cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm-bpo", description=__doc__.split("\n\n")[0])
@@ -42,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-words", type=int, default=350, help="drop pairs with a longer response")
     n.add_argument("--batch-size", type=int, default=8)
     n.add_argument("--chunk-rows", type=int, default=64, help="rows per resumable chunk")
-    n.add_argument("--coordinator", default=None, help="host:port of process 0 (jax.distributed)")
-    n.add_argument("--num-processes", type=int, default=None)
-    n.add_argument("--process-id", type=int, default=None)
+    cli.add_process_flags(n)
     e = sub.add_parser("evaluate", help="held-out preference metrics of a model (against a reference) on pairs")
     e.add_argument("--model", required=True, help="mm VLM dir: the policy")
     e.add_argument("--reference", default=None, help="mm VLM dir of the reference (default: --model itself)")
@@ -94,7 +94,6 @@ def _negatives(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from launch import cli
 
     return cli.run("mm-bpo", {"negatives": _negatives, "evaluate": _evaluate}[args.command], args)
 

@@ -52,6 +52,14 @@ def require_paths(**paths: str | None) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
 
 
+def add_process_flags(parser: Any) -> None:
+    """The flags of a tool whose processes split the rows (`jax.distributed`, `mm.sharding.initialize_distributed`):
+    process I of N takes rows I::N."""
+    parser.add_argument("--coordinator", default=None, help="host:port of process 0 (jax.distributed)")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+
+
 # ------------------------------------------------------------------------- absl / ml_collections flags
 def _config_spec(argv: Sequence[str], name: str) -> str | None:
     """The value of `--name=SPEC` / `--name SPEC` in argv (the last one given), as absl reads it."""

@@ -20,6 +20,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from launch import cli
+
 def build_parser() -> argparse.ArgumentParser:
     from mm.eval.catalog import NAMES
 
@@ -40,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--local-devices", type=int, default=1, help="data-parallel over this many local devices (-1 all)")
     r.add_argument("--chunk-rows", type=int, default=64, help="items per chunk file")
     r.add_argument("--limit", type=int, default=None, help="the first N items only")
-    r.add_argument("--coordinator", default=None, help="host:port of process 0 (jax.distributed)")
-    r.add_argument("--num-processes", type=int, default=None)
-    r.add_argument("--process-id", type=int, default=None)
+    cli.add_process_flags(r)
     c = sub.add_parser("compare", help="base LLM vs IAA text workflow on lm-eval tasks (+ VLM tasks), one report")
     c.add_argument("--base", required=True, help="the base LLM dir (HF or mm)")
     c.add_argument("--model", required=True, help="the IAA VLM dir built on it")
@@ -108,7 +108,6 @@ def _lm_eval(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from launch import cli
 
     if argv[:1] == ["lm-eval"]:
         return cli.run("mm-eval", _lm_eval, argv[1:])

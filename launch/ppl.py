@@ -18,6 +18,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from launch import cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm-ppl", description=__doc__.split("\n\n")[0])
@@ -35,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     s.add_argument("--local-devices", type=int, default=1, help="data-parallel over this many local devices (-1 all)")
     s.add_argument("--chunk-rows", type=int, default=512, help="rows per chunk file")
-    s.add_argument("--coordinator", default=None, help="host:port of process 0 (jax.distributed)")
-    s.add_argument("--num-processes", type=int, default=None)
-    s.add_argument("--process-id", type=int, default=None)
+    cli.add_process_flags(s)
     f = sub.add_parser("filter", help="keep the lowest-PPL rows")
     f.add_argument("--data", required=True, help="the scored JSON list / JSONL file")
     f.add_argument("--scores", required=True, help="scores.jsonl (or the score --out dir)")
@@ -81,7 +81,6 @@ def _filter(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from launch import cli
 
     return cli.run("mm-ppl", _score if args.command == "score" else _filter, args)
 
